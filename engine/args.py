@@ -1,0 +1,129 @@
+"""The edge: user-facing engine arguments turned into frozen configs, validated once."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from fleetlm.engine.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass
+class EngineArgs:
+    model: str = DEFAULT_MODEL
+    served_model_name: str | None = None
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    device: str = "auto"
+    dtype: str = "auto"
+    gpu_memory_utilization: float = 0.9
+    max_num_batched_tokens: int | None = None
+    max_num_seqs: int | None = None
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    load_format: str = "auto"
+    seed: int = 0
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    cpu_kv_cache_bytes: int = 2 << 30
+    long_prefill_token_threshold: int = 0
+    enforce_eager: bool = False
+    max_n: int = 64
+    max_logprobs: int = 20
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> EngineArgs:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise TypeError(f"unknown engine argument(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        return cls(**kwargs)
+
+    def resolve_device(self) -> str:
+        if self.device == "auto":
+            import torch
+
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        return self.device
+
+    def create_engine_config(self) -> EngineConfig:
+        from fleetlm.workers.loader import resolve_model
+
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "block_size", "seed"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "seed" else 1):
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        device = self.resolve_device()
+        source = resolve_model(self.model, self.load_format)
+        hf = source.hf_config
+        dtype = self.dtype
+        if dtype == "auto":
+            dtype = "float32" if device == "cpu" else ("float16" if hf.get("torch_dtype") == "float16" else "bfloat16")
+        if dtype in ("half", "fp16"):
+            dtype = "float16"
+        if dtype in ("bf16",):
+            dtype = "bfloat16"
+        if dtype in ("float", "fp32"):
+            dtype = "float32"
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        model_max = int(hf.get("max_position_embeddings") or 2048)
+        max_len = self.max_model_len or min(model_max, 32768)
+        if max_len > model_max and not hf.get("rope_scaling"):
+            raise ValueError(f"max_model_len ({max_len}) exceeds the model's max_position_embeddings ({model_max})")
+        model = ModelConfig(
+            model=self.model,
+            served_name=self.served_model_name or source.name,
+            kind=source.kind,
+            path=source.path,
+            hf_config=hf,
+            dtype=dtype,
+            max_model_len=max_len,
+            seed=self.seed,
+        )
+        parallel = ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size, device)
+        validate_parallel(model, parallel)
+        gpu = device == "cuda"
+        max_tokens = self.max_num_batched_tokens or (8192 if gpu else 2048)
+        sched = SchedulerConfig(
+            max_num_batched_tokens=max_tokens,
+            max_num_seqs=self.max_num_seqs or (256 if gpu else 64),
+            max_model_len=max_len,
+            long_prefill_token_threshold=self.long_prefill_token_threshold,
+        )
+        cache = CacheConfig(
+            block_size=self.block_size,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            cpu_kv_cache_bytes=self.cpu_kv_cache_bytes,
+            enable_prefix_caching=self.enable_prefix_caching,
+            num_blocks=self.num_kv_blocks,
+        )
+        return EngineConfig(
+            model=model,
+            cache=cache,
+            parallel=parallel,
+            scheduler=sched,
+            use_cuda_graphs=gpu and not self.enforce_eager,
+            max_n=self.max_n,
+            max_logprobs=self.max_logprobs,
+        )
+
+
+def validate_parallel(model: ModelConfig, parallel: ParallelConfig) -> None:
+    """Reject shapes that cannot be split, naming the numbers."""
+    tp, pp = parallel.tensor_parallel_size, parallel.pipeline_parallel_size
+    if model.num_heads % tp:
+        raise ValueError(f"num_attention_heads ({model.num_heads}) is not divisible by tensor_parallel_size ({tp})")
+    kv = model.num_kv_heads
+    if (kv >= tp and kv % tp) or (kv < tp and tp % kv):
+        raise ValueError(
+            f"num_key_value_heads ({kv}) and tensor_parallel_size ({tp}) do not divide one another"
+        )
+    if model.num_layers < pp:
+        raise ValueError(f"num_hidden_layers ({model.num_layers}) is fewer than pipeline_parallel_size ({pp})")

@@ -1,0 +1,196 @@
+"""``AsyncEngine``: the engine for online serving.
+
+The ``LLMEngine`` runs in a background thread that owns all scheduler state;
+asyncio callers talk to it through two thread-safe inboxes (new requests,
+aborts) and get their outputs back on their own event loop. Model steps
+release the GIL inside torch, so the event loop stays responsive while the
+device works. Outputs are cumulative, so a slow consumer only ever sees the
+latest one (no unbounded per-request queue).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator
+
+from fleetlm.engine.args import EngineArgs
+from fleetlm.engine.block_hash import block_hash_id
+from fleetlm.engine.llm_engine import EngineStats, LLMEngine
+from fleetlm.engine.outputs import RequestOutput
+from fleetlm.engine.sampling_params import SamplingParams
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop died or stopped making progress; every in-flight request fails with it."""
+
+
+class _Stream:
+    """Latest cumulative output of one request, handed across threads."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.event = asyncio.Event()
+        self.latest: RequestOutput | None = None
+        self.error: BaseException | None = None
+
+    def _set(self, out: RequestOutput | None, error: BaseException | None) -> None:
+        if error is not None:
+            self.error = error
+        else:
+            self.latest = out
+        self.event.set()
+
+    def put(self, out: RequestOutput | None = None, error: BaseException | None = None) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self._set, out, error)
+        except RuntimeError:  # the consumer's loop is closed: nobody is listening
+            pass
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, stuck_after_s: float = 120.0) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.model_config = engine.model_config
+        self.config = engine.config
+        self.stuck_after_s = stuck_after_s
+        self._lock = threading.Lock()
+        self._adds: list = []
+        self._aborts: list[str] = []
+        self._wake = threading.Event()
+        self._streams: dict[str, _Stream] = {}
+        self._dead: BaseException | None = None
+        self._stopped = False
+        self._busy_since: float | None = None
+        self._heartbeat = time.monotonic()
+        self._thread = threading.Thread(target=self._loop, name="fleetlm-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs, **kwargs) -> AsyncEngine:
+        return cls(LLMEngine(args.create_engine_config()), **kwargs)
+
+    # -- client side (event loop) ----------------------------------------------------
+    async def generate(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield cumulative outputs of one request; the last has ``finished=True``.
+
+        Raises ValueError before the first yield for a request that can never
+        run. Leaving the iteration early (client gone) aborts the request.
+        """
+        self._raise_if_dead()
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if isinstance(prompt, str) and len(prompt) > 2000:
+            group = await asyncio.get_running_loop().run_in_executor(
+                None, self.engine.make_group, request_id, prompt, params
+            )
+        else:
+            group = self.engine.make_group(request_id, prompt, params)
+        stream = _Stream(asyncio.get_running_loop())
+        self._streams[request_id] = stream
+        with self._lock:
+            self._adds.append(group)
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                await stream.event.wait()
+                stream.event.clear()
+                if stream.error is not None:
+                    raise stream.error
+                out = stream.latest
+                finished = out.finished
+                yield out
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._request_abort(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        self._request_abort(request_id)
+
+    def _request_abort(self, request_id: str) -> None:
+        with self._lock:
+            self._aborts.append(request_id)
+        self._wake.set()
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    def cached_block_hash_ids(self) -> list[int]:
+        """64-bit ids of the blocks now in the prefix cache (for routing summaries)."""
+        cached = self.engine.scheduler.blocks.cached
+        for _ in range(5):
+            try:
+                return [block_hash_id(h) for h in list(cached)]
+            except RuntimeError:  # resized by the engine thread mid-copy; try again
+                continue
+        return []
+
+    def check_health(self) -> None:
+        self._raise_if_dead()
+        busy = self._busy_since
+        if busy is not None and time.monotonic() - max(busy, self._heartbeat) > self.stuck_after_s:
+            raise EngineDeadError(f"engine loop made no progress for over {self.stuck_after_s:.0f} s")
+
+    def _raise_if_dead(self) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(f"engine loop died: {self._dead!r}") from self._dead
+        if self._stopped:
+            raise EngineDeadError("engine is shut down")
+
+    async def shutdown(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 30)
+        self.engine.shutdown()
+
+    # -- engine side (background thread) -------------------------------------------
+    def _loop(self) -> None:
+        eng = self.engine
+        try:
+            while not self._stopped:
+                with self._lock:
+                    adds, self._adds = self._adds, []
+                    aborts, self._aborts = self._aborts, []
+                for group in adds:
+                    try:
+                        eng.add_group(group)
+                    except ValueError as e:
+                        self._emit_error(group.request_id, e)
+                for rid in aborts:
+                    out = eng.abort_request(rid)
+                    if out is not None:
+                        self._emit(out)
+                if not eng.has_unfinished_requests():
+                    self._busy_since = None
+                    self._heartbeat = time.monotonic()
+                    self._wake.wait(0.5)
+                    self._wake.clear()
+                    continue
+                if self._busy_since is None:
+                    self._busy_since = time.monotonic()
+                for out in eng.step():
+                    self._emit(out)
+                self._heartbeat = time.monotonic()
+        except BaseException as e:  # noqa: BLE001 - every in-flight request must hear of it
+            self._dead = e
+            err = EngineDeadError(f"engine loop died: {e!r}")
+            for stream in list(self._streams.values()):
+                stream.put(error=err)
+
+    def _emit(self, out: RequestOutput) -> None:
+        stream = self._streams.get(out.request_id)
+        if stream is not None:
+            stream.put(out)
+
+    def _emit_error(self, request_id: str, error: BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.put(error=error)

@@ -1,0 +1,101 @@
+"""Frozen engine configuration, built once at the edge (``EngineArgs``) and passed down.
+
+``ModelConfig`` says what to run, ``CacheConfig`` how the KV cache is laid out
+and sized, ``ParallelConfig`` how the model is split over devices, and
+``SchedulerConfig`` the per-step budgets. Nothing below the edge reads
+environment variables or kwargs dicts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str  # what the user asked for (name, path, hub id)
+    served_name: str
+    kind: str  # "hf" | "gguf" | "dummy"
+    path: str | None
+    hf_config: dict[str, Any] = field(repr=False)
+    dtype: str  # "float32" | "bfloat16" | "float16"
+    max_model_len: int
+    seed: int = 0
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.hf_config.get(key, default)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.hf_config["vocab_size"])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.hf_config["hidden_size"])
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.hf_config["num_hidden_layers"])
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.hf_config["num_attention_heads"])
+
+    @property
+    def num_kv_heads(self) -> int:
+        return int(self.hf_config.get("num_key_value_heads") or self.num_heads)
+
+    @property
+    def head_dim(self) -> int:
+        return int(self.hf_config.get("head_dim") or self.hidden_size // self.num_heads)
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        eos = self.hf_config.get("eos_token_id")
+        if eos is None:
+            return ()
+        return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    # KV budget on CPU, where "free memory" says little about what we may take.
+    cpu_kv_cache_bytes: int = 2 << 30
+    enable_prefix_caching: bool = True
+    # Force the number of blocks (tests use this to make preemption happen).
+    num_blocks: int | None = None
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    device: str = "cpu"  # "cpu" | "cuda", resolved from "auto" at the edge
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 64
+    max_model_len: int = 2048
+    # A single long prompt may take at most this many tokens of one step, so
+    # decodes sharing the step are not starved (chunked prefill).
+    long_prefill_token_threshold: int = 0  # 0 = no cap beyond the step budget
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig
+    cache: CacheConfig
+    parallel: ParallelConfig
+    scheduler: SchedulerConfig
+    use_cuda_graphs: bool = True
+    max_n: int = 64
+    max_logprobs: int = 20

@@ -1,0 +1,107 @@
+"""``LLM``: the offline API, with vLLM's names so users can switch."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+from fleetlm.engine.args import DEFAULT_MODEL, EngineArgs
+from fleetlm.engine.llm_engine import LLMEngine
+from fleetlm.engine.outputs import RequestOutput
+from fleetlm.engine.sampling_params import SamplingParams
+
+Prompt = str | list[int]
+
+
+class LLM:
+    """Generate from a batch of prompts with continuous batching.
+
+    ``LLM(model="smollm2-135m-instruct")`` runs the embedded default model; a
+    local HF directory, a ``.gguf`` file or (with ``load_format="dummy"``) a
+    config from ``configs/models`` also work. Unknown keyword arguments are an
+    error, not silently ignored.
+    """
+
+    def __init__(self, model: str = DEFAULT_MODEL, **kwargs) -> None:
+        args = EngineArgs.from_kwargs(model=model, **kwargs)
+        self.engine = LLMEngine(args.create_engine_config())
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
+        ids = []
+        try:
+            for prompt, p in zip(prompts, params):
+                rid = f"llm-{next(self._ids)}"
+                self.engine.add_request(rid, prompt, p)
+                ids.append(rid)
+        except Exception:
+            for rid in ids:
+                self.engine.abort_request(rid)
+            raise
+        return self._run(ids, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[dict] | Sequence[list[dict]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        add_generation_prompt: bool = True,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = [self.apply_chat_template(c, add_generation_prompt) for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        return apply_chat_template(self.engine.tokenizer, messages, add_generation_prompt)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(ids), desc="requests", unit="req")
+        wanted = set(ids)
+        while len(done) < len(ids):
+            for out in self.engine.step():
+                if out.finished and out.request_id in wanted:
+                    done[out.request_id] = out
+                    if bar:
+                        bar.update(1)
+            if not self.engine.has_unfinished_requests() and len(done) < len(ids):
+                raise RuntimeError("engine went idle with unfinished requests")
+        if bar:
+            bar.close()
+        return [done[i] for i in ids]
+
+
+def apply_chat_template(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of a conversation under the model's chat template."""
+    if not messages:
+        raise ValueError("messages must not be empty")
+    for m in messages:
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise ValueError(f"each message needs a role of system, user or assistant, got {m!r:.80}")
+        if not isinstance(m.get("content"), str):
+            raise ValueError("each message's content must be a string")
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
+    if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+        ids = ids["input_ids"]
+    return list(ids)

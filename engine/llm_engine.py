@@ -1,0 +1,235 @@
+"""The synchronous engine: admit requests, run steps, turn tokens into outputs.
+
+One ``step()``: the scheduler picks the work, the worker group runs it, the
+scheduler advances progress (and ends requests on EOS / stop tokens /
+length), and the output processor detokenizes, applies stop strings and
+builds ``RequestOutput`` objects. ``n > 1`` fans a request out into ``n``
+child requests that share the prompt's blocks through the prefix cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+from fleetlm.engine.config import EngineConfig
+from fleetlm.engine.detokenizer import IncrementalDetokenizer
+from fleetlm.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from fleetlm.engine.request import Request, RequestStatus
+from fleetlm.engine.sampling_params import SamplingParams
+from fleetlm.engine.scheduler import Scheduler
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_free_blocks: int
+    num_total_blocks: int
+    prefix_cache_queried_tokens: int
+    prefix_cache_hit_tokens: int
+    num_preemptions: int
+    num_steps: int
+    last_step_time: float
+
+
+class _Child:
+    """Output-side state of one of the n sequences of a request."""
+
+    def __init__(self, index: int, req: Request, detok: IncrementalDetokenizer) -> None:
+        self.index, self.req, self.detok = index, req, detok
+        self.logprobs: list[dict[int, Logprob]] | None = [] if req.params.logprobs is not None else None
+        self.cumulative_logprob: float | None = 0.0 if req.params.logprobs is not None else None
+        self.finish_reason: str | None = None
+        self.stop_reason: int | str | None = None
+
+
+class _Group:
+    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int]) -> None:
+        self.request_id, self.prompt, self.prompt_token_ids = request_id, prompt, prompt_token_ids
+        self.children: list[_Child] = []
+
+    @property
+    def finished(self) -> bool:
+        return all(c.finish_reason is not None for c in self.children)
+
+    def output(self) -> RequestOutput:
+        first = self.children[0].req
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt=self.prompt,
+            prompt_token_ids=self.prompt_token_ids,
+            outputs=[
+                CompletionOutput(
+                    index=c.index,
+                    text=c.detok.output_text,
+                    token_ids=c.req.output_token_ids,
+                    cumulative_logprob=c.cumulative_logprob,
+                    logprobs=c.logprobs,
+                    finish_reason=c.finish_reason,
+                    stop_reason=c.stop_reason,
+                )
+                for c in self.children
+            ],
+            finished=self.finished,
+            num_cached_tokens=max(0, first.num_cached_tokens),
+            metrics=RequestMetrics(
+                arrival_time=first.times.arrival,
+                first_scheduled_time=first.times.first_scheduled,
+                first_token_time=min((c.req.times.first_token for c in self.children if c.req.times.first_token), default=None),
+                finished_time=max((c.req.times.finished or 0 for c in self.children), default=None) if self.finished else None,
+            ),
+        )
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, tokenizer=None, worker_group=None) -> None:
+        from fleetlm.workers.loader import load_tokenizer, resolve_model
+        from fleetlm.workers.worker_group import create_worker_group
+
+        self.config = config
+        self.model_config = config.model
+        if tokenizer is None:
+            kind = "dummy" if config.model.kind == "dummy" else "auto"
+            tokenizer = load_tokenizer(resolve_model(config.model.model, kind))
+        self.tokenizer = tokenizer
+        self.workers = worker_group or create_worker_group(config)
+        self.scheduler = Scheduler(config.scheduler, config.cache, self.workers.num_blocks)
+        self.groups: dict[str, _Group] = {}
+        self._child_to_group: dict[str, tuple[_Group, _Child]] = {}
+        self.num_steps = 0
+        self.last_step_time = time.monotonic()
+
+    # -- requests ------------------------------------------------------------
+    def tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt, add_special_tokens=False)
+        return None, list(prompt)
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
+        """Validate and queue a request; raises ValueError (naming the problem) if it can never run."""
+        self.add_group(self.make_group(request_id, prompt, params))
+
+    def make_group(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> _Group:
+        """Tokenize and validate without touching the scheduler (safe from any thread)."""
+        params = params or SamplingParams()
+        text, ids = self.tokenize(prompt)
+        self._validate(ids, params)
+        if params.max_tokens is None:
+            params = dataclasses.replace(params, max_tokens=self.model_config.max_model_len - len(ids))
+        self.scheduler.check_fits(len(ids), params.max_tokens)
+        group = _Group(request_id, text, ids)
+        bs = self.config.cache.block_size
+        eos = self.model_config.eos_token_ids
+        for i in range(params.n):
+            child_params = params if params.n == 1 else params.clone_for_child(i)
+            child_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            req = Request(child_id, ids, child_params, bs, eos)
+            group.children.append(_Child(i, req, IncrementalDetokenizer(self.tokenizer, ids, req.params)))
+        return group
+
+    def add_group(self, group: _Group) -> None:
+        if group.request_id in self.groups:
+            raise ValueError(f"request id {group.request_id!r} is already in use")
+        leader = None
+        for child in group.children:
+            self.scheduler.add_request(child.req, leader)
+            leader = leader or child.req
+            self._child_to_group[child.req.request_id] = (group, child)
+        self.groups[group.request_id] = group
+
+    def _validate(self, ids: list[int], params: SamplingParams) -> None:
+        mc = self.model_config
+        if not ids:
+            raise ValueError("prompt must not be empty")
+        vocab = mc.vocab_size
+        bad = next((t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad!r} is outside the vocabulary [0, {vocab})")
+        if len(ids) >= mc.max_model_len:
+            raise ValueError(
+                f"prompt is {len(ids)} tokens, the model's max_model_len is {mc.max_model_len} "
+                "(prompt + at least one generated token must fit)"
+            )
+        params.validate_for_model(vocab, max_logprobs=self.config.max_logprobs, max_n=self.config.max_n)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        group = self.groups.pop(request_id, None)
+        if group is None:
+            return None
+        for child in group.children:
+            self.scheduler.finish_request(child.req.request_id, RequestStatus.FINISHED_ABORTED)
+            self._child_to_group.pop(child.req.request_id, None)
+            if child.finish_reason is None:
+                child.finish_reason = "abort"
+        return group.output()
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.groups)
+
+    # -- the step ------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        result = self.workers.execute(out)
+        self.num_steps += 1
+        self.last_step_time = time.monotonic()
+        sampled = dict(zip(result.request_ids, result.sampled_token_ids))
+        logprobs = dict(zip(result.request_ids, result.logprobs)) if result.logprobs else {}
+        touched: dict[str, _Group] = {}
+        for req, token in self.scheduler.update_from_output(out, sampled):
+            if token is None:
+                continue
+            group, child = self._child_to_group[req.request_id]
+            self._process_token(child, req, token, logprobs.get(req.request_id))
+            touched[group.request_id] = group
+        outputs = []
+        for group in touched.values():
+            outputs.append(group.output())
+            if group.finished:
+                self.groups.pop(group.request_id, None)
+                for c in group.children:
+                    self._child_to_group.pop(c.req.request_id, None)
+        return outputs
+
+    def _process_token(self, child: _Child, req: Request, token: int, lps) -> None:
+        if lps is not None and child.logprobs is not None:
+            entry = {}
+            for tid, lp, rank in lps:
+                if tid not in entry:
+                    entry[tid] = Logprob(lp, rank, child.detok.decode_token(tid))
+            child.logprobs.append(entry)
+            child.cumulative_logprob += lps[0][1]
+        # A request that stopped on EOS or a stop token id leaves that token out of its text.
+        stopped_on_token = req.status == RequestStatus.FINISHED_STOPPED
+        hide = stopped_on_token and not req.params.include_stop_str_in_output
+        stop_str = child.detok.update([] if hide else [token])
+        if stop_str is not None and not req.is_finished:
+            self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
+            req.stop_reason = stop_str
+        if req.is_finished:
+            if stop_str is None:
+                child.detok.flush()
+            child.finish_reason = req.status.finish_reason
+            child.stop_reason = req.stop_reason
+
+    def stats(self) -> EngineStats:
+        bm = self.scheduler.blocks
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=bm.usage,
+            num_free_blocks=bm.num_free_blocks,
+            num_total_blocks=bm.num_blocks,
+            prefix_cache_queried_tokens=bm.queried_tokens,
+            prefix_cache_hit_tokens=bm.hit_tokens,
+            num_preemptions=self.scheduler.num_preemptions,
+            num_steps=self.num_steps,
+            last_step_time=self.last_step_time,
+        )
+
+    def shutdown(self) -> None:
+        self.workers.shutdown()
