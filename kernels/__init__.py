@@ -1,0 +1,72 @@
+"""Device kernels behind one frozen namespace, chosen once per worker.
+
+``select_ops(device)`` returns an :class:`Ops` whose fields are the Triton
+launchers on CUDA (when triton imports) and the plain-torch references
+everywhere else; both sides have the same signatures and semantics (see each
+module's docstring and /work/contract.md, "kernels/")::
+
+    ops = select_ops(torch.device("cuda"))
+    out, residual = ops.fused_add_rms_norm(x, residual, weight, eps)
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from fleetlm.kernels import activation, attention, kv_cache, rmsnorm, rotary
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
+
+
+@dataclass(frozen=True)
+class Ops:
+    """The kernels a model runs, from one backend (``"triton"`` or ``"torch"``)."""
+
+    backend: str
+    rms_norm: Callable[..., torch.Tensor]
+    fused_add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    rotary_embedding: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    silu_and_mul: Callable[..., torch.Tensor]
+    store_kv_cache: Callable[..., None]
+    paged_attention: Callable[..., torch.Tensor]
+
+
+def select_ops(device: torch.device | str, use_triton: bool | None = None) -> Ops:
+    """Pick the backend once: Triton on CUDA when importable, else torch references.
+
+    ``use_triton=True`` forces Triton (e.g. CPU tensors under
+    ``TRITON_INTERPRET=1`` in tests); ``False`` forces the references.
+    """
+    device = torch.device(device)
+    if use_triton is None:
+        use_triton = device.type == "cuda" and HAS_TRITON
+    if use_triton and not HAS_TRITON:
+        raise RuntimeError("use_triton=True but triton is not importable; install fleetlm[triton]")
+    if use_triton:
+        return Ops(
+            backend="triton",
+            rms_norm=rmsnorm.rms_norm,
+            fused_add_rms_norm=rmsnorm.fused_add_rms_norm,
+            rotary_embedding=rotary.rotary_embedding,
+            silu_and_mul=activation.silu_and_mul,
+            store_kv_cache=kv_cache.store_kv_cache,
+            paged_attention=attention.paged_attention,
+        )
+    return Ops(
+        backend="torch",
+        rms_norm=rmsnorm.rms_norm_ref,
+        fused_add_rms_norm=rmsnorm.fused_add_rms_norm_ref,
+        rotary_embedding=rotary.rotary_embedding_ref,
+        silu_and_mul=activation.silu_and_mul_ref,
+        store_kv_cache=kv_cache.store_kv_cache_ref,
+        paged_attention=attention.paged_attention_ref,
+    )
+
+
+__all__ = ["HAS_TRITON", "Ops", "select_ops"]
