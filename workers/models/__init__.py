@@ -1,0 +1,18 @@
+"""Model definitions, one file per architecture family."""
+
+from fleetlm.workers.models.llama import LlamaForCausalLM
+
+# HF `architectures` names served by each implementation.
+ARCHITECTURES = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": LlamaForCausalLM,
+}
+
+
+def model_class(hf_config: dict):
+    archs = hf_config.get("architectures") or ["LlamaForCausalLM"]
+    for arch in archs:
+        if arch in ARCHITECTURES:
+            return ARCHITECTURES[arch]
+    raise ValueError(f"unsupported architecture {archs}; supported: {sorted(ARCHITECTURES)}")

@@ -1,0 +1,147 @@
+"""The engine against Hugging Face transformers, float32 on CPU: identical greedy tokens.
+
+The reference runs each prompt alone through ``generate``; the engine runs
+them all in one continuously batched run with mixed lengths, then again under
+prefix caching, a KV pool small enough to force preemption, tiny prefill
+chunks and n=3 — each must give the same tokens.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from fleetlm import LLM, SamplingParams
+from hf_reference import hf_greedy, hf_model_from_source
+
+MAX_TOKENS = 64
+
+RAW = [
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "1, 2, 3, 4, 5,",
+    "Once upon a time, in a small village by the sea,",
+    "The three primary colors are",
+    "import numpy as np\n\n# compute the mean of an array\n",
+    "Q: What is 12 times 12?\nA:",
+    "El perro come",
+]
+CHAT = [
+    "What is the capital of Japan?",
+    "Write a haiku about the ocean.",
+    "Explain what a hash table is in one paragraph.",
+    "List three fruits that are red.",
+]
+LONG_TEXT = (
+    "The history of computing is a story of people building machines to help them think. "
+    "Early mechanical calculators could add and subtract; later designs stored programs and data "
+    "in the same memory, which made general purpose computers possible. "
+) * 8
+
+
+def _prompts(tok):
+    prompts = [tok.encode(p, add_special_tokens=False) for p in RAW]
+    for q in CHAT:
+        ids = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=True)
+        prompts.append(list(ids["input_ids"] if hasattr(ids, "keys") else ids))
+    long_ids = tok.encode(LONG_TEXT, add_special_tokens=False)
+    assert len(long_ids) > 300
+    prompts.append(long_ids + tok.encode(" In summary,", add_special_tokens=False))
+    prompts.append(long_ids[:310])
+    chat_long = tok.apply_chat_template(
+        [{"role": "system", "content": LONG_TEXT}, {"role": "user", "content": "Summarize the text."}],
+        add_generation_prompt=True,
+        tokenize=True,
+    )
+    prompts.append(list(chat_long["input_ids"] if hasattr(chat_long, "keys") else chat_long))
+    prompts.append(long_ids[:200] + tok.encode(" The next step was", add_special_tokens=False))
+    assert len(prompts) == 16
+    return prompts
+
+
+@pytest.fixture(scope="module")
+def llm(embedded_model):
+    return LLM(model=embedded_model)
+
+
+@pytest.fixture(scope="module")
+def prompts(llm):
+    return _prompts(llm.get_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def reference(llm, prompts):
+    from fleetlm.workers.loader import resolve_model
+
+    model = hf_model_from_source(resolve_model(llm.engine.model_config.model))
+    eos = list(llm.engine.model_config.eos_token_ids)
+    return [hf_greedy(model, p, MAX_TOKENS, eos) for p in prompts]
+
+
+def _check(outputs, reference, prompts):
+    assert len(outputs) == len(reference)
+    for i, (out, (ref_tokens, _)) in enumerate(zip(outputs, reference)):
+        got = out.outputs[0].token_ids
+        assert got == ref_tokens, f"prompt {i} ({len(prompts[i])} tokens): first diff at {_first_diff(got, ref_tokens)}"
+
+
+def _first_diff(a, b):
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=1)
+
+
+def test_greedy_matches_transformers_in_one_mixed_batch(llm, prompts, reference):
+    outputs = llm.generate(prompts, GREEDY)
+    _check(outputs, reference, prompts)
+    assert any(len(p) > 300 for p in prompts) and any(len(p) < 10 for p in prompts)
+
+
+def test_top1_logprobs_match_transformers(llm, prompts, reference):
+    outputs = llm.generate(prompts[:6], GREEDY)
+    for out, (ref_tokens, ref_lps) in zip(outputs, reference):
+        comp = out.outputs[0]
+        assert comp.token_ids == ref_tokens
+        for step, (tok, ref_lp) in enumerate(zip(comp.token_ids, ref_lps)):
+            entry = comp.logprobs[step]
+            assert tok in entry and entry[tok].rank == 1
+            assert abs(entry[tok].logprob - ref_lp) < 1e-4, (step, entry[tok].logprob, ref_lp)
+
+
+def test_prefix_cache_reuses_blocks_and_keeps_tokens(llm, prompts, reference):
+    stats0 = llm.engine.stats()
+    outputs = llm.generate(prompts, GREEDY)  # second pass: prompts already cached
+    _check(outputs, reference, prompts)
+    stats1 = llm.engine.stats()
+    hits = stats1.prefix_cache_hit_tokens - stats0.prefix_cache_hit_tokens
+    assert hits > 0
+    assert sum(o.num_cached_tokens for o in outputs) == hits
+
+
+def test_preemption_keeps_tokens(embedded_model, prompts, reference):
+    # 40 blocks of 16 tokens cannot hold 16 requests of up to ~400 tokens at once.
+    small = LLM(model=embedded_model, num_kv_blocks=40, max_num_seqs=16)
+    outputs = small.generate(prompts, GREEDY)
+    assert small.engine.scheduler.num_preemptions > 0
+    _check(outputs, reference, prompts)
+    small.engine.scheduler.blocks.check_invariants()
+    assert small.engine.stats().kv_cache_usage == 0.0
+
+
+def test_small_prefill_chunks_keep_tokens(embedded_model, prompts, reference):
+    chunked = LLM(model=embedded_model, max_num_batched_tokens=48, enable_prefix_caching=False)
+    outputs = chunked.generate(prompts, GREEDY)
+    _check(outputs, reference, prompts)
+
+
+def test_n3_seeded_greedy_children_share_prompt_blocks(llm, prompts, reference):
+    params = SamplingParams(n=3, temperature=0.0, seed=1234, max_tokens=MAX_TOKENS)
+    llm.engine.scheduler.blocks.reset_prefix_cache()
+    before = llm.engine.stats().prefix_cache_hit_tokens
+    outputs = llm.generate([prompts[13]], params)
+    assert len(outputs[0].outputs) == 3
+    for comp in outputs[0].outputs:
+        assert comp.token_ids == reference[13][0]
+    # child 0 misses (cache reset); children 1 and 2 reuse its full prompt blocks
+    full = (len(prompts[13]) - 1) // 16 * 16
+    assert llm.engine.stats().prefix_cache_hit_tokens - before == 2 * full

@@ -1,0 +1,82 @@
+"""One device's worker: owns its model shard, its KV cache and its model runner.
+
+In a replica of TP x PP workers each runs as a Ray actor (see
+``fleetlm.workers.worker_group``); with one device the same class runs in the
+engine's own process. The worker never knows about HTTP, routing or other
+replicas.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from fleetlm.engine.config import EngineConfig
+from fleetlm.parallel.context import SINGLE, ParallelContext
+from fleetlm.workers.loader import iter_weights, resolve_model
+from fleetlm.workers.model_runner import DTYPES, ModelRunner
+
+
+class Worker:
+    def __init__(self, config: EngineConfig, ctx: ParallelContext = SINGLE, device: str | None = None) -> None:
+        self.config = config
+        self.ctx = ctx
+        dev = device or ("cuda:0" if config.parallel.device == "cuda" else "cpu")
+        self.device = torch.device(dev)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        torch.manual_seed(config.model.seed)
+        self.runner = ModelRunner(config.model, config.cache, ctx, self.device)
+
+    def load_model(self) -> float:
+        """Load this worker's shard of the weights; returns seconds taken."""
+        t0 = time.perf_counter()
+        mc = self.config.model
+        source = resolve_model(mc.model, "dummy" if mc.kind == "dummy" else "auto")
+        weights = iter_weights(source, device=self.device, dtype=DTYPES[mc.dtype], seed=mc.seed)
+        self.runner.load_weights(weights)
+        return time.perf_counter() - t0
+
+    def num_available_blocks(self) -> int:
+        cc = self.config.cache
+        if cc.num_blocks is not None:
+            return cc.num_blocks
+        per_block = self.runner.kv_bytes_per_block()
+        if self.device.type != "cuda":
+            budget = cc.cpu_kv_cache_bytes
+        else:
+            torch.cuda.synchronize()
+            free, total = torch.cuda.mem_get_info()
+            used = total - free
+            budget = int(total * cc.gpu_memory_utilization) - used - self._activation_reserve()
+        blocks = budget // per_block
+        max_useful = self.config.scheduler.max_num_seqs * -(-self.config.model.max_model_len // cc.block_size)
+        return int(max(0, min(blocks, max_useful)))
+
+    def _activation_reserve(self) -> int:
+        """Peak bytes of one step's activations at the full token budget (an upper estimate).
+
+        Largest live set: the MLP's gate_up output plus a few hidden-sized
+        buffers per token, and float32 logits with sampling scratch for the
+        sampled rows.
+        """
+        mc, sc = self.config.model, self.config.scheduler
+        elem = torch.tensor([], dtype=DTYPES[mc.dtype]).element_size()
+        inter = int(mc.get("intermediate_size")) // self.ctx.tp_size
+        per_token = (3 * inter + 6 * mc.hidden_size) * elem
+        logits = sc.max_num_seqs * mc.vocab_size * 4 * 4
+        return sc.max_num_batched_tokens * per_token + logits + (512 << 20)
+
+    def init_kv_cache(self, num_blocks: int) -> None:
+        self.runner.init_kv_cache(num_blocks)
+
+    def capture_cuda_graphs(self) -> float:
+        sc = self.config.scheduler
+        return self.runner.capture_cuda_graphs(sc.max_num_seqs, sc.max_model_len)
+
+    def execute(self, scheduler_output, hidden=None, residual=None):
+        return self.runner.execute(scheduler_output, hidden, residual)
+
+    def ping(self) -> bool:
+        return True
