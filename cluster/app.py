@@ -1,0 +1,778 @@
+"""The Ray Serve application: ``OpenAIIngress`` (FastAPI) in front of one ``LLMReplica`` deployment per model.
+
+``build_app(args)`` is the application builder (``fleetlm serve`` and
+``serve run configs/serve/*.yaml`` both call it): ``args`` is parsed by
+``serve_config.parse_app_args`` (unknown keys are an error).
+
+One HTTP request, in the ingress (:class:`OpenAIServer`):
+
+1. refuse while draining (503); authenticate (401, constant-time compare);
+   read the body up to ``max_request_body_bytes`` (413, by Content-Length
+   and by the bytes actually received); strict UTF-8 and JSON (400);
+2. validate the OpenAI request (400 naming ``param``), find the model (404),
+   check the service limits (400);
+3. apply the chat template and tokenize with the engine's own tokenizer
+   (fetched once from a replica), in a worker thread for long inputs; check
+   the prompt against ``max_model_len`` (400); compute the prompt's prefix
+   block hashes (for prefix-aware routing);
+4. call an ``LLMReplica`` through a streaming ``DeploymentHandle`` with token
+   ids and ``SamplingParams``; wait for the first chunk before answering, so
+   an engine-side rejection (400, 429 queue full) is a real status code;
+5. stream SSE (``data: {...}``, ``data: [DONE]``) or collect one JSON body.
+
+When the client goes away, Ray Serve cancels the handler; the ``finally``
+blocks cancel the replica streams, and the replica aborts the engine request
+(its KV blocks return to the pool).
+
+The HTTP logic lives in :class:`OpenAIServer` over :class:`ModelBackend`
+objects, so it runs (and is unit-tested) without Ray: the deployment class
+only wires Serve handles into it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from fleetlm.cluster import errors
+from fleetlm.cluster.errors import OpenAIError
+from fleetlm.cluster.metrics import CONTENT_TYPE_LATEST, ServeMetrics, render
+from fleetlm.cluster.openai_protocol import (
+    ChatCompletionRequest,
+    ChoiceState,
+    CompletionRequest,
+    chat_choice,
+    chat_chunk,
+    chat_logprobs,
+    chat_response,
+    check_limits,
+    completion_choice,
+    completion_chunk,
+    completion_logprobs,
+    completion_response,
+    model_card,
+    new_id,
+    now,
+    param_from_message,
+    parse_request,
+    resolve_max_tokens,
+    sampling_kwargs,
+    usage_dict,
+)
+from fleetlm.cluster.replica import GenerateChunk, GenerateRequest, LLMReplica, ModelInfo, ReplicaHealth
+from fleetlm.cluster.serve_config import ModelDeploymentConfig, ServeAppConfig, parse_app_args
+
+logger = logging.getLogger("fleetlm.ingress")
+
+APP_NAME = "fleetlm"
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+# Inputs longer than this (characters) are tokenized in a worker thread, so the
+# event loop never stalls on a long prompt (~1 ms per few thousand chars).
+TOKENIZE_INLINE_CHARS = 4096
+CONTROL_TIMEOUT_S = 5.0
+
+
+# --- backends: how the ingress reaches one model's replicas --------------------------
+
+
+class ModelBackend:
+    """One model's replicas behind a Ray Serve ``DeploymentHandle``."""
+
+    def __init__(self, name: str, handle: Any) -> None:
+        self.name = name
+        self._handle = handle
+        self._stream_handle = handle.options(stream=True)
+        self._info: asyncio.Future | None = None
+
+    async def info(self) -> ModelInfo:
+        """The model's tokenizer and limits, fetched once from a replica."""
+        if self._info is None:
+            self._info = asyncio.ensure_future(self._handle.model_info.remote())
+        try:
+            return await asyncio.shield(self._info)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            self._info = None  # retry on the next request (replica not up yet)
+            raise
+
+    def cached_info(self) -> ModelInfo | None:
+        if self._info is not None and self._info.done() and not self._info.exception():
+            return self._info.result()
+        return None
+
+    def generate(self, req: GenerateRequest) -> Any:
+        """An async iterator of GenerateChunk with ``cancel()``."""
+        return self._stream_handle.generate.remote(req)
+
+    async def _broadcast(self, method: str) -> list[Any]:
+        return await self._handle.broadcast(method).results_async(
+            timeout_s=CONTROL_TIMEOUT_S, return_exceptions=True)
+
+    async def health(self) -> list[ReplicaHealth]:
+        return [r if isinstance(r, ReplicaHealth) else ReplicaHealth("?", False, repr(r))
+                for r in await self._broadcast("health")]
+
+    async def metrics(self) -> list[list[Any]]:
+        return [r for r in await self._broadcast("metrics_families") if isinstance(r, list)]
+
+
+def _map_exception(e: BaseException) -> OpenAIError:
+    """An exception from a replica stream (not an in-band error) -> OpenAIError."""
+    if isinstance(e, OpenAIError):
+        return e
+    from ray import exceptions as ray_exc
+    from ray.serve import exceptions as serve_exc
+
+    if isinstance(e, serve_exc.BackPressureError):
+        return errors.queue_full()
+    if isinstance(e, (serve_exc.DeploymentUnavailableError, ray_exc.RayActorError,
+                      getattr(ray_exc, "ActorUnavailableError", ray_exc.RayActorError))):
+        return errors.unavailable("No replica of the model is available; retry later.")
+    logger.error("replica stream failed: %r", e)
+    return errors.internal(f"Generation failed: {type(e).__name__}.")
+
+
+# --- merging the replica streams of one HTTP request ------------------------------------
+
+_EOF = object()
+
+
+class _Job:
+    """The replica streams of one HTTP request (one per prompt), merged into one queue.
+
+    A pump task per stream moves chunks into the queue; ``close()`` cancels
+    the pumps and every unfinished stream (the replica then aborts the engine
+    request). ``abort(err)`` makes the consumer's next ``next()`` raise.
+    """
+
+    def __init__(self, streams: list[Any]) -> None:
+        self._streams = streams
+        self._done = [False] * len(streams)
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._open = len(streams)
+        self._tasks = [asyncio.ensure_future(self._pump(i, s)) for i, s in enumerate(streams)]
+        self.closed = False
+
+    async def _pump(self, i: int, stream: Any) -> None:
+        try:
+            async for chunk in stream:
+                self._queue.put_nowait((i, chunk))
+                if chunk.finished or chunk.error is not None:
+                    break
+            self._done[i] = True
+            self._queue.put_nowait((i, _EOF))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - surfaced to the consumer
+            self._done[i] = True
+            self._queue.put_nowait((i, e))
+
+    async def next(self) -> tuple[int, GenerateChunk] | None:
+        """The next (prompt index, chunk), or None when every stream has ended."""
+        while self._open:
+            i, item = await self._queue.get()
+            if item is _EOF:
+                self._open -= 1
+                continue
+            if isinstance(item, BaseException):
+                raise _map_exception(item)
+            return i, item
+        return None
+
+    def abort(self, err: OpenAIError) -> None:
+        self._queue.put_nowait((-1, err))
+        self._open = max(self._open, 1)
+        self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for t in self._tasks:
+            t.cancel()
+        for i, s in enumerate(self._streams):
+            if not self._done[i]:
+                try:
+                    s.cancel()
+                except Exception:  # noqa: BLE001 - cancelling is best effort
+                    pass
+
+
+class _SSEResponse(StreamingResponse):
+    """StreamingResponse that always runs ``on_close`` (even if never iterated)."""
+
+    def __init__(self, body: Any, on_close: Callable[[], None]) -> None:
+        super().__init__(body, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+@dataclass
+class _Prepared:
+    """A validated request, tokenized, ready for the replicas."""
+
+    kind: str  # "completion" | "chat"
+    api_id: str  # the response id; engine request ids are f"{api_id}-{prompt index}"
+    req: Any
+    model: str
+    backend: ModelBackend
+    gen_reqs: list[GenerateRequest]
+    prompt_lens: list[int]
+    echo_texts: list[str]  # per prompt ("" unless echo)
+    n: int
+    want_logprobs: bool
+
+
+# --- the HTTP server ---------------------------------------------------------------
+
+
+class OpenAIServer:
+    """The OpenAI HTTP API over ``ModelBackend`` objects (no Ray in here)."""
+
+    def __init__(self, config: ServeAppConfig, backends: dict[str, ModelBackend], replica: str = "ingress") -> None:
+        self.config = config
+        self.backends = backends
+        self.replica = replica
+        self.draining = False
+        self.inflight = 0
+        self._jobs: set[_Job] = set()
+        self._metrics: dict[str, ServeMetrics] = {}
+        self._created = now()
+        self._api_key = config.api_key.encode() if config.api_key else None
+
+    # -- lifecycle (called by the CLI through the ingress deployment) -----------
+    def start_draining(self) -> int:
+        self.draining = True
+        return self.inflight
+
+    def abort_inflight(self) -> int:
+        jobs = list(self._jobs)
+        for job in jobs:
+            job.abort(errors.draining())
+        return len(jobs)
+
+    def _enter(self) -> None:
+        self.inflight += 1
+
+    def _exit(self) -> None:
+        self.inflight -= 1
+
+    # -- checks ------------------------------------------------------------------
+    def _metrics_for(self, model: str) -> ServeMetrics:
+        m = self._metrics.get(model)
+        if m is None:
+            m = self._metrics[model] = ServeMetrics(model, self.replica)
+        return m
+
+    def count_error(self, model: str, err: OpenAIError) -> None:
+        self._metrics_for(model).request_error(err.reason)
+
+    def check_accepting(self) -> None:
+        if self.draining:
+            raise errors.draining()
+
+    def authenticate(self, request: Request) -> None:
+        if self._api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        given = token.strip().encode("latin-1", errors="replace") if scheme.lower() == "bearer" else b""
+        # Constant time in the key's content: no early exit on the first differing byte.
+        if not hmac.compare_digest(given, self._api_key):
+            raise errors.unauthorized("Missing API key." if not header else "Invalid API key.")
+
+    async def read_json(self, request: Request) -> Any:
+        limit = self.config.max_request_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            try:
+                size = int(declared)
+            except ValueError:
+                raise errors.bad_request("Invalid Content-Length header.") from None
+            if size > limit:
+                raise errors.request_too_large(limit)
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > limit:
+                raise errors.request_too_large(limit)
+        try:
+            text = bytes(body).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise errors.bad_request(f"The request body is not valid UTF-8 (byte {e.start}).") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise errors.bad_request(f"The request body is not valid JSON: {e.msg} at position {e.pos}.") from None
+        except RecursionError:
+            raise errors.bad_request("The request body is nested too deeply.") from None
+        if _SURROGATE_ESCAPE.search(text):
+            # A lone "\ud800" escape decodes to a string no encoder accepts: refuse it
+            # here rather than fail (500) when tokenizing or echoing it.
+            try:
+                json.dumps(data, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                raise errors.bad_request("The request body contains an unpaired UTF-16 surrogate escape.") from None
+        return data
+
+    def backend(self, model: str | None) -> ModelBackend:
+        if model is None:
+            if len(self.backends) == 1:
+                return next(iter(self.backends.values()))
+            raise errors.bad_request("The model parameter is required.", "model")
+        b = self.backends.get(model)
+        if b is None:
+            raise errors.model_not_found(model)
+        return b
+
+    # -- preparing a request -------------------------------------------------------
+    async def _off_loop(self, size: int, fn: Callable[..., Any], *args: Any) -> Any:
+        if size > TOKENIZE_INLINE_CHARS:
+            return await asyncio.to_thread(fn, *args)
+        return fn(*args)
+
+    async def prepare(self, kind: str, body: Any) -> _Prepared:
+        cls = CompletionRequest if kind == "completion" else ChatCompletionRequest
+        req = parse_request(cls, body)
+        backend = self.backend(req.model)
+        check_limits(req, self.config)
+        if kind == "completion" and req.echo and req.logprobs is not None:
+            raise errors.bad_request("echo together with logprobs is not supported "
+                                     "(prompt logprobs are not computed).", "echo")
+        try:
+            info = await backend.info()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise _map_exception(e) from None
+        tok = info.tokenizer
+        prompts: list[list[int]] = []
+        echo_texts: list[str] = []
+        if kind == "chat":
+            from fleetlm.engine.llm import apply_chat_template
+
+            messages = req.template_messages()
+            size = sum(len(m["content"]) for m in messages)
+            try:
+                ids = await self._off_loop(size, apply_chat_template, tok, messages, True)
+            except Exception as e:  # noqa: BLE001 - a template or tokenizer refusing the input
+                raise errors.bad_request(f"The messages could not be tokenized: {e}", "messages") from None
+            prompts.append(list(ids))
+            echo_texts.append("")
+        else:
+            for i, p in enumerate(req.prompts()):
+                if isinstance(p, str):
+                    try:
+                        ids = await self._off_loop(len(p), _encode, tok, p)
+                    except Exception as e:  # noqa: BLE001
+                        raise errors.bad_request(f"The prompt could not be tokenized: {e}", "prompt") from None
+                    text = p
+                else:
+                    bad = next((t for t in p if not 0 <= t < info.vocab_size), None)
+                    if bad is not None:
+                        raise errors.bad_request(
+                            f"Token id {bad} is outside the vocabulary [0, {info.vocab_size}).", "prompt")
+                    ids = p
+                    text = (await self._off_loop(len(p) * 4, tok.decode, p)) if req.echo else ""
+                if not ids:
+                    raise errors.bad_request("The prompt has no tokens.", "prompt")
+                prompts.append(ids)
+                echo_texts.append(text if req.echo else "")
+        api_id = new_id("cmpl" if kind == "completion" else "chatcmpl")
+        gen_reqs = []
+        params_by_max: dict[int, Any] = {}
+        for i, ids in enumerate(prompts):
+            max_tokens = resolve_max_tokens(req, len(ids), info.max_model_len, self.config.max_tokens_limit)
+            params = params_by_max.get(max_tokens)
+            if params is None:
+                params = params_by_max[max_tokens] = self._sampling_params(req, max_tokens)
+            gen_reqs.append(GenerateRequest(
+                request_id=f"{api_id}-{i}",
+                prompt_token_ids=ids,
+                params=params,
+                block_hash_ids=self._block_hash_ids(ids, info) if self.config.router == "prefix_aware" else (),
+            ))
+        want = (req.logprobs is not None) if kind == "completion" else bool(req.logprobs)
+        return _Prepared(kind, api_id, req, backend.name, backend, gen_reqs, [len(p) for p in prompts],
+                         echo_texts, req.n or 1, want)
+
+    def _sampling_params(self, req: Any, max_tokens: int) -> Any:
+        from fleetlm.engine.sampling_params import SamplingParams
+
+        kw = sampling_kwargs(req, max_tokens)
+        try:
+            return SamplingParams(**kw)
+        except (ValueError, TypeError) as e:
+            raise errors.bad_request(str(e), param_from_message(str(e), req)) from None
+
+    @staticmethod
+    def _block_hash_ids(ids: list[int], info: ModelInfo) -> tuple[int, ...]:
+        from fleetlm.engine.block_hash import block_hash_id, hash_prompt_blocks
+
+        return tuple(block_hash_id(h) for h in hash_prompt_blocks(ids, info.block_size))
+
+    # -- running a request ---------------------------------------------------------
+    def _start(self, p: _Prepared) -> _Job:
+        job = _Job([p.backend.generate(r) for r in p.gen_reqs])
+        self._jobs.add(job)
+        return job
+
+    def _finish(self, job: _Job) -> None:
+        job.close()
+        self._jobs.discard(job)
+
+    @staticmethod
+    def _raise_chunk_error(chunk: GenerateChunk, req: Any) -> None:
+        e = chunk.error
+        if e is None:
+            return
+        if e.kind == "queue_full":
+            err = errors.queue_full()
+        else:
+            param = e.param or (param_from_message(e.message, req) if e.kind == "invalid_request" else None)
+            err = OpenAIError.of(e.kind, e.message, param)
+        err.counted = True  # the replica counted it in its own metrics
+        raise err
+
+    async def handle(self, kind: str, request: Request) -> Response:
+        model = ""
+        self._enter()
+        handed_off = False
+        try:
+            self.check_accepting()
+            self.authenticate(request)
+            body = await self.read_json(request)
+            if isinstance(body, dict) and isinstance(body.get("model"), str):
+                model = body["model"]
+            p = await self.prepare(kind, body)
+            model = p.model
+            job = self._start(p)
+            try:
+                first = await job.next()
+                if first is not None:
+                    self._raise_chunk_error(first[1], p.req)
+                if p.req.stream:
+                    body_iter = self._stream(p, job, first)
+                    resp = _SSEResponse(body_iter, on_close=lambda: (self._finish(job), self._exit()))
+                    handed_off = True
+                    return resp
+                return JSONResponse(await self._collect(p, job, first))
+            finally:
+                if not handed_off:
+                    self._finish(job)
+        except OpenAIError as e:
+            if not e.counted:
+                self.count_error(model if model in self.backends else "", e)
+            return error_response(e)
+        finally:
+            if not handed_off:
+                self._exit()
+
+    async def _collect(self, p: _Prepared, job: _Job, first: tuple[int, GenerateChunk] | None) -> dict[str, Any]:
+        n = p.n
+        states = {i * n + j: ChoiceState(i * n + j) for i in range(len(p.gen_reqs)) for j in range(n)}
+        cached = [0] * len(p.gen_reqs)
+        item = first
+        while item is not None:
+            i, chunk = item
+            self._raise_chunk_error(chunk, p.req)
+            cached[i] = max(cached[i], chunk.num_cached_tokens)
+            for d in chunk.choices:
+                s = states[i * n + d.index]
+                s.text += d.text
+                s.num_tokens += len(d.token_ids)
+                if d.logprobs:
+                    s.logprobs.extend(d.logprobs)
+                if d.finish_reason is not None:
+                    s.finish_reason, s.stop_reason = d.finish_reason, d.stop_reason
+            item = await job.next()
+        usage = usage_dict(sum(p.prompt_lens), sum(s.num_tokens for s in states.values()), sum(cached))
+        ordered = [states[k] for k in sorted(states)]
+        created = now()
+        if p.kind == "completion":
+            choices = [completion_choice(s, p.want_logprobs, p.echo_texts[s.index // n]) for s in ordered]
+            return completion_response(p.api_id, created, p.model, choices, usage)
+        choices = [chat_choice(s, p.want_logprobs) for s in ordered]
+        return chat_response(p.api_id, created, p.model, choices, usage)
+
+    async def _stream(self, p: _Prepared, job: _Job, first: tuple[int, GenerateChunk] | None):
+        n = p.n
+        api_id = p.api_id
+        created = now()
+        inc = p.req.include_usage
+        is_chat = p.kind == "chat"
+        make = chat_chunk if is_chat else completion_chunk
+        cached = [0] * len(p.gen_reqs)
+        completion_tokens = 0
+        offsets: dict[int, int] = {}
+        started: set[int] = set()
+        try:
+            if is_chat:
+                for k in range(len(p.gen_reqs) * n):
+                    yield _sse(make(api_id, created, p.model, [{
+                        "index": k, "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None, "finish_reason": None}], None, inc))
+            item = first
+            while item is not None:
+                i, chunk = item
+                self._raise_chunk_error(chunk, p.req)
+                cached[i] = max(cached[i], chunk.num_cached_tokens)
+                for d in chunk.choices:
+                    k = i * n + d.index
+                    completion_tokens += len(d.token_ids)
+                    if is_chat:
+                        delta = {"content": d.text} if d.text else {}
+                        lp = chat_logprobs(d.logprobs) if p.want_logprobs and d.logprobs is not None else None
+                        choice = {"index": k, "delta": delta, "logprobs": lp, "finish_reason": d.finish_reason}
+                    else:
+                        prefix = ""
+                        if k not in started:
+                            started.add(k)
+                            prefix = p.echo_texts[i]
+                            offsets[k] = len(prefix)
+                        lp = None
+                        if p.want_logprobs and d.logprobs is not None:
+                            lp = completion_logprobs(d.logprobs, offsets.get(k, 0))
+                            offsets[k] = offsets.get(k, 0) + sum(len(e.token) for e in d.logprobs)
+                        choice = {"index": k, "text": prefix + d.text, "logprobs": lp,
+                                  "finish_reason": d.finish_reason}
+                    if d.finish_reason is not None:
+                        choice["stop_reason"] = d.stop_reason
+                    yield _sse(make(api_id, created, p.model, [choice], None, inc))
+                item = await job.next()
+            if inc:
+                usage = usage_dict(sum(p.prompt_lens), completion_tokens, sum(cached))
+                yield _sse(make(api_id, created, p.model, [], usage, True))
+        except OpenAIError as e:
+            # The 200 is already sent: end with an error event clients can read.
+            if not e.counted:
+                self.count_error(p.model, e)
+            yield errors.sse_error_event(e)
+        yield SSE_DONE
+
+    # -- other endpoints -------------------------------------------------------------
+    async def models(self, request: Request) -> Response:
+        try:
+            self.authenticate(request)
+        except OpenAIError as e:
+            return error_response(e)
+        data = []
+        for name, b in self.backends.items():
+            info = b.cached_info()
+            data.append(model_card(name, self._created, info.max_model_len if info else None))
+        return JSONResponse({"object": "list", "data": data})
+
+    async def health(self) -> Response:
+        if self.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        results = await asyncio.gather(*(b.health() for b in self.backends.values()), return_exceptions=True)
+        report: dict[str, Any] = {}
+        ok = True
+        for name, r in zip(self.backends, results):
+            if isinstance(r, BaseException) or not r:
+                ok = False
+                report[name] = [{"healthy": False, "message": repr(r) if isinstance(r, BaseException) else "no replicas"}]
+                continue
+            report[name] = [{"replica": h.replica, "healthy": h.healthy, "message": h.message} for h in r]
+            ok = ok and all(h.healthy for h in r)
+        return JSONResponse({"status": "ok" if ok else "unhealthy", "models": report},
+                            status_code=200 if ok else 503)
+
+    async def metrics(self) -> Response:
+        results = await asyncio.gather(*(b.metrics() for b in self.backends.values()), return_exceptions=True)
+        groups = [fams for r in results if isinstance(r, list) for fams in r]
+        groups.extend(m.collect() for m in self._metrics.values())
+        return Response(render(groups), media_type=CONTENT_TYPE_LATEST)
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    # As LLMEngine.tokenize: no special tokens added to raw completion prompts.
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def error_response(e: OpenAIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status_code, headers=e.headers or None)
+
+
+def create_app(server: OpenAIServer) -> FastAPI:
+    """The FastAPI app of one ingress replica, routes bound to ``server``."""
+    app = FastAPI(title="FleetLM", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await server.handle("completion", request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await server.handle("chat", request)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> Response:
+        return await server.models(request)
+
+    @app.get("/health")
+    async def health() -> Response:
+        return await server.health()
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return await server.metrics()
+
+    @app.exception_handler(OpenAIError)
+    async def _openai_error(request: Request, exc: OpenAIError) -> Response:
+        return error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        if kind is not None:
+            return error_response(OpenAIError.of(kind, f"{request.method} {request.url.path}: {exc.detail}"))
+        return error_response(OpenAIError(exc.status_code, str(exc.detail), "invalid_request_error"))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        logger.exception("unhandled error on %s", request.url.path)
+        return error_response(errors.internal())
+
+    return app
+
+
+# --- Ray Serve deployments ----------------------------------------------------------
+
+
+def _serve_replica_id() -> str:
+    from fleetlm.cluster.replica import _replica_id
+
+    return _replica_id()
+
+
+class OpenAIIngress:
+    """The ingress deployment: an ``OpenAIServer`` over the models' replica handles."""
+
+    def __init__(self, config: ServeAppConfig, replicas: dict[str, Any]) -> None:
+        backends = {name: ModelBackend(name, h) for name, h in replicas.items()}
+        self.server = OpenAIServer(config, backends, replica=_serve_replica_id())
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return create_app(self.server)
+
+    # Control plane, called by `fleetlm serve` through the app handle.
+    def start_draining(self) -> int:
+        return self.server.start_draining()
+
+    def num_inflight(self) -> int:
+        return self.server.inflight
+
+    def abort_inflight(self) -> int:
+        return self.server.abort_inflight()
+
+
+def _deployment_name(model: str) -> str:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model)
+    return f"LLMReplica-{safe}"
+
+
+def _resolve_device(device: str) -> str:
+    """"auto" -> "cuda" when the cluster has GPUs (build_app runs on a connected driver)."""
+    if device != "auto":
+        return device
+    try:
+        import ray
+
+        if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0:
+            return "cuda"
+    except Exception:  # noqa: BLE001 - not connected: plan for CPU
+        pass
+    return "cpu"
+
+
+def replica_deployment_options(m: ModelDeploymentConfig, config: ServeAppConfig) -> dict[str, Any]:
+    """Ray Serve options of one model's ``LLMReplica`` deployment."""
+    opts: dict[str, Any] = {
+        "name": _deployment_name(m.name),
+        # Admission is the engine's (429 past max_queued_requests): Serve must
+        # not queue in front of it, so its per-replica cap is never the limit.
+        "max_ongoing_requests": (m.max_num_seqs or 256) + config.max_queued_requests + 64,
+        "health_check_period_s": 5.0,
+        "health_check_timeout_s": 30.0,
+        "graceful_shutdown_wait_loop_s": 0.5,
+        "graceful_shutdown_timeout_s": 10.0,
+    }
+    if m.autoscaling is not None:
+        opts["autoscaling_config"] = m.autoscaling.to_serve()
+    else:
+        opts["num_replicas"] = m.num_replicas
+    device = _resolve_device(m.device)
+    if m.world_size == 1:
+        opts["ray_actor_options"] = {"num_cpus": 1, "num_gpus": 1 if device == "cuda" else 0}
+    else:
+        # One placement group per replica: a bundle for the replica actor
+        # (engine and scheduler), then one per pipeline stage holding its TP
+        # workers (parallel/placement.py); the replica's RayWorkerGroup places
+        # its worker actors in this group.
+        from fleetlm.parallel.placement import PlacementSpec, stage_bundles
+
+        spec = PlacementSpec.for_device(device)
+        opts["ray_actor_options"] = {"num_cpus": 1}
+        opts["placement_group_bundles"] = [{"CPU": 1}] + stage_bundles(
+            spec, m.tensor_parallel_size, m.pipeline_parallel_size)
+        opts["placement_group_strategy"] = spec.strategy
+    return opts
+
+
+def build_app(args: dict[str, Any] | None = None) -> Any:
+    """Ray Serve application builder: ``fleetlm.cluster.app:build_app``."""
+    from ray import serve
+
+    config = args if isinstance(args, ServeAppConfig) else parse_app_args(args)
+    replica_cls = serve.deployment(LLMReplica)
+    replicas = {}
+    for m in config.models:
+        dep = replica_cls.options(**replica_deployment_options(m, config))
+        replicas[m.name] = dep.bind(m, config.max_queued_requests, config.max_n, config.max_logprobs)
+    ingress_cls = serve.deployment(
+        serve.ingress()(OpenAIIngress),
+        name="OpenAIIngress",
+        num_replicas=1,
+        # Every open HTTP request (a stream lasts seconds) is one ongoing request.
+        max_ongoing_requests=100_000,
+        ray_actor_options={"num_cpus": 0},
+        graceful_shutdown_wait_loop_s=0.5,
+        graceful_shutdown_timeout_s=10.0,
+    )
+    return ingress_cls.bind(config, replicas)
+
+
+__all__ = [
+    "APP_NAME",
+    "ModelBackend",
+    "OpenAIIngress",
+    "OpenAIServer",
+    "build_app",
+    "create_app",
+    "replica_deployment_options",
+]

@@ -1,0 +1,346 @@
+"""``LLMReplica``: one Ray Serve replica of one model, wrapping an ``AsyncEngine``.
+
+The ingress has already tokenized and validated the request; the replica gets
+token ids and ``SamplingParams`` (:class:`GenerateRequest`) and streams back
+small :class:`GenerateChunk` messages: per choice, only what is new since the
+previous chunk (text, token ids, logprobs), never the cumulative output, so
+the bytes crossing Ray stay proportional to the tokens generated. The engine
+hands over only its latest cumulative output, so when the ingress lags the
+deltas simply get larger, never more numerous.
+
+Whatever ends the stream early (the ingress cancels it because its client
+went away, an error, shutdown) aborts the engine request in ``finally``, so
+the request's KV blocks return to the pool at once.
+
+Errors a client caused (ValueError from the engine) and overload (engine
+queue over ``max_queued_requests``) come back as an in-band ``error`` chunk
+with the HTTP kind, not as exceptions: exceptions crossing Ray arrive
+wrapped, and the ingress must tell a 400 from a 429 from a dead engine.
+
+The replica also answers the control plane: ``model_info`` (tokenizer and
+limits for the ingress), ``health`` and ``metrics`` (called on every replica
+through ``DeploymentHandle.broadcast``), ``check_health`` (Ray Serve's own
+health check: a dead engine gets the replica restarted) and
+``record_routing_stats`` (queue depth and cached prefix blocks, for routers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fleetlm.cluster.metrics import ServeMetrics
+from fleetlm.cluster.openai_protocol import TokenLogprob
+from fleetlm.cluster.serve_config import ModelDeploymentConfig
+
+logger = logging.getLogger("fleetlm.replica")
+
+
+# --- messages between ingress and replica ------------------------------------
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: Any  # fleetlm.engine.sampling_params.SamplingParams
+    # Prefix block hash ids of the prompt, for a prefix-aware request router.
+    block_hash_ids: tuple[int, ...] = ()
+
+
+@dataclass
+class ChoiceDelta:
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass(frozen=True)
+class ReplicaError:
+    kind: str  # an errors._KINDS name: "invalid_request", "queue_full", "unavailable", "internal"
+    message: str
+    param: str | None = None
+
+
+@dataclass
+class GenerateChunk:
+    choices: list[ChoiceDelta] = field(default_factory=list)
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    finished: bool = False
+    error: ReplicaError | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    max_model_len: int
+    block_size: int
+    vocab_size: int
+    tokenizer: Any  # the engine's own tokenizer, so the ingress counts tokens the same way
+
+
+@dataclass(frozen=True)
+class ReplicaHealth:
+    replica: str
+    healthy: bool
+    message: str = ""
+
+
+# --- deltas ----------------------------------------------------------------------
+
+
+# JSON has no -inf: a token with zero probability (masked by top-k/top-p, or
+# banned) reports this floor instead, as vLLM does.
+MIN_LOGPROB = -9999.0
+
+
+def _finite(lp: float) -> float:
+    return lp if lp >= MIN_LOGPROB else MIN_LOGPROB  # also maps NaN to the floor
+
+
+def _token_logprobs(entries: list[dict[int, Any]], token_ids: list[int], k: int) -> list[TokenLogprob]:
+    """Engine logprob dicts (sampled token first, then top ranks) -> TokenLogprob with top-k."""
+    out = []
+    for entry, tid in zip(entries, token_ids):
+        sampled = entry.get(tid)
+        top = sorted(
+            ((t, lp) for t, lp in entry.items() if lp.rank is not None and lp.rank <= k),
+            key=lambda kv: kv[1].rank,
+        )[:k]
+        out.append(TokenLogprob(
+            token_id=tid,
+            token=(sampled.decoded_token or "") if sampled is not None else "",
+            logprob=_finite(sampled.logprob) if sampled is not None else MIN_LOGPROB,
+            top=[(t, lp.decoded_token or "", _finite(lp.logprob)) for t, lp in top],
+        ))
+    return out
+
+
+class DeltaTracker:
+    """Turns the engine's cumulative ``RequestOutput`` into what is new per choice."""
+
+    def __init__(self, num_logprobs: int | None) -> None:
+        self.k = num_logprobs
+        self.sent_text: dict[int, int] = {}
+        self.sent_tokens: dict[int, int] = {}
+        self.sent_logprobs: dict[int, int] = {}
+        self.done: set[int] = set()
+
+    def update(self, out: Any) -> tuple[GenerateChunk, int]:
+        """The delta chunk and the number of new tokens in it."""
+        chunk = GenerateChunk(
+            num_prompt_tokens=len(out.prompt_token_ids),
+            num_cached_tokens=out.num_cached_tokens,
+            finished=out.finished,
+        )
+        new_tokens = 0
+        for c in out.outputs:
+            if c.index in self.done:
+                continue
+            t0 = self.sent_text.get(c.index, 0)
+            n0 = self.sent_tokens.get(c.index, 0)
+            text = c.text[t0:]
+            ids = list(c.token_ids[n0:])
+            lps = None
+            if self.k is not None and c.logprobs is not None:
+                l0 = self.sent_logprobs.get(c.index, 0)
+                lps = _token_logprobs(c.logprobs[l0:], list(c.token_ids[l0:]), self.k)
+                self.sent_logprobs[c.index] = l0 + len(lps)
+            if not text and not ids and c.finish_reason is None:
+                continue
+            self.sent_text[c.index] = len(c.text)
+            self.sent_tokens[c.index] = len(c.token_ids)
+            if c.finish_reason is not None:
+                self.done.add(c.index)
+            new_tokens += len(ids)
+            chunk.choices.append(ChoiceDelta(c.index, text, ids, lps, c.finish_reason, c.stop_reason))
+        return chunk, new_tokens
+
+
+def engine_args_kwargs(model: ModelDeploymentConfig, max_n: int, max_logprobs: int) -> dict[str, Any]:
+    """``EngineArgs`` keyword arguments of one served model."""
+    return {
+        "model": model.model,
+        "served_model_name": model.name,
+        "tensor_parallel_size": model.tensor_parallel_size,
+        "pipeline_parallel_size": model.pipeline_parallel_size,
+        "device": model.device,
+        "dtype": model.dtype,
+        "gpu_memory_utilization": model.gpu_memory_utilization,
+        "max_num_batched_tokens": model.max_num_batched_tokens,
+        "max_num_seqs": model.max_num_seqs,
+        "max_model_len": model.max_model_len,
+        "enable_prefix_caching": model.enable_prefix_caching,
+        "load_format": model.load_format,
+        "max_n": max_n,
+        "max_logprobs": max_logprobs,
+    }
+
+
+def _replica_id() -> str:
+    try:
+        from ray import serve
+
+        ctx = serve.get_replica_context()
+        rid = ctx.replica_id
+        return getattr(rid, "unique_id", None) or str(rid)
+    except Exception:  # noqa: BLE001 - outside Serve (tests): a stable placeholder
+        return "local"
+
+
+# --- the replica ------------------------------------------------------------------
+
+
+class LLMReplica:
+    """One model's engine behind Ray Serve (decorated into a deployment by ``app.build_app``)."""
+
+    def __init__(
+        self,
+        model: ModelDeploymentConfig,
+        max_queued_requests: int,
+        max_n: int = 16,
+        max_logprobs: int = 20,
+        engine: Any = None,
+    ) -> None:
+        if engine is None:
+            from fleetlm.engine.args import EngineArgs
+            from fleetlm.engine.async_engine import AsyncEngine
+
+            engine = AsyncEngine.from_engine_args(
+                EngineArgs.from_kwargs(**engine_args_kwargs(model, max_n, max_logprobs)))
+        self.engine = engine
+        self.name = model.name
+        self.max_queued_requests = max_queued_requests
+        self.replica = _replica_id()
+        self.metrics = ServeMetrics(self.name, self.replica, self.engine.stats)
+        self.max_num_seqs = self.engine.config.scheduler.max_num_seqs
+        # Requests handed to the engine that have no output yet. A burst of
+        # arrivals sits in the engine's inbox before its scheduler counts them
+        # as waiting; this counter sees them at once.
+        self._not_started = 0
+
+    def num_queued(self) -> int:
+        """Requests waiting for a seat in the running batch (what max_queued_requests bounds)."""
+        s = self.engine.stats()
+        free_seats = max(0, self.max_num_seqs - s.num_running)
+        return max(s.num_waiting, self._not_started - free_seats)
+
+    # -- data plane ------------------------------------------------------------------
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateChunk]:
+        """Stream the request's deltas; the last chunk has ``finished=True`` (or ``error``)."""
+        if self.num_queued() >= self.max_queued_requests:
+            self.metrics.request_error("queue_full")
+            yield GenerateChunk(error=ReplicaError(
+                "queue_full", f"{self.max_queued_requests} requests are already waiting."))
+            return
+        tracker = DeltaTracker(req.params.logprobs)
+        finished = False
+        accepted = False
+        last_token_time: float | None = None
+        self._not_started += 1
+        try:
+            async for out in self.engine.generate(req.prompt_token_ids, req.params, req.request_id):
+                now = time.monotonic()
+                if not accepted:
+                    accepted = True
+                    self._not_started -= 1
+                    self.metrics.request_accepted(len(out.prompt_token_ids))
+                chunk, new_tokens = tracker.update(out)
+                if new_tokens:
+                    m = out.metrics
+                    if last_token_time is None:
+                        if m is not None and m.first_token_time is not None:
+                            self.metrics.first_token(m.first_token_time - m.arrival_time)
+                        # The first token has no "time per output token".
+                        self.metrics.tokens_generated(1, None)
+                        if new_tokens > 1:
+                            per = (now - (m.first_token_time or now)) / (new_tokens - 1) if m else 0.0
+                            self.metrics.tokens_generated(new_tokens - 1, max(0.0, per))
+                    else:
+                        self.metrics.tokens_generated(new_tokens, (now - last_token_time) / new_tokens)
+                    last_token_time = now
+                if out.finished:
+                    finished = True
+                    m = out.metrics
+                    e2e = (m.finished_time - m.arrival_time) if m and m.finished_time else None
+                    reasons = [c.finish_reason for c in out.outputs]
+                    bad = next((r for r in reasons if r not in ("stop", "length")), None)
+                    self.metrics.request_finished(bad or reasons[0], e2e)
+                yield chunk
+                if finished:
+                    return
+        except ValueError as e:
+            finished = True  # never admitted
+            self.metrics.request_error("invalid_request")
+            yield GenerateChunk(error=ReplicaError("invalid_request", str(e)))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - EngineDeadError and the unexpected
+            logger.exception("request %s failed", req.request_id)
+            self.metrics.request_error("engine_error")
+            finished = True
+            yield GenerateChunk(error=ReplicaError("unavailable", f"The engine failed: {e}"))
+        finally:
+            if not accepted:
+                self._not_started -= 1
+            if not finished:
+                # Client gone or stream cancelled: free the request's KV blocks now.
+                self.metrics.request_finished("abort", None)
+                try:
+                    await asyncio.shield(self.engine.abort(req.request_id))
+                except (asyncio.CancelledError, Exception):  # noqa: BLE001 - abort is best effort, idempotent
+                    pass
+
+    # -- control plane -----------------------------------------------------------
+    def model_info(self) -> ModelInfo:
+        mc = self.engine.model_config
+        return ModelInfo(
+            name=self.name,
+            max_model_len=mc.max_model_len,
+            block_size=self.engine.config.cache.block_size,
+            vocab_size=mc.vocab_size,
+            tokenizer=self.engine.tokenizer,
+        )
+
+    def health(self) -> ReplicaHealth:
+        try:
+            self.engine.check_health()
+        except Exception as e:  # noqa: BLE001
+            return ReplicaHealth(self.replica, False, str(e))
+        return ReplicaHealth(self.replica, True)
+
+    def check_health(self) -> None:
+        """Ray Serve's periodic health check: raising marks the replica unhealthy (restarted)."""
+        self.engine.check_health()
+
+    def metrics_families(self) -> list[Any]:
+        return self.metrics.collect()
+
+    def engine_stats(self) -> dict[str, Any]:
+        s = self.engine.stats()
+        return {"replica": self.replica, **{k: v for k, v in vars(s).items() if not k.startswith("_")}}
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        s = self.engine.stats()
+        stats: dict[str, Any] = {
+            "num_running": s.num_running,
+            "num_waiting": s.num_waiting,
+            "kv_cache_usage": s.kv_cache_usage,
+        }
+        hashes = getattr(self.engine, "cached_block_hash_ids", None)
+        if hashes is not None:
+            stats["cached_block_hash_ids"] = hashes()
+        return stats
+
+    async def shutdown(self) -> None:
+        # No __del__: when Serve stops the replica its process ends, and with
+        # it the engine thread and the worker actors it owns.
+        await self.engine.shutdown()
