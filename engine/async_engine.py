@@ -121,7 +121,10 @@ class AsyncEngine:
         self._wake.set()
 
     def stats(self) -> EngineStats:
-        return self.engine.stats()
+        """Engine counters; requests still in the inbox count as waiting."""
+        stats = self.engine.stats()
+        stats.num_waiting += len(self._adds)
+        return stats
 
     def cached_block_hash_ids(self) -> list[int]:
         """64-bit ids of the blocks now in the prefix cache (for routing summaries)."""
