@@ -74,7 +74,11 @@ class AsyncEngine:
 
     # -- client side (event loop) ----------------------------------------------------
     async def generate(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str,
+        prior_output_token_ids: list[int] | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield cumulative outputs of one request; the last has ``finished=True``.
 
@@ -86,10 +90,10 @@ class AsyncEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         if isinstance(prompt, str) and len(prompt) > 2000:
             group = await asyncio.get_running_loop().run_in_executor(
-                None, self.engine.make_group, request_id, prompt, params
+                None, self.engine.make_group, request_id, prompt, params, prior_output_token_ids
             )
         else:
-            group = self.engine.make_group(request_id, prompt, params)
+            group = self.engine.make_group(request_id, prompt, params, prior_output_token_ids)
         stream = _Stream(asyncio.get_running_loop())
         self._streams[request_id] = stream
         with self._lock:

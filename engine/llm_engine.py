@@ -65,7 +65,7 @@ class _Group:
                 CompletionOutput(
                     index=c.index,
                     text=c.detok.output_text,
-                    token_ids=c.req.output_token_ids,
+                    token_ids=c.req.output_token_ids[c.req.num_prior_output_tokens :],
                     cumulative_logprob=c.cumulative_logprob,
                     logprobs=c.logprobs,
                     finish_reason=c.finish_reason,
@@ -112,11 +112,30 @@ class LLMEngine:
         """Validate and queue a request; raises ValueError (naming the problem) if it can never run."""
         self.add_group(self.make_group(request_id, prompt, params))
 
-    def make_group(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> _Group:
-        """Tokenize and validate without touching the scheduler (safe from any thread)."""
+    def make_group(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        prior_output_token_ids: list[int] | None = None,
+    ) -> _Group:
+        """Tokenize and validate without touching the scheduler (safe from any thread).
+
+        ``prior_output_token_ids`` resumes a request that already produced
+        those tokens elsewhere (migration after a replica failure): they count
+        toward max_tokens, penalties and seeded sampling, and only the tokens
+        after them are reported.
+        """
         params = params or SamplingParams()
         text, ids = self.tokenize(prompt)
         self._validate(ids, params)
+        prior = list(prior_output_token_ids or ())
+        if prior:
+            if params.n != 1:
+                raise ValueError("n must be 1 to resume a request from prior output tokens")
+            self._validate(ids + prior, params)
+            if params.max_tokens is not None and len(prior) >= params.max_tokens:
+                raise ValueError(f"prior output ({len(prior)} tokens) already reaches max_tokens ({params.max_tokens})")
         if params.max_tokens is None:
             params = dataclasses.replace(params, max_tokens=self.model_config.max_model_len - len(ids))
         self.scheduler.check_fits(len(ids), params.max_tokens)
@@ -126,8 +145,9 @@ class LLMEngine:
         for i in range(params.n):
             child_params = params if params.n == 1 else params.clone_for_child(i)
             child_id = request_id if params.n == 1 else f"{request_id}#{i}"
-            req = Request(child_id, ids, child_params, bs, eos)
-            group.children.append(_Child(i, req, IncrementalDetokenizer(self.tokenizer, ids, req.params)))
+            req = Request(child_id, ids, child_params, bs, eos, prior_output_token_ids=prior)
+            detok = IncrementalDetokenizer(self.tokenizer, ids + prior, req.params)
+            group.children.append(_Child(i, req, detok))
         return group
 
     def add_group(self, group: _Group) -> None:
@@ -230,6 +250,33 @@ class LLMEngine:
             num_steps=self.num_steps,
             last_step_time=self.last_step_time,
         )
+
+    def idle_invariants(self) -> dict:
+        """What must hold once no request is in flight (asserted by tests after faults).
+
+        Every block is free or cached-unreferenced (none referenced), nothing
+        runs or waits, and the block manager's structural invariants hold.
+        """
+        bm = self.scheduler.blocks
+        bm.check_invariants()
+        free = len(bm.free)
+        cached_free = sum(1 for b in bm.free if bm.block_hash[b] is not None)
+        report = {
+            "num_blocks": bm.num_blocks,
+            "free_blocks": free - cached_free,
+            "cached_unreferenced_blocks": cached_free,
+            "referenced_blocks": bm.num_blocks - free,
+            "running": len(self.scheduler.running),
+            "waiting": len(self.scheduler.waiting),
+            "open_requests": len(self.groups),
+        }
+        report["ok"] = (
+            report["referenced_blocks"] == 0
+            and report["running"] == 0
+            and report["waiting"] == 0
+            and report["open_requests"] == 0
+        )
+        return report
 
     def shutdown(self) -> None:
         self.workers.shutdown()

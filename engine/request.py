@@ -60,6 +60,7 @@ class Request:
         eos_token_ids: tuple[int, ...] = (),
         arrival_time: float | None = None,
         cache_key: str | None = None,
+        prior_output_token_ids: list[int] | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -67,7 +68,11 @@ class Request:
         self.eos_token_ids = () if params.ignore_eos else eos_token_ids
         self.block_size = block_size
         self.cache_key = cache_key  # extra key of the block hashes (e.g. adapter id)
-        self.token_ids = list(prompt_token_ids)
+        # A request resumed elsewhere (migrated from a failed replica) starts
+        # with the tokens it already produced: they count as output for
+        # max_tokens, penalties and seeds, exactly as after a preemption.
+        self.num_prior_output_tokens = len(prior_output_token_ids or ())
+        self.token_ids = list(prompt_token_ids) + list(prior_output_token_ids or ())
         self.num_computed_tokens = 0
         self.num_cached_tokens = -1  # prefix-cache hit at first admission (-1 = not yet)
         self.num_preemptions = 0

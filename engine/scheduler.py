@@ -34,6 +34,7 @@ class NewRequest:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    prior_output_token_ids: list[int] = field(default_factory=list)  # migrated requests only
 
 
 @dataclass(frozen=True)
@@ -187,7 +188,8 @@ class Scheduler:
         for req, n in scheduled:
             if req.request_id not in self._seen_by_workers:
                 self._seen_by_workers.add(req.request_id)
-                new_requests.append(NewRequest(req.request_id, req.prompt_token_ids, req.params))
+                prior = req.token_ids[req.num_prompt_tokens : req.num_prompt_tokens + req.num_prior_output_tokens]
+                new_requests.append(NewRequest(req.request_id, req.prompt_token_ids, req.params, prior))
             start = req.num_computed_tokens
             out.append(
                 ScheduledRequest(

@@ -91,7 +91,9 @@ class ModelRunner:
         for rid in out.finished_request_ids:
             self.states.pop(rid, None)
         for new in out.new_requests:
-            self.states[new.request_id] = _ReqState(list(new.prompt_token_ids), new.params)
+            self.states[new.request_id] = _ReqState(
+                list(new.prompt_token_ids), new.params, list(new.prior_output_token_ids)
+            )
 
     def _prepare(self, out: SchedulerOutput):
         sched = out.scheduled
