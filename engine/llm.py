@@ -80,7 +80,7 @@ class LLM:
             bar = tqdm(total=len(ids), desc="requests", unit="req")
         wanted = set(ids)
         while len(done) < len(ids):
-            for out in self.engine.step():
+            for out in self.engine.step(emit_unfinished=False):
                 if out.finished and out.request_id in wanted:
                     done[out.request_id] = out
                     if bar:

@@ -44,6 +44,19 @@ class _Child:
         self.cumulative_logprob: float | None = 0.0 if req.params.logprobs is not None else None
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
+        # Without stop strings nothing depends on the text until someone reads
+        # it, so tokens wait here and are detokenized in one call per output.
+        self.undecoded: list[int] = []
+        self.text_done = False
+
+    def text(self) -> str:
+        if self.undecoded:
+            self.detok.update(self.undecoded)
+            self.undecoded = []
+        if self.finish_reason is not None and not self.text_done:
+            self.detok.flush()
+            self.text_done = True
+        return self.detok.output_text
 
 
 class _Group:
@@ -64,7 +77,7 @@ class _Group:
             outputs=[
                 CompletionOutput(
                     index=c.index,
-                    text=c.detok.output_text,
+                    text=c.text(),
                     token_ids=c.req.output_token_ids[c.req.num_prior_output_tokens :],
                     cumulative_logprob=c.cumulative_logprob,
                     logprobs=c.logprobs,
@@ -190,7 +203,8 @@ class LLMEngine:
         return bool(self.groups)
 
     # -- the step ------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self, emit_unfinished: bool = True) -> list[RequestOutput]:
+        """Run one step; return outputs of the requests it advanced (only finished ones if not emit_unfinished)."""
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
@@ -208,7 +222,8 @@ class LLMEngine:
             touched[group.request_id] = group
         outputs = []
         for group in touched.values():
-            outputs.append(group.output())
+            if emit_unfinished or group.finished:
+                outputs.append(group.output())
             if group.finished:
                 self.groups.pop(group.request_id, None)
                 for c in group.children:
@@ -225,14 +240,17 @@ class LLMEngine:
             child.cumulative_logprob += lps[0][1]
         # A request that stopped on EOS or a stop token id leaves that token out of its text.
         stopped_on_token = req.status == RequestStatus.FINISHED_STOPPED
-        hide = stopped_on_token and not req.params.include_stop_str_in_output
-        stop_str = child.detok.update([] if hide else [token])
-        if stop_str is not None and not req.is_finished:
-            self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
-            req.stop_reason = stop_str
+        if not (stopped_on_token and not req.params.include_stop_str_in_output):
+            child.undecoded.append(token)
+        if req.params.stop and not req.is_finished:
+            # Stop strings are matched as text arrives, so decode now.
+            stop_str = child.detok.update(child.undecoded)
+            child.undecoded = []
+            if stop_str is not None:
+                self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
+                req.stop_reason = stop_str
+                child.text_done = True  # the detokenizer already cut the text at the stop string
         if req.is_finished:
-            if stop_str is None:
-                child.detok.flush()
             child.finish_reason = req.status.finish_reason
             child.stop_reason = req.stop_reason
 
