@@ -142,6 +142,7 @@ class AsyncEngine:
 
     def check_health(self) -> None:
         self._raise_if_dead()
+        self.engine.workers.check_health()  # a dead worker of an idle replica counts too
         busy = self._busy_since
         if busy is not None and time.monotonic() - max(busy, self._heartbeat) > self.stuck_after_s:
             raise EngineDeadError(f"engine loop made no progress for over {self.stuck_after_s:.0f} s")

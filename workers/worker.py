@@ -44,7 +44,8 @@ class Worker:
             return cc.num_blocks
         per_block = self.runner.kv_bytes_per_block()
         if self.device.type != "cuda":
-            budget = cc.cpu_kv_cache_bytes
+            # The CPU budget is the replica's: its KV is split over the workers.
+            budget = cc.cpu_kv_cache_bytes // self.config.parallel.world_size
         else:
             torch.cuda.synchronize()
             free, total = torch.cuda.mem_get_info()
@@ -77,6 +78,31 @@ class Worker:
 
     def execute(self, scheduler_output, hidden=None, residual=None):
         return self.runner.execute(scheduler_output, hidden, residual)
+
+    @torch.inference_mode()
+    def execute_stage(self, scheduler_output):
+        """This worker's share of a step in a TP x PP replica.
+
+        A later stage first receives (hidden, residual) from the same TP rank
+        of the previous stage (its shape follows from the step's token count,
+        so no handshake); a non-last stage sends its result on and returns
+        None. On the last stage only TP rank 0 returns the ``ModelRunnerOutput``
+        (the other ranks' would be empty anyway).
+        """
+        from fleetlm.parallel.pipeline import recv_from_prev_stage, send_to_next_stage
+
+        ctx, runner, out = self.ctx, self.runner, scheduler_output
+        hidden = residual = None
+        if not ctx.is_first_stage and not out.is_empty:
+            hidden, residual = recv_from_prev_stage(
+                ctx, out.num_batched_tokens, self.config.model.hidden_size, runner.dtype, self.device
+            )
+        result = runner.execute(out, hidden, residual)
+        if not ctx.is_last_stage:
+            if not out.is_empty:
+                send_to_next_stage(ctx, *result)
+            return None
+        return result if ctx.tp_rank == 0 else None
 
     def ping(self) -> bool:
         return True
