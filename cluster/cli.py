@@ -19,8 +19,6 @@ This is the edge: the only place that reads the environment
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import os
 import signal
 import sys
@@ -290,16 +288,10 @@ def run_serve(ns: argparse.Namespace, environ: Mapping[str, str]) -> int:
             ray.shutdown()
 
 
-# Where `fleetlm bench` lives, first found wins.
-BENCH_MODULES = ("fleetlm.cluster.bench", "fleetlm.benchmarks_cli")
-
-
 def run_bench(argv: Sequence[str]) -> int:
-    for name in BENCH_MODULES:
-        if importlib.util.find_spec(name) is not None:
-            return int(importlib.import_module(name).main(list(argv)) or 0)
-    _log(f"`fleetlm bench` is not available: none of {', '.join(BENCH_MODULES)} is in this install")
-    return 2
+    from fleetlm.cluster.bench import main as bench_main
+
+    return int(bench_main(list(argv)) or 0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
