@@ -723,9 +723,15 @@ def replica_deployment_options(m: ModelDeploymentConfig, config: ServeAppConfig)
         "graceful_shutdown_timeout_s": 10.0,
     }
     if m.autoscaling is not None:
-        opts["autoscaling_config"] = m.autoscaling.to_serve()
+        from fleetlm.cluster.autoscaling import serve_autoscaling_config
+
+        opts["autoscaling_config"] = serve_autoscaling_config(m.autoscaling)
     else:
         opts["num_replicas"] = m.num_replicas
+    if config.router == "prefix_aware":
+        from fleetlm.cluster.router import request_router_options
+
+        opts.update(request_router_options())
     device = _resolve_device(m.device)
     if m.world_size == 1:
         opts["ray_actor_options"] = {"num_cpus": 1, "num_gpus": 1 if device == "cuda" else 0}
