@@ -41,7 +41,9 @@ class RMSNorm(nn.Module):
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, ops, dtype, device) -> None:
         super().__init__()
-        bias = bool(cfg.get("attention_bias", False) or cfg.get("qkv_bias", False))
+        # Qwen2 has q/k/v biases without saying so in its config.
+        qwen2 = "Qwen2ForCausalLM" in (cfg.get("architectures") or [])
+        bias = bool(cfg.get("attention_bias", False) or cfg.get("qkv_bias", False) or qwen2)
         self.qkv_proj = QKVParallelLinear(
             cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, bias, ctx, dtype, device
         )
