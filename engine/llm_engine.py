@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from fleetlm.engine.config import EngineConfig
@@ -114,6 +115,13 @@ class LLMEngine:
         self._child_to_group: dict[str, tuple[_Group, _Child]] = {}
         self.num_steps = 0
         self.last_step_time = time.monotonic()
+        # Pipeline parallelism: keep one micro-batch in flight per stage, so
+        # that while stage k runs micro-batch m, stage k-1 already runs m+1.
+        # More would only queue at the first stage; fewer leaves stages idle.
+        self.pipeline_depth = config.parallel.pipeline_parallel_size if hasattr(self.workers, "submit") else 1
+        self._in_flight: deque = deque()
+        # Finished ids of steps that were empty (never sent): told to the workers with the next step.
+        self._unsent_finished: list[str] = []
 
     # -- requests ------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
@@ -205,10 +213,37 @@ class LLMEngine:
     # -- the step ------------------------------------------------------------
     def step(self, emit_unfinished: bool = True) -> list[RequestOutput]:
         """Run one step; return outputs of the requests it advanced (only finished ones if not emit_unfinished)."""
-        out = self.scheduler.schedule()
-        if out.is_empty:
+        if self.pipeline_depth > 1:
+            return self._pipelined_step(emit_unfinished)
+        out = self._schedule()
+        if out is None:
             return []
-        result = self.workers.execute(out)
+        return self._process_step(out, self.workers.execute(out), emit_unfinished)
+
+    def _schedule(self, exclude=frozenset()):
+        out = self.scheduler.schedule(exclude)
+        if out.is_empty:
+            self._unsent_finished += out.finished_request_ids
+            return None
+        if self._unsent_finished:
+            out = dataclasses.replace(out, finished_request_ids=self._unsent_finished + out.finished_request_ids)
+            self._unsent_finished = []
+        return out
+
+    def _pipelined_step(self, emit_unfinished: bool) -> list[RequestOutput]:
+        """Fill the pipeline with micro-batches over disjoint requests, then finish the oldest."""
+        while len(self._in_flight) < self.pipeline_depth:
+            busy = {s.request_id for out, _ in self._in_flight for s in out.scheduled}
+            out = self._schedule(busy)
+            if out is None:
+                break
+            self._in_flight.append((out, self.workers.submit(out)))
+        if not self._in_flight:
+            return []
+        out, pending = self._in_flight.popleft()
+        return self._process_step(out, self.workers.collect(pending), emit_unfinished)
+
+    def _process_step(self, out, result, emit_unfinished: bool) -> list[RequestOutput]:
         self.num_steps += 1
         self.last_step_time = time.monotonic()
         sampled = dict(zip(result.request_ids, result.sampled_token_ids))

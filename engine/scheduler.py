@@ -120,7 +120,7 @@ class Scheduler:
         return len(self.requests)
 
     # -- the step ------------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, exclude: frozenset[str] | set[str] = frozenset()) -> SchedulerOutput:
         """Choose the requests and token counts of the next step.
 
         Every request has ``num_tokens`` (prompt + generated) and
@@ -136,6 +136,10 @@ class Scheduler:
         first-served while budget, sequence cap and blocks allow, each starting
         after its longest cached prefix. Nothing is admitted in a step that
         preempted, so a preempted request is not overtaken by newcomers.
+
+        ``exclude`` names running requests that are part of a step still in
+        flight (pipeline parallelism keeps several micro-batches in flight
+        over disjoint requests): they are neither scheduled nor preempted.
         """
         cfg = self.config
         budget = cfg.max_num_batched_tokens
@@ -146,9 +150,13 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if req.request_id in exclude:
+                i += 1
+                continue
             n = min(req.num_tokens - req.num_computed_tokens, budget, cap)
             while not self.blocks.allocate_slots(req, n):
-                victim = self.running.pop()
+                victim = next((r for r in reversed(self.running) if r.request_id not in exclude), None)
+                self.running.remove(victim)
                 self._preempt(victim)
                 preempted.append(victim)
                 if victim is req:
@@ -218,7 +226,7 @@ class Scheduler:
         results = []
         for s in out.scheduled:
             req = self.requests.get(s.request_id)
-            if req is None:  # aborted while the step ran
+            if req is None or req.status != RequestStatus.RUNNING:  # aborted while the step ran
                 continue
             req.num_computed_tokens += len(s.token_ids)
             self.blocks.cache_full_blocks(req)
