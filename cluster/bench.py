@@ -948,6 +948,8 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--input-len", type=int, help="prompt tokens (instead of --prefix-len)")
     pre.add_argument("--output-len", type=int, default=16)
     pre.add_argument("--modes", default="on,off", help="which caching modes to run, in order (on, off or both)")
+    pre.add_argument("--repeats", type=int, default=1,
+                     help="run the modes this many times, alternating (on, off, on, off, ...); report each mode's median")
     _add_common_args(pre, ceilings=False)
     pre.add_argument("--no-warmup", action="store_true")
 
@@ -1035,7 +1037,7 @@ def cmd_latency(ns, make_llm) -> int:
 
 
 def cmd_prefix(ns, make_llm) -> int:
-    _positive(ns, "num_prompts", "output_len")
+    _positive(ns, "num_prompts", "output_len", "repeats")
     modes = [m.strip() for m in ns.modes.split(",") if m.strip()]
     if not modes or any(m not in ("on", "off") for m in modes) or len(set(modes)) != len(modes):
         raise BenchError(f"--modes takes on, off or on,off; got {ns.modes!r}")
@@ -1044,20 +1046,27 @@ def cmd_prefix(ns, make_llm) -> int:
     if "enable_prefix_caching" in kw:
         raise BenchError("prefix runs caching on and off itself (see --modes); drop --[no-]enable-prefix-caching")
     device, _ = _resolved_device_dtype(kw)
-    runs: dict[str, dict[str, Any]] = {}
-    for mode in modes:
-        llm = (make_llm or _default_make_llm)(**kw, enable_prefix_caching=mode == "on")
-        runs[mode] = run_prefix(llm, num_prompts=ns.num_prompts, input_len=input_len, prefix_len=prefix_len,
-                                output_len=ns.output_len, seed=ns.seed, time_limit=ns.time_limit,
-                                warmup=not ns.no_warmup)
-        if make_llm is None:
-            _release(llm, device)
+    # A small difference between modes (the cost of caching with nothing to
+    # share) is below the noise of one run: alternate the modes and take medians.
+    trials: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+    for _ in range(ns.repeats):
+        for mode in modes:
+            llm = (make_llm or _default_make_llm)(**kw, enable_prefix_caching=mode == "on")
+            trials[mode].append(run_prefix(llm, num_prompts=ns.num_prompts, input_len=input_len, prefix_len=prefix_len,
+                                           output_len=ns.output_len, seed=ns.seed, time_limit=ns.time_limit,
+                                           warmup=not ns.no_warmup))
+            if make_llm is None:
+                _release(llm, device)
+    runs = {m: dict(sorted(t, key=lambda r: r["requests_per_s"])[(len(t) - 1) // 2]) for m, t in trials.items()}
+    if ns.repeats > 1:
+        for m, t in trials.items():
+            runs[m]["requests_per_s_all"] = [r["requests_per_s"] for r in t]
     figures: dict[str, Any] = dict(runs)
     if "on" in runs and "off" in runs:
         figures.update(prefix_comparison(runs["on"], runs["off"]))
     config = {"engine": kw, "num_prompts": ns.num_prompts, "input_len": input_len, "prefix_len": prefix_len,
               "shared_fraction": ns.shared_fraction, "output_len": ns.output_len, "modes": modes, "seed": ns.seed,
-              "time_limit_s": ns.time_limit}
+              "repeats": ns.repeats, "time_limit_s": ns.time_limit}
     parts = [f"caching {m}: {r['requests_per_s']:.2f} req/s, hit rate {100 * r['prefix_cache_hit_rate']:.0f}%"
              for m, r in runs.items()]
     if figures.get("speedup") is not None:

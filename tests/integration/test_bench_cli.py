@@ -150,7 +150,8 @@ def test_latency(make_llm, tmp_path):
 def test_prefix_on_and_off(make_llm, tmp_path):
     out = tmp_path / "p.json"
     assert bench.main(["prefix", *ENGINE, "--num-prompts", "2", "--prefix-len", "32", "--shared-fraction", "0.8",
-                       "--output-len", "1", "--no-warmup", "--output", str(out)], make_llm=make_llm) == 0
+                       "--output-len", "1", "--no-warmup", "--repeats", "2", "--output", str(out)],
+                      make_llm=make_llm) == 0
     rec = _record(out, "prefix")
     f = rec["figures"]
     assert rec["config"]["input_len"] == 40 and rec["config"]["prefix_len"] == 32
@@ -159,6 +160,11 @@ def test_prefix_on_and_off(make_llm, tmp_path):
     assert f["on"]["prefix_cache_hit_tokens"] == 2 * 32  # two full blocks of the primed prefix, per prompt
     assert f["off"]["prefix_cache_hit_tokens"] == 0
     assert f["speedup"] > 0
+    # two alternating trials per mode; each mode reports its median trial
+    assert rec["config"]["repeats"] == 2
+    for mode in ("on", "off"):
+        assert len(f[mode]["requests_per_s_all"]) == 2
+        assert min(f[mode]["requests_per_s_all"]) <= f[mode]["requests_per_s"] <= max(f[mode]["requests_per_s_all"])
 
 
 # --- serve, against a minimal streaming server --------------------------------------------------
