@@ -23,6 +23,7 @@ _KINDS: dict[str, tuple[int, str, str | None]] = {
     "not_found": (404, "not_found_error", None),
     "method_not_allowed": (405, "invalid_request_error", None),
     "request_too_large": (413, "invalid_request_error", "request_too_large"),
+    "unsupported_media_type": (415, "invalid_request_error", "unsupported_media_type"),
     "queue_full": (429, "rate_limit_error", "queue_full"),
     "internal": (500, "internal_error", None),
     "unavailable": (503, "service_unavailable", "unavailable"),
@@ -91,6 +92,11 @@ def model_not_found(model: str) -> OpenAIError:
 
 def request_too_large(limit: int) -> OpenAIError:
     return OpenAIError.of("request_too_large", f"Request body is larger than the limit of {limit} bytes.")
+
+
+def unsupported_media_type(media_type: str) -> OpenAIError:
+    return OpenAIError.of("unsupported_media_type",
+                          f"Content-Type {media_type!r} is not supported: send application/json.")
 
 
 def queue_full(retry_after_s: int = 1) -> OpenAIError:

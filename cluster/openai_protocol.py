@@ -88,7 +88,7 @@ class _SamplingFields(_Strict):
             return v
         out = {}
         for k, b in v.items():
-            if not (isinstance(k, str) and k.isdigit()):
+            if not (isinstance(k, str) and k.isascii() and k.isdigit()):
                 raise ValueError(f"keys must be token ids, got {k!r}")
             if isinstance(b, bool) or not isinstance(b, (int, float)) or not -100 <= b <= 100:
                 raise ValueError(f"values must be numbers in [-100, 100], got {b!r}")
@@ -313,6 +313,13 @@ def check_limits(req: _SamplingFields, limits: Any) -> None:
             raise bad_request(f"Stop sequences must be at most {limits.max_stop_length} characters.", "stop")
     if isinstance(req, CompletionRequest) and len(req.prompts()) > MAX_PROMPTS_PER_REQUEST:
         raise bad_request(f"At most {MAX_PROMPTS_PER_REQUEST} prompts are allowed per request.", "prompt")
+    cap = getattr(limits, "max_tokens_limit", None)
+    if cap is not None:
+        # Both spellings are bounded, even the one max_completion_tokens overrides.
+        for name in ("max_tokens", "max_completion_tokens"):
+            v = getattr(req, name, None)
+            if v is not None and v > cap:
+                raise bad_request(f"{name} must be at most {cap}, got {v}.", name)
     if req.min_tokens is not None:
         mt = requested_max_tokens(req)
         if mt is not None and req.min_tokens > mt:
@@ -391,6 +398,11 @@ _SAMPLING_TO_OPENAI = {
 
 def param_from_message(message: str, req: _SamplingFields) -> str | None:
     """Best guess of the OpenAI param a SamplingParams ValueError message names."""
+    # SamplingParams messages start with the field they are about
+    # ("min_tokens must be <= max_tokens=4, ..."): that one first.
+    lead = message.split(" ", 1)[0]
+    if lead in _SAMPLING_TO_OPENAI and lead != "max_tokens":
+        return _SAMPLING_TO_OPENAI[lead]
     if "max_tokens" in message:
         return max_tokens_param(req)
     if "logprobs" in message:
