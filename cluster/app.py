@@ -15,14 +15,23 @@ One HTTP request, in the ingress (:class:`OpenAIServer`):
    (fetched once from a replica), in a worker thread for long inputs; check
    the prompt against ``max_model_len`` (400); compute the prompt's prefix
    block hashes (for prefix-aware routing);
-4. call an ``LLMReplica`` through a streaming ``DeploymentHandle`` with token
-   ids and ``SamplingParams``; wait for the first chunk before answering, so
-   an engine-side rejection (400, 429 queue full) is a real status code;
-5. stream SSE (``data: {...}``, ``data: [DONE]``) or collect one JSON body.
+4. admission (``admission.py``): past the model's waiting limits a 429 with
+   ``Retry-After`` at once, before any replica sees the request; otherwise
+   the request is *accepted*: from here it ends exactly once in the model's
+   ledger (``ledger.py``, ``fleetlm_requests_{accepted,finished}_total``);
+5. call ``LLMReplica`` streams through a ``DeploymentHandle`` with token ids
+   and ``SamplingParams`` (``migration.MigratingJob``: if a replica dies
+   mid-generation, each unfinished sequence continues on another replica
+   from the tokens already sent); wait for the first chunk before
+   answering, so an engine-side rejection (400, 429) is a real status code;
+6. stream SSE (``data: {...}``, ``data: [DONE]``) or collect one JSON body.
 
 When the client goes away, Ray Serve cancels the handler; the ``finally``
 blocks cancel the replica streams, and the replica aborts the engine request
-(its KV blocks return to the pool).
+(its KV blocks return to the pool). ``/openapi.json`` (this deployment's
+OpenAPI document, limits included) and ``/debug/invariants`` (every replica's
+idle invariants, the ledgers) need the API key like every route but
+``/health`` and ``/metrics``.
 
 The HTTP logic lives in :class:`OpenAIServer` over :class:`ModelBackend`
 objects, so it runs (and is unit-tested) without Ray: the deployment class
@@ -45,8 +54,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fleetlm.cluster import errors
+from fleetlm.cluster.admission import Admission, AdmissionLimits, Ticket
 from fleetlm.cluster.errors import OpenAIError
+from fleetlm.cluster.ledger import Ending, Ledger, request_reason
 from fleetlm.cluster.metrics import CONTENT_TYPE_LATEST, ServeMetrics, render
+from fleetlm.cluster.migration import MigratingJob
 from fleetlm.cluster.openai_protocol import (
     ChatCompletionRequest,
     ChoiceState,
@@ -80,6 +92,8 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 # event loop never stalls on a long prompt (~1 ms per few thousand chars).
 TOKENIZE_INLINE_CHARS = 4096
 CONTROL_TIMEOUT_S = 5.0
+# How often the ingress re-counts a model's live replicas (its admission seats).
+REPLICA_COUNT_PERIOD_S = 2.0
 
 
 # --- backends: how the ingress reaches one model's replicas --------------------------
@@ -126,6 +140,11 @@ class ModelBackend:
     async def metrics(self) -> list[list[Any]]:
         return [r for r in await self._broadcast("metrics_families") if isinstance(r, list)]
 
+    async def invariants(self) -> list[dict[str, Any]]:
+        return [r if isinstance(r, dict) else {"replica": "?", "ok": False, "idle": False,
+                                               "violations": [f"no answer: {r!r}"]}
+                for r in await self._broadcast("invariants")]
+
 
 def _map_exception(e: BaseException) -> OpenAIError:
     """An exception from a replica stream (not an in-band error) -> OpenAIError."""
@@ -141,72 +160,6 @@ def _map_exception(e: BaseException) -> OpenAIError:
         return errors.unavailable("No replica of the model is available; retry later.")
     logger.error("replica stream failed: %r", e)
     return errors.internal(f"Generation failed: {type(e).__name__}.")
-
-
-# --- merging the replica streams of one HTTP request ------------------------------------
-
-_EOF = object()
-
-
-class _Job:
-    """The replica streams of one HTTP request (one per prompt), merged into one queue.
-
-    A pump task per stream moves chunks into the queue; ``close()`` cancels
-    the pumps and every unfinished stream (the replica then aborts the engine
-    request). ``abort(err)`` makes the consumer's next ``next()`` raise.
-    """
-
-    def __init__(self, streams: list[Any]) -> None:
-        self._streams = streams
-        self._done = [False] * len(streams)
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._open = len(streams)
-        self._tasks = [asyncio.ensure_future(self._pump(i, s)) for i, s in enumerate(streams)]
-        self.closed = False
-
-    async def _pump(self, i: int, stream: Any) -> None:
-        try:
-            async for chunk in stream:
-                self._queue.put_nowait((i, chunk))
-                if chunk.finished or chunk.error is not None:
-                    break
-            self._done[i] = True
-            self._queue.put_nowait((i, _EOF))
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # noqa: BLE001 - surfaced to the consumer
-            self._done[i] = True
-            self._queue.put_nowait((i, e))
-
-    async def next(self) -> tuple[int, GenerateChunk] | None:
-        """The next (prompt index, chunk), or None when every stream has ended."""
-        while self._open:
-            i, item = await self._queue.get()
-            if item is _EOF:
-                self._open -= 1
-                continue
-            if isinstance(item, BaseException):
-                raise _map_exception(item)
-            return i, item
-        return None
-
-    def abort(self, err: OpenAIError) -> None:
-        self._queue.put_nowait((-1, err))
-        self._open = max(self._open, 1)
-        self.close()
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        for t in self._tasks:
-            t.cancel()
-        for i, s in enumerate(self._streams):
-            if not self._done[i]:
-                try:
-                    s.cancel()
-                except Exception:  # noqa: BLE001 - cancelling is best effort
-                    pass
 
 
 class _SSEResponse(StreamingResponse):
@@ -245,6 +198,7 @@ class _Prepared:
     echo_texts: list[str]  # per prompt ("" unless echo)
     n: int
     want_logprobs: bool
+    ticket: Ticket | None = None  # admission (released when the request ends)
 
 
 # --- the HTTP server ---------------------------------------------------------------
@@ -259,8 +213,11 @@ class OpenAIServer:
         self.replica = replica
         self.draining = False
         self.inflight = 0
-        self._jobs: set[_Job] = set()
+        self._jobs: set[MigratingJob] = set()
         self._metrics: dict[str, ServeMetrics] = {}
+        self._ledgers: dict[str, Ledger] = {}
+        self._admission: dict[str, Admission] = {}
+        self._replica_count_due: dict[str, float] = {}
         self._created = now()
         self._api_key = config.api_key.encode() if config.api_key else None
 
@@ -291,6 +248,41 @@ class OpenAIServer:
     def count_error(self, model: str, err: OpenAIError) -> None:
         self._metrics_for(model).request_error(err.reason)
 
+    def _ledger_for(self, model: str) -> Ledger:
+        led = self._ledgers.get(model)
+        if led is None:
+            led = self._ledgers[model] = Ledger(self._metrics_for(model))
+        return led
+
+    def _admission_for(self, backend: ModelBackend, info: ModelInfo) -> Admission | None:
+        """The model's admission control (None when its limits are off); seats re-counted periodically."""
+        a = self._admission.get(backend.name)
+        if a is None:
+            try:
+                m = self.config.model(backend.name)
+            except KeyError:  # a backend without a config entry (tests): no admission control
+                return None
+            limits = AdmissionLimits(m.max_waiting_requests, m.max_waiting_tokens)
+            if not limits.enabled:
+                return None
+            start = m.num_replicas if m.autoscaling is None else max(1, m.autoscaling.min_replicas)
+            most = m.num_replicas if m.autoscaling is None else m.autoscaling.max_replicas
+            a = self._admission[backend.name] = Admission(limits, info.max_num_seqs, start, most)
+        loop = asyncio.get_running_loop()
+        if loop.time() >= self._replica_count_due.get(backend.name, 0.0):
+            self._replica_count_due[backend.name] = loop.time() + REPLICA_COUNT_PERIOD_S
+            asyncio.ensure_future(self._count_replicas(backend, a))
+        return a
+
+    @staticmethod
+    async def _count_replicas(backend: ModelBackend, a: Admission) -> None:
+        """Seats follow the live replicas (one dead: fewer admitted; none yet: assume one is coming)."""
+        try:
+            healthy = sum(1 for h in await backend.health() if h.healthy)
+        except Exception:  # noqa: BLE001 - keep the last count
+            return
+        a.set_replicas(max(1, healthy))
+
     def check_accepting(self) -> None:
         if self.draining:
             raise errors.draining()
@@ -306,6 +298,11 @@ class OpenAIServer:
             raise errors.unauthorized("Missing API key." if not header else "Invalid API key.")
 
     async def read_json(self, request: Request) -> Any:
+        ctype = request.headers.get("content-type")
+        if ctype is not None:
+            media = ctype.split(";", 1)[0].strip().lower()
+            if media and media != "application/json" and not media.endswith("+json"):
+                raise errors.unsupported_media_type(media)
         limit = self.config.max_request_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None:
@@ -330,6 +327,8 @@ class OpenAIServer:
             raise errors.bad_request(f"The request body is not valid JSON: {e.msg} at position {e.pos}.") from None
         except RecursionError:
             raise errors.bad_request("The request body is nested too deeply.") from None
+        except ValueError as e:  # e.g. an integer literal of thousands of digits
+            raise errors.bad_request(f"The request body is not valid JSON: {e}") from None
         if _SURROGATE_ESCAPE.search(text):
             # A lone "\ud800" escape decodes to a string no encoder accepts: refuse it
             # here rather than fail (500) when tokenizing or echoing it.
@@ -409,7 +408,7 @@ class OpenAIServer:
             max_tokens = resolve_max_tokens(req, len(ids), info.max_model_len, self.config.max_tokens_limit)
             params = params_by_max.get(max_tokens)
             if params is None:
-                params = params_by_max[max_tokens] = self._sampling_params(req, max_tokens)
+                params = params_by_max[max_tokens] = self._sampling_params(req, max_tokens, info.vocab_size)
             gen_reqs.append(GenerateRequest(
                 request_id=f"{api_id}-{i}",
                 prompt_token_ids=ids,
@@ -417,13 +416,22 @@ class OpenAIServer:
                 block_hash_ids=self._block_hash_ids(ids, info) if self.config.router == "prefix_aware" else (),
             ))
         want = (req.logprobs is not None) if kind == "completion" else bool(req.logprobs)
+        n = req.n or 1
+        ticket = None
+        admission = self._admission_for(backend, info)
+        if admission is not None:
+            ticket = admission.admit([len(p) for p in prompts], n, param="prompt" if len(prompts) > 1 else "n")
         return _Prepared(kind, api_id, req, backend.name, backend, gen_reqs, [len(p) for p in prompts],
-                         echo_texts, req.n or 1, want)
+                         echo_texts, n, want, ticket)
 
-    def _sampling_params(self, req: Any, max_tokens: int) -> Any:
+    def _sampling_params(self, req: Any, max_tokens: int, vocab_size: int) -> Any:
         from fleetlm.engine.sampling_params import SamplingParams
 
         kw = sampling_kwargs(req, max_tokens)
+        if kw.get("top_k", 0) >= vocab_size:
+            # Keeping every token is no top-k at all; and a k past int32 must not
+            # reach the sampler's tensors (it killed the engine loop).
+            kw["top_k"] = -1
         try:
             return SamplingParams(**kw)
         except (ValueError, TypeError) as e:
@@ -436,14 +444,26 @@ class OpenAIServer:
         return tuple(block_hash_id(h) for h in hash_prompt_blocks(ids, info.block_size))
 
     # -- running a request ---------------------------------------------------------
-    def _start(self, p: _Prepared) -> _Job:
-        job = _Job([p.backend.generate(r) for r in p.gen_reqs])
+    def _start(self, p: _Prepared) -> MigratingJob:
+        ledger = self._ledger_for(p.model)
+
+        def migrated(seq: Any, reason: str) -> None:
+            ledger.migrated += 1
+
+        job = MigratingJob(p.backend.generate, p.gen_reqs, p.n, _map_exception, on_migrate=migrated,
+                           on_started=p.ticket.started if p.ticket is not None else None)
         self._jobs.add(job)
         return job
 
-    def _finish(self, job: _Job) -> None:
+    def _finish(self, job: MigratingJob) -> None:
         job.close()
         self._jobs.discard(job)
+
+    def _close_stream(self, job: MigratingJob, ending: Ending) -> None:
+        """The SSE response is over: sent in full, or the client left (then it ends as "abort")."""
+        self._finish(job)
+        ending.end("abort")
+        self._exit()
 
     @staticmethod
     def _raise_chunk_error(chunk: GenerateChunk, req: Any) -> None:
@@ -459,9 +479,12 @@ class OpenAIServer:
         raise err
 
     async def handle(self, kind: str, request: Request) -> Response:
+        """One generation request. Once accepted (valid and admitted) it ends exactly once
+        in the model's ledger: complete, an error, or "abort" when the client leaves."""
         model = ""
         self._enter()
         handed_off = False
+        ending: Ending | None = None
         try:
             self.check_accepting()
             self.authenticate(request)
@@ -470,29 +493,42 @@ class OpenAIServer:
                 model = body["model"]
             p = await self.prepare(kind, body)
             model = p.model
+            ending = self._ledger_for(p.model).accept(p.ticket.release if p.ticket is not None else None)
             job = self._start(p)
             try:
                 first = await job.next()
                 if first is not None:
                     self._raise_chunk_error(first[1], p.req)
                 if p.req.stream:
-                    body_iter = self._stream(p, job, first)
-                    resp = _SSEResponse(body_iter, on_close=lambda: (self._finish(job), self._exit()))
+                    body_iter = self._stream(p, job, first, ending)
+                    resp = _SSEResponse(body_iter, on_close=lambda: self._close_stream(job, ending))
                     handed_off = True
                     return resp
-                return JSONResponse(await self._collect(p, job, first))
+                result = await self._collect(p, job, first)
+                ending.end(request_reason(c["finish_reason"] for c in result["choices"]))
+                return JSONResponse(result)
             finally:
                 if not handed_off:
                     self._finish(job)
         except OpenAIError as e:
+            if ending is not None:
+                ending.end(e.reason)
             if not e.counted:
                 self.count_error(model if model in self.backends else "", e)
             return error_response(e)
+        except asyncio.CancelledError:
+            if ending is not None:
+                ending.end("abort")  # the client went away
+            raise
+        except Exception:
+            if ending is not None:
+                ending.end("internal")
+            raise
         finally:
             if not handed_off:
                 self._exit()
 
-    async def _collect(self, p: _Prepared, job: _Job, first: tuple[int, GenerateChunk] | None) -> dict[str, Any]:
+    async def _collect(self, p: _Prepared, job: MigratingJob, first: tuple[int, GenerateChunk] | None) -> dict[str, Any]:
         n = p.n
         states = {i * n + j: ChoiceState(i * n + j) for i in range(len(p.gen_reqs)) for j in range(n)}
         cached = [0] * len(p.gen_reqs)
@@ -519,7 +555,8 @@ class OpenAIServer:
         choices = [chat_choice(s, p.want_logprobs) for s in ordered]
         return chat_response(p.api_id, created, p.model, choices, usage)
 
-    async def _stream(self, p: _Prepared, job: _Job, first: tuple[int, GenerateChunk] | None):
+    async def _stream(self, p: _Prepared, job: MigratingJob, first: tuple[int, GenerateChunk] | None,
+                      ending: Ending):
         n = p.n
         api_id = p.api_id
         created = now()
@@ -530,6 +567,7 @@ class OpenAIServer:
         completion_tokens = 0
         offsets: dict[int, int] = {}
         started: set[int] = set()
+        reasons: dict[int, str | None] = {}
         try:
             if is_chat:
                 for k in range(len(p.gen_reqs) * n):
@@ -562,13 +600,16 @@ class OpenAIServer:
                                   "finish_reason": d.finish_reason}
                     if d.finish_reason is not None:
                         choice["stop_reason"] = d.stop_reason
+                        reasons[k] = d.finish_reason
                     yield _sse(make(api_id, created, p.model, [choice], None, inc))
                 item = await job.next()
+            ending.end(request_reason(reasons.get(k) for k in range(len(p.gen_reqs) * n)))
             if inc:
                 usage = usage_dict(sum(p.prompt_lens), completion_tokens, sum(cached))
                 yield _sse(make(api_id, created, p.model, [], usage, True))
         except OpenAIError as e:
             # The 200 is already sent: end with an error event clients can read.
+            ending.end(e.reason)
             if not e.counted:
                 self.count_error(p.model, e)
             yield errors.sse_error_event(e)
@@ -602,6 +643,45 @@ class OpenAIServer:
         return JSONResponse({"status": "ok" if ok else "unhealthy", "models": report},
                             status_code=200 if ok else 503)
 
+    async def openapi(self, request: Request) -> Response:
+        """The OpenAPI document of this deployment (cluster/openapi.py), limits included."""
+        from fleetlm.cluster.openapi import openapi_document
+
+        try:
+            self.authenticate(request)
+        except OpenAIError as e:
+            return error_response(e)
+        vocab = {info.vocab_size for b in self.backends.values() if (info := b.cached_info()) is not None}
+        return JSONResponse(openapi_document(
+            self.config, vocab_size=vocab.pop() if len(vocab) == 1 and len(self.backends) == 1 else None,
+            extra_paths=DEBUG_PATHS))
+
+    async def debug_invariants(self, request: Request) -> Response:
+        """Per model: every replica's engine invariants, the ingress ledger and admission.
+
+        ``ok`` is true when the whole app is idle and clean: every replica idle
+        with its invariants holding, every ledger balanced (accepted ==
+        finished, nothing in flight).
+        """
+        try:
+            self.authenticate(request)
+        except OpenAIError as e:
+            return error_response(e)
+        results = await asyncio.gather(*(b.invariants() for b in self.backends.values()), return_exceptions=True)
+        models: dict[str, Any] = {}
+        ledgers: dict[str, Any] = {}
+        ok = True
+        for name, r in zip(self.backends, results):
+            reps = [{"replica": "?", "ok": False, "idle": False, "violations": [repr(r)]}] \
+                if isinstance(r, BaseException) else r
+            a = self._admission.get(name)
+            models[name] = {"replicas": reps, "admission": a.snapshot() if a is not None else None}
+            led = self._ledger_for(name).snapshot()
+            ledgers[name] = led
+            ok = ok and bool(reps) and all(x.get("ok") for x in reps) and led["balanced"]
+        return JSONResponse({"ok": ok, "ingress": self.replica, "inflight_http": self.inflight,
+                             "models": models, "ledger": ledgers})
+
     async def metrics(self) -> Response:
         results = await asyncio.gather(*(b.metrics() for b in self.backends.values()), return_exceptions=True)
         groups = [fams for r in results if isinstance(r, list) for fams in r]
@@ -612,6 +692,24 @@ class OpenAIServer:
 def _encode(tokenizer: Any, text: str) -> list[int]:
     # As LLMEngine.tokenize: no special tokens added to raw completion prompts.
     return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+DEBUG_PATHS: dict[str, Any] = {
+    "/debug/invariants": {"get": {
+        "summary": "Idle invariants of every replica's engine, the ingress ledger and admission",
+        "responses": {"200": {"description": "The report; ok is true when idle and clean.",
+                              "content": {"application/json": {"schema": {"type": "object"}}}},
+                      "401": {"description": "Missing or invalid API key.",
+                              "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}},
+    }},
+    "/openapi.json": {"get": {
+        "summary": "This document",
+        "responses": {"200": {"description": "OpenAPI 3.1.",
+                              "content": {"application/json": {"schema": {"type": "object"}}}},
+                      "401": {"description": "Missing or invalid API key.",
+                              "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}},
+    }},
+}
 
 
 def error_response(e: OpenAIError) -> JSONResponse:
@@ -641,6 +739,14 @@ def create_app(server: OpenAIServer) -> FastAPI:
     @app.get("/metrics")
     async def metrics() -> Response:
         return await server.metrics()
+
+    @app.get("/openapi.json")
+    async def openapi(request: Request) -> Response:
+        return await server.openapi(request)
+
+    @app.get("/debug/invariants")
+    async def debug_invariants(request: Request) -> Response:
+        return await server.debug_invariants(request)
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(request: Request, exc: OpenAIError) -> Response:

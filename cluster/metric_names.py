@@ -92,10 +92,14 @@ EXPORTED_METRICS: tuple[MetricSpec, ...] = (
                "Prompt tokens looked up in the prefix cache."),
     MetricSpec("fleetlm_prefix_cache_hit_tokens_total", "counter",
                "Prompt tokens found in the prefix cache (KV reused, not recomputed)."),
+    # The ledger, counted by the ingress: every accepted request (valid and
+    # admitted) ends exactly once, so once idle accepted == sum(finished).
     MetricSpec("fleetlm_requests_accepted_total", "counter",
-               "Requests accepted by the replica's engine."),
+               "HTTP requests the ingress accepted (valid and admitted)."),
     MetricSpec("fleetlm_requests_finished_total", "counter",
-               "Requests that left the replica's engine, for any reason."),
+               "Accepted HTTP requests that ended, by reason: stop or length (complete), "
+               "abort (the client left) or the error code (unavailable, internal, ...).",
+               labels=BASE_LABELS + ("reason",)),
     MetricSpec("fleetlm_request_success_total", "counter",
                "Requests that finished normally, by finish_reason (stop, length).",
                labels=BASE_LABELS + ("finish_reason",)),

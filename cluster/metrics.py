@@ -87,8 +87,15 @@ class ServeMetrics:
 
     # -- recording -----------------------------------------------------------
     def request_accepted(self, num_prompt_tokens: int) -> None:
-        self._child("fleetlm_requests_accepted_total").inc()
+        """The replica's engine admitted a request."""
         self._child("fleetlm_prompt_tokens_total").inc(num_prompt_tokens)
+
+    # The ledger (ingress only): accepted once, finished once with its reason.
+    def ledger_accepted(self) -> None:
+        self._child("fleetlm_requests_accepted_total").inc()
+
+    def ledger_finished(self, reason: str) -> None:
+        self._child("fleetlm_requests_finished_total", reason).inc()
 
     def tokens_generated(self, num_tokens: int, seconds_per_token: float | None) -> None:
         """``num_tokens`` new output tokens; ``seconds_per_token`` after the first token."""
@@ -105,7 +112,6 @@ class ServeMetrics:
 
     def request_finished(self, finish_reason: str | None, e2e_s: float | None) -> None:
         """A request left the engine; "stop"/"length" are successes, anything else an error."""
-        self._child("fleetlm_requests_finished_total").inc()
         if finish_reason in ("stop", "length"):
             self._child("fleetlm_request_success_total", finish_reason).inc()
             if e2e_s is not None:

@@ -28,12 +28,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from fleetlm.cluster.metrics import ServeMetrics
+from fleetlm.cluster.migration import unreleased_text
 from fleetlm.cluster.openai_protocol import TokenLogprob
 from fleetlm.cluster.serve_config import ModelDeploymentConfig
 
@@ -50,6 +53,13 @@ class GenerateRequest:
     params: Any  # fleetlm.engine.sampling_params.SamplingParams
     # Prefix block hash ids of the prompt, for a prefix-aware request router.
     block_hash_ids: tuple[int, ...] = ()
+    # A migrated sequence (cluster/migration.py): the output tokens the client
+    # already has, and the length of the text it already has; continue after them.
+    resume_token_ids: tuple[int, ...] = ()
+    resume_text_len: int = 0
+    # 0 for a new request; k for its k-th re-submission after a replica failed
+    # (admitted once already: no replica-side queue limit applies).
+    attempt: int = 0
 
 
 @dataclass
@@ -67,6 +77,12 @@ class ReplicaError:
     kind: str  # an errors._KINDS name: "invalid_request", "queue_full", "unavailable", "internal"
     message: str
     param: str | None = None
+    # The replica cannot serve anything (its engine died): the ingress moves
+    # the request to another replica instead of failing it.
+    retryable: bool = False
+    # The engine was already dead when the request arrived (it was routed to a
+    # replica about to end itself): the request did not take an engine down.
+    dead_on_arrival: bool = False
 
 
 @dataclass
@@ -85,6 +101,7 @@ class ModelInfo:
     block_size: int
     vocab_size: int
     tokenizer: Any  # the engine's own tokenizer, so the ingress counts tokens the same way
+    max_num_seqs: int = 0  # running-batch seats per replica (ingress admission)
 
 
 @dataclass(frozen=True)
@@ -202,6 +219,9 @@ def _replica_id() -> str:
 
 STREAM_COALESCE_PER_STREAM_S = 0.0005
 STREAM_COALESCE_MAX_S = 0.05
+# A replica whose engine died ends its own process this long after noticing,
+# time enough for its open streams to carry their "retry elsewhere" chunks.
+FAIL_FAST_EXIT_S = 0.5
 
 
 class LLMReplica:
@@ -215,6 +235,10 @@ class LLMReplica:
         max_logprobs: int = 20,
         engine: Any = None,
     ) -> None:
+        # Only a replica that built its own engine may end its process (never a test's).
+        self._owns_engine = engine is None
+        self._exiting = False
+        self._engine_dead = False  # seen dead once: it never comes back
         if engine is None:
             from fleetlm.engine.args import EngineArgs
             from fleetlm.engine.async_engine import AsyncEngine
@@ -227,9 +251,10 @@ class LLMReplica:
         self.replica = _replica_id()
         self.metrics = ServeMetrics(self.name, self.replica, self.engine.stats)
         self.max_num_seqs = self.engine.config.scheduler.max_num_seqs
-        # Requests handed to the engine that have no output yet. A burst of
-        # arrivals sits in the engine's inbox before its scheduler counts them
-        # as waiting; this counter sees them at once.
+        # Requests handed to the engine that have no output yet (waiting, in
+        # the engine's inbox, or running their prefill). A burst of arrivals
+        # sits in the inbox before the scheduler counts them as waiting; this
+        # counter sees them at once.
         self._not_started = 0
         # Streams open on this replica: with many, each chunk's trip through
         # Ray Serve (replica -> ingress -> proxy) costs more than a decode
@@ -242,12 +267,32 @@ class LLMReplica:
         """Requests waiting for a seat in the running batch (what max_queued_requests bounds)."""
         s = self.engine.stats()
         free_seats = max(0, self.max_num_seqs - s.num_running)
-        return max(s.num_waiting, self._not_started - free_seats)
+        # Requests not yet in the running batch: the engine's count (inbox
+        # included), or those without output minus the running ones (some of
+        # which are still in their prefill: counting them again would refuse a
+        # burst that exactly fills seats + queue). Those a free seat takes at
+        # the next step are not queued (the ingress's admission counts the
+        # same way: seats + waiting).
+        waiting = max(s.num_waiting, self._not_started - s.num_running)
+        return max(0, waiting - free_seats)
 
     # -- data plane ------------------------------------------------------------------
     async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateChunk]:
-        """Stream the request's deltas; the last chunk has ``finished=True`` (or ``error``)."""
-        if self.num_queued() >= self.max_queued_requests:
+        """Stream the request's deltas; the last chunk has ``finished=True`` (or ``error``).
+
+        A migrated sequence (``resume_token_ids``) continues after the tokens
+        the client already has: the engine resumes it from them
+        (``prior_output_token_ids``: they count toward max_tokens, min_tokens,
+        penalties and the seeded draws, exactly as if it had produced them),
+        and the first chunk also carries any text of them the client has not
+        received yet (held back as a possible stop string).
+        """
+        if self._engine_dead:
+            # Serve may route here until this replica is gone: send it elsewhere at once.
+            yield GenerateChunk(error=ReplicaError("unavailable", "This replica's engine is dead.",
+                                                   retryable=True, dead_on_arrival=True))
+            return
+        if req.attempt == 0 and self.num_queued() >= self.max_queued_requests:
             self.metrics.request_error("queue_full")
             yield GenerateChunk(error=ReplicaError(
                 "queue_full", f"{self.max_queued_requests} requests are already waiting."))
@@ -259,16 +304,32 @@ class LLMReplica:
         self._not_started += 1
         self._open_streams += 1
         try:
-            async for out in self.engine.generate(req.prompt_token_ids, req.params, req.request_id):
+            pending_text = ""
+            if req.resume_token_ids:
+                pending_text = unreleased_text(self.engine.tokenizer, req.prompt_token_ids, req.params,
+                                               req.resume_token_ids, req.resume_text_len)
+                outputs = self.engine.generate(req.prompt_token_ids, req.params, req.request_id,
+                                               prior_output_token_ids=list(req.resume_token_ids))
+            else:
+                outputs = self.engine.generate(req.prompt_token_ids, req.params, req.request_id)
+            async for out in outputs:
                 now = time.monotonic()
                 if not accepted:
                     accepted = True
                     self._not_started -= 1
                     self.metrics.request_accepted(len(out.prompt_token_ids))
                 chunk, new_tokens = tracker.update(out)
+                if req.resume_token_ids:
+                    # Cached tokens of the original prompt only (usage counts those).
+                    chunk.num_cached_tokens = min(chunk.num_cached_tokens, len(req.prompt_token_ids))
+                    if pending_text and chunk.choices:
+                        chunk.choices[0].text = pending_text + chunk.choices[0].text
+                        pending_text = ""
                 if new_tokens:
                     m = out.metrics
-                    if last_token_time is None:
+                    if req.resume_token_ids:
+                        self.metrics.tokens_generated(new_tokens, None)
+                    elif last_token_time is None:
                         if m is not None and m.first_token_time is not None:
                             self.metrics.first_token(m.first_token_time - m.arrival_time)
                         # The first token has no "time per output token".
@@ -301,7 +362,14 @@ class LLMReplica:
             logger.exception("request %s failed", req.request_id)
             self.metrics.request_error("engine_error")
             finished = True
-            yield GenerateChunk(error=ReplicaError("unavailable", f"The engine failed: {e}"))
+            # The engine is gone for every request: let the ingress move this one.
+            was_dead = self._engine_dead
+            dead = not self.healthy()
+            if dead:
+                self._engine_dead = True
+                self._fail_fast()
+            yield GenerateChunk(error=ReplicaError("unavailable", f"The engine failed: {e}", retryable=dead,
+                                                   dead_on_arrival=dead and was_dead and not accepted))
         finally:
             self._open_streams -= 1
             if not accepted:
@@ -323,7 +391,42 @@ class LLMReplica:
             block_size=self.engine.config.cache.block_size,
             vocab_size=mc.vocab_size,
             tokenizer=self.engine.tokenizer,
+            max_num_seqs=self.max_num_seqs,
         )
+
+    def healthy(self) -> bool:
+        try:
+            self.engine.check_health()
+        except Exception:  # noqa: BLE001
+            return False
+        return True
+
+    def _fail_fast(self) -> None:
+        """The engine died (a worker actor or device is gone) and cannot come back.
+
+        End this replica's process now rather than at Serve's next health
+        check: until then Serve (and a prefix-aware router, which prefers the
+        replica holding the prompt's blocks) would keep sending it requests
+        that fail at once, re-submissions of migrated streams included. Serve
+        sees the actor die, routes elsewhere, and starts a replacement; the
+        worker actors this process owns die with it, so the TP x PP group is
+        rebuilt as a whole.
+        """
+        if self._exiting or not self._owns_engine:
+            return
+        self._exiting = True
+        logger.error("replica %s: engine dead, exiting in %.1f s so Serve replaces it", self.replica,
+                     FAIL_FAST_EXIT_S)
+        # A timer thread: works whether Serve calls us on the event loop or off it.
+        timer = threading.Timer(FAIL_FAST_EXIT_S, os._exit, args=(1,))
+        timer.daemon = True
+        timer.start()
+
+    def invariants(self) -> dict[str, Any]:
+        """The engine's idle invariants (cluster/invariants.py), for ``/debug/invariants``."""
+        from fleetlm.cluster.invariants import engine_invariants
+
+        return {"replica": self.replica, "healthy": self.healthy(), **engine_invariants(self.engine).to_dict()}
 
     def health(self) -> ReplicaHealth:
         try:
@@ -334,7 +437,12 @@ class LLMReplica:
 
     def check_health(self) -> None:
         """Ray Serve's periodic health check: raising marks the replica unhealthy (restarted)."""
-        self.engine.check_health()
+        try:
+            self.engine.check_health()
+        except Exception:
+            self._engine_dead = True
+            self._fail_fast()
+            raise
 
     def metrics_families(self) -> list[Any]:
         return self.metrics.collect()

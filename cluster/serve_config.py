@@ -155,6 +155,11 @@ class ModelDeploymentConfig:
     load_format: str = "auto"
     num_replicas: int | None = None
     autoscaling: AutoscalingConfig | None = None
+    # Admission at the ingress (cluster/admission.py): sequences allowed to wait
+    # for a seat beyond the replicas' running batches, and prompt tokens allowed
+    # to wait for their prefill; past either, 429. None: that bound is off.
+    max_waiting_requests: int | None = 256
+    max_waiting_tokens: int | None = None
 
     def __post_init__(self) -> None:
         _str(self.model, "model")
@@ -172,6 +177,8 @@ class ModelDeploymentConfig:
             self.gpu_memory_utilization, f"{w}: gpu_memory_utilization",
             low=0.0, high=1.0, low_inclusive=False))
         _bool(self.enable_prefix_caching, f"{w}: enable_prefix_caching")
+        _opt_int(self.max_waiting_requests, f"{w}: max_waiting_requests", 0)
+        _opt_int(self.max_waiting_tokens, f"{w}: max_waiting_tokens", 1)
         _choice(self.load_format, f"{w}: load_format", LOAD_FORMATS)
         if self.autoscaling is not None:
             if not isinstance(self.autoscaling, AutoscalingConfig):
@@ -190,7 +197,7 @@ class ModelDeploymentConfig:
     def engine_kwargs(self) -> dict[str, Any]:
         """The engine's settings (EngineArgs / LLM keyword names, as in
         DESIGN.md); None values are left out so the engine's defaults apply."""
-        replica_keys = ("name", "num_replicas", "autoscaling")
+        replica_keys = ("name", "num_replicas", "autoscaling", "max_waiting_requests", "max_waiting_tokens")
         return {k: v for k, v in dataclasses.asdict(self).items()
                 if k not in replica_keys and v is not None}
 

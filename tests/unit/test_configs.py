@@ -552,7 +552,8 @@ def test_allow_list_is_the_dataclass_fields():
     assert sc.allowed_keys(ModelDeploymentConfig) == {
         "name", "model", "device", "dtype", "tensor_parallel_size", "pipeline_parallel_size",
         "max_model_len", "max_num_seqs", "max_num_batched_tokens", "cpu_kv_cache_bytes", "gpu_memory_utilization",
-        "enable_prefix_caching", "load_format", "num_replicas", "autoscaling"}
+        "enable_prefix_caching", "load_format", "num_replicas", "autoscaling", "max_waiting_requests",
+        "max_waiting_tokens"}
     assert sc.allowed_keys(AutoscalingConfig) == {
         "min_replicas", "max_replicas", "target_ongoing_requests", "upscale_delay_s",
         "downscale_delay_s"}

@@ -11,7 +11,8 @@ import httpx
 import pytest
 
 from fleetlm.cluster import errors
-from fleetlm.cluster.app import OpenAIServer, _Job, create_app
+from fleetlm.cluster.app import OpenAIServer, _map_exception, create_app
+from fleetlm.cluster.migration import MigratingJob
 from fleetlm.cluster.errors import OpenAIError
 from fleetlm.cluster.openai_protocol import (
     ChatCompletionRequest,
@@ -527,7 +528,9 @@ def test_job_merges_streams_and_close_cancels_unfinished():
     async def go():
         a = FakeStream([GenerateChunk(finished=True)])
         b = FakeStream([GenerateChunk(), GenerateChunk(finished=True)], delay=10)
-        job = _Job([a, b])
+        streams = iter([a, b])
+        reqs = [SimpleNamespace(request_id=f"r-{i}", params=SamplingParams()) for i in range(2)]
+        job = MigratingJob(lambda req: next(streams), reqs, 1, _map_exception)
         i, chunk = await job.next()
         assert (i, chunk.finished) == (0, True)
         job.close()
@@ -606,7 +609,8 @@ def test_replica_streams_deltas_and_counts_metrics():
 
 
 def test_replica_queue_full_and_invalid_request_are_in_band_errors():
-    rep = _replica(FakeEngine(num_waiting=1), max_queued=1)
+    # 2 free seats take 2 of the 3 waiting at the next step: 1 is queued, the limit.
+    rep = _replica(FakeEngine(num_waiting=3), max_queued=1)
     (chunk,) = _run(_drain_gen(rep.generate(_greq())))
     assert chunk.error.kind == "queue_full"
     rep = _replica(FakeEngine(fail=ValueError("stop_token_ids must be < 100")))
@@ -622,6 +626,10 @@ def test_replica_counts_a_burst_before_the_engine_sees_it():
     rep._not_started = 2  # two just handed over, both fit in the 2 free seats
     assert rep.num_queued() == 0
     rep._not_started = 3
+    assert rep.num_queued() == 1
+    # Running requests still in their prefill have no output yet: not queued twice.
+    rep = _replica(FakeEngine(num_running=2, num_waiting=1), max_queued=1)
+    rep._not_started = 3  # 2 prefilling in the batch + 1 waiting
     assert rep.num_queued() == 1
 
 
