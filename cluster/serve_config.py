@@ -150,6 +150,7 @@ class ModelDeploymentConfig:
     max_num_seqs: int | None = None           # None: the engine's default
     max_num_batched_tokens: int | None = None  # None: the engine's default
     cpu_kv_cache_bytes: int | None = None  # KV budget on CPU; None: the engine's default
+    num_kv_blocks: int | None = None  # a fixed KV pool size (blocks per replica), instead of sizing from memory
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     load_format: str = "auto"
@@ -173,6 +174,7 @@ class ModelDeploymentConfig:
         _opt_int(self.max_num_seqs, f"{w}: max_num_seqs", 1)
         _opt_int(self.max_num_batched_tokens, f"{w}: max_num_batched_tokens", 1)
         _opt_int(self.cpu_kv_cache_bytes, f"{w}: cpu_kv_cache_bytes", 1)
+        _opt_int(self.num_kv_blocks, f"{w}: num_kv_blocks", 1)
         _set(self, "gpu_memory_utilization", _float(
             self.gpu_memory_utilization, f"{w}: gpu_memory_utilization",
             low=0.0, high=1.0, low_inclusive=False))

@@ -540,6 +540,9 @@ def test_configs_are_frozen_and_lookup():
 def test_direct_construction_is_validated_too():
     with pytest.raises(ValueError, match="tensor_parallel_size must be >= 1"):
         ModelDeploymentConfig(tensor_parallel_size=0)
+    with pytest.raises(ValueError, match="num_kv_blocks must be >= 1"):
+        ModelDeploymentConfig(num_kv_blocks=0)
+    assert ModelDeploymentConfig(num_kv_blocks=64).engine_kwargs()["num_kv_blocks"] == 64
     with pytest.raises(ValueError, match=r"models\[0\] must be a ModelDeploymentConfig"):
         ServeAppConfig(models=({"model": "x"},))
     assert ServeAppConfig(models=[ModelDeploymentConfig()]).models == (ModelDeploymentConfig(),)
@@ -551,8 +554,8 @@ def test_allow_list_is_the_dataclass_fields():
         "max_logprobs", "max_stop_sequences", "max_stop_length", "max_tokens_limit", "router"}
     assert sc.allowed_keys(ModelDeploymentConfig) == {
         "name", "model", "device", "dtype", "tensor_parallel_size", "pipeline_parallel_size",
-        "max_model_len", "max_num_seqs", "max_num_batched_tokens", "cpu_kv_cache_bytes", "gpu_memory_utilization",
-        "enable_prefix_caching", "load_format", "num_replicas", "autoscaling", "max_waiting_requests",
+        "max_model_len", "max_num_seqs", "max_num_batched_tokens", "cpu_kv_cache_bytes", "num_kv_blocks",
+        "gpu_memory_utilization", "enable_prefix_caching", "load_format", "num_replicas", "autoscaling", "max_waiting_requests",
         "max_waiting_tokens"}
     assert sc.allowed_keys(AutoscalingConfig) == {
         "min_replicas", "max_replicas", "target_ongoing_requests", "upscale_delay_s",
