@@ -8,9 +8,10 @@ has produced a few tokens something dies:
   process is gone, as when a GPU process dies);
 - PP=2 replicas (two worker actors each): one worker actor (SIGKILL of its process).
   The replica's engine fails its requests at once and the replica ends its own process
-  (Serve's health check would too, later): Serve tears the replica down (its other worker with it) and builds a new one.
- Every
-client must still receive the complete output, token for token the reference's (the
+  (Serve's health check would too, later): Serve tears the replica down (its other
+  worker with it) and builds a new one.
+
+Every client must still receive the complete output, token for token the reference's (the
 per-token strings of ``logprobs``, the text, 32 tokens, ``finish_reason: length``),
 with no error event. Afterwards the ledger balances (accepted == finished over all
 reasons), Serve has replaced the dead replica (two RUNNING, no replica or worker actor
