@@ -254,3 +254,28 @@ def test_every_route_but_health_and_metrics_needs_the_key():
             r = await c.request(method, path, headers=AUTH, json=ok)
             assert r.status_code == 200, (method, path, r.text)
     run(go())
+
+
+def test_http_path_never_deserializes_untrusted_bytes_unsafely():
+    """The modules that touch request bytes parse JSON only: no pickle, marshal, eval or unsafe YAML."""
+    import ast
+    import inspect
+
+    from fleetlm.cluster import admission, app, errors, ledger, migration, openai_protocol, openapi
+
+    banned_modules = {"pickle", "cPickle", "dill", "cloudpickle", "marshal", "shelve", "jsonpickle"}
+    banned_calls = {"eval", "exec", "__import__"}
+    for mod in (app, openai_protocol, errors, openapi, admission, ledger, migration):
+        tree = ast.parse(inspect.getsource(mod))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = {a.name.split(".")[0] for a in node.names} | {(getattr(node, "module", "") or "").split(".")[0]}
+                assert not names & banned_modules, (mod.__name__, names)
+            if isinstance(node, ast.Call):
+                fn = node.func
+                name = fn.id if isinstance(fn, ast.Name) else fn.attr if isinstance(fn, ast.Attribute) else ""
+                assert name not in banned_calls, (mod.__name__, ast.unparse(node)[:80])
+                if name == "compile" and isinstance(fn, ast.Name):  # the builtin (re.compile is fine)
+                    raise AssertionError(f"{mod.__name__}: {ast.unparse(node)[:80]}")
+                if name == "load" and isinstance(fn, ast.Attribute) and ast.unparse(fn.value) == "yaml":
+                    raise AssertionError(f"{mod.__name__}: yaml.load (use safe_load)")
