@@ -77,7 +77,7 @@ def app_args(ns: argparse.Namespace) -> dict[str, Any]:
     if ns.cpu_smoke:
         model = {"model": "smollm2-135m-instruct", "device": "cpu", "max_model_len": 256, "max_num_seqs": 16}
     else:
-        model = {"model": ns.model, "load_format": "dummy", "dtype": "bfloat16", "device": "cuda",
+        model = {"model": ns.model, "load_format": "dummy", "dtype": ns.dtype, "device": "cuda",
                  "max_model_len": ns.max_model_len, "max_num_seqs": max(16, ns.streams)}
     return {"models": [{**model, "num_replicas": 2}], "api_key": KEY, "max_logprobs": 1}
 
@@ -194,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu-smoke", action="store_true", help="embedded smollm2-135m-instruct on CPU")
     p.add_argument("--model", default="llama-3.1-8b", help="configs/models/<name> (dummy weights)")
     p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+                   help="float32 makes greedy tokens independent of batch composition (bf16 near-ties flip)")
     p.add_argument("--streams", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=None, help="default 256 (GPU) / 32 (CPU smoke)")
     p.add_argument("--kill-after-tokens", type=int, default=None, help="default 16 (GPU) / 4 (CPU smoke)")

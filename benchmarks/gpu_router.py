@@ -52,13 +52,18 @@ def free_port() -> int:
 
 
 def metric_totals(url: str) -> dict[str, float]:
+    """Sum over replicas of each counter in METRICS, plus finished requests per replica ("per_replica")."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    totals = dict.fromkeys(METRICS, 0.0)
+    totals: dict = dict.fromkeys(METRICS, 0.0)
+    totals["per_replica"] = {}
     for fam in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=30).text):
         for s in fam.samples:
-            if s.name in totals:
+            if s.name in METRICS:
                 totals[s.name] += s.value
+            elif s.name == "fleetlm_request_success_total":
+                rep = s.labels.get("replica", "?")
+                totals["per_replica"][rep] = totals["per_replica"].get(rep, 0.0) + s.value
     return totals
 
 
@@ -181,6 +186,9 @@ def measure(url: str, ns, router: str, jobs) -> dict:
         "prefix_cache_queried_tokens": queried,
         "prefix_cache_hit_tokens": hits,
         "prefix_cache_hit_rate": hits / queried if queried else 0.0,
+        # balance: requests each replica finished during the run
+        "requests_per_replica": sorted(after["per_replica"].get(r, 0.0) - before["per_replica"].get(r, 0.0)
+                                       for r in after["per_replica"]),
     }
 
 
@@ -215,7 +223,9 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--num-kv-blocks", type=int, default=None,
-                   help="per replica (default: room for about 55%% of all tenants' prefixes)")
+                   help="per replica (default: room for --kv-fraction of all tenants' prefixes)")
+    p.add_argument("--kv-fraction", type=float, default=0.55,
+                   help="each replica's KV holds this fraction of all tenants' prefixes (plus the running requests)")
     p.add_argument("--max-model-len", type=int, default=8192)
     p.add_argument("--vocab-size", type=int, default=128000)
     p.add_argument("--routers", default="prefix_aware,default")
@@ -230,7 +240,7 @@ def main(argv=None) -> int:
         block = 16
         prefix_blocks = ns.tenants * -(-ns.prefix_len // block)
         running = ns.concurrency * -(-(ns.question_len + ns.max_tokens + block) // block)
-        ns.num_kv_blocks = int(0.55 * prefix_blocks) + running
+        ns.num_kv_blocks = int(ns.kv_fraction * prefix_blocks) + running
     ns.served_model = "bench-model"
 
     import ray
