@@ -183,24 +183,8 @@ class DeltaTracker:
 
 
 def engine_args_kwargs(model: ModelDeploymentConfig, max_n: int, max_logprobs: int) -> dict[str, Any]:
-    """``EngineArgs`` keyword arguments of one served model."""
-    return {
-        "model": model.model,
-        "served_model_name": model.name,
-        "tensor_parallel_size": model.tensor_parallel_size,
-        "pipeline_parallel_size": model.pipeline_parallel_size,
-        "device": model.device,
-        "dtype": model.dtype,
-        "gpu_memory_utilization": model.gpu_memory_utilization,
-        "max_num_batched_tokens": model.max_num_batched_tokens,
-        "max_num_seqs": model.max_num_seqs,
-        "max_model_len": model.max_model_len,
-        "enable_prefix_caching": model.enable_prefix_caching,
-        "load_format": model.load_format,
-        "max_n": max_n,
-        "max_logprobs": max_logprobs,
-        **({} if model.cpu_kv_cache_bytes is None else {"cpu_kv_cache_bytes": model.cpu_kv_cache_bytes}),
-    }
+    """``EngineArgs`` keyword arguments of one served model: every engine setting of its config."""
+    return {**model.engine_kwargs(), "served_model_name": model.name, "max_n": max_n, "max_logprobs": max_logprobs}
 
 
 def _replica_id() -> str:

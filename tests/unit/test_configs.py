@@ -882,3 +882,22 @@ def test_prometheus_scrape_config():
     assert fleetlm["metrics_path"] == "/metrics"
     (static,) = fleetlm["static_configs"]
     assert [t.rsplit(":", 1)[1] for t in static["targets"]] == [str(SERVE_PORT)]
+
+
+def test_every_engine_setting_of_a_model_reaches_the_engine_args():
+    # The replica builds its engine from these; a setting dropped on the way
+    # (num_kv_blocks once was) silently runs the engine with its default.
+    from fleetlm.cluster.replica import engine_args_kwargs
+    from fleetlm.engine.args import EngineArgs
+
+    m = ModelDeploymentConfig(name="m", model="tiny", device="cpu", max_model_len=512, max_num_seqs=3,
+                              max_num_batched_tokens=256, cpu_kv_cache_bytes=1 << 20, num_kv_blocks=7,
+                              enable_prefix_caching=False, load_format="dummy", tensor_parallel_size=2)
+    kw = engine_args_kwargs(m, max_n=4, max_logprobs=5)
+    args = EngineArgs.from_kwargs(**kw)
+    assert (args.num_kv_blocks, args.max_num_seqs, args.max_num_batched_tokens, args.max_model_len) == (7, 3, 256, 512)
+    assert (args.cpu_kv_cache_bytes, args.enable_prefix_caching, args.load_format) == (1 << 20, False, "dummy")
+    assert (args.tensor_parallel_size, args.served_model_name, args.max_n, args.max_logprobs) == (2, "m", 4, 5)
+    replica_only = {"name", "num_replicas", "autoscaling", "max_waiting_requests", "max_waiting_tokens"}
+    engine_fields = {f for f in sc.allowed_keys(ModelDeploymentConfig) if f not in replica_only}
+    assert engine_fields <= set(kw) | {f for f in engine_fields if getattr(m, f) is None}
