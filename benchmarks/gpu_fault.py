@@ -24,10 +24,16 @@ Writes ``gpu-fault-<date>.json`` (card, date, commit, settings, figures) into
 ``--out`` and prints a short table. Every wait is bounded; ``--budget-s`` bounds the
 whole run (default 300 s). Exit status 0 only if every check passed.
 
-With random (dummy) weights the per-token strings of a byte-level tokenizer say
-less than token ids would; the text, the token count and the strings are compared,
-and bfloat16 kernels may pick other tiles for other batch sizes: a mismatch is
-reported with the first position where the streams differ.
+Comparability: with random (dummy) weights in bfloat16 the logits are nearly flat, so
+two *undisturbed* runs already differ wherever a batch of another size or a prefix-cache
+hit changes the kernels' arithmetic (a first H100 run differed at token 1 of some
+streams, before any kill). So the undisturbed run is done twice (after a warm-up of the
+same prompts, so every run sees the same cache hits): if those two agree, the disturbed
+run must equal them token for token; if they already differ, equality cannot be judged
+at that dtype, the record says so (``outputs_comparable: false``, the noise floor) and
+only completeness is required. ``--dtype float32`` (the 8B model fits one 80 GB card)
+makes the runs comparable. The text, the token count and the per-token strings are
+compared; a mismatch is reported with the first position where the streams differ.
 """
 
 from __future__ import annotations
@@ -111,12 +117,19 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
     num_cpus = 4 if ns.cpu_smoke else max(4, os.cpu_count() or 4)
     with drill.local_app(args, num_cpus=num_cpus, startup_timeout_s=left(240)) as base:
         record["startup_s"] = round(time.monotonic() - t_begin, 1)
-        # Warm-up (first-request costs, e.g. CUDA graphs, are not part of the comparison).
-        asyncio.run(drill.run_streams(base, reqs[:2], AUTH, timeout_s=left(120)))
+        # Warm-up with the same prompts: first-request costs (CUDA graphs) and the prompts'
+        # prefix-cache entries, so every later run takes the same kernel paths.
+        asyncio.run(drill.run_streams(base, reqs, AUTH, timeout_s=left(120)))
         t0 = time.monotonic()
         reference = asyncio.run(drill.run_streams(base, reqs, AUTH, timeout_s=left(180)))
         record["reference_s"] = round(time.monotonic() - t0, 2)
-        ref_ok = all(r.done and not r.errors and len(r.tokens) == ns.max_tokens for r in reference)
+        again = asyncio.run(drill.run_streams(base, reqs, AUTH, timeout_s=left(180)))
+        floor = [i for i, (a, b) in enumerate(zip(reference, again)) if a.tokens != b.tokens or a.text != b.text]
+        comparable = not floor
+        record["undisturbed_runs_differ"] = {"streams": len(floor), "first_difference": {
+            i: first_difference(reference[i].tokens, again[i].tokens) for i in floor}}
+        record["outputs_comparable"] = comparable
+        ref_ok = all(r.done and not r.errors and len(r.tokens) == ns.max_tokens for r in reference + again)
         record["checks"]["reference_complete"] = ref_ok
         migrated_before = drill.debug_invariants(base, AUTH)["ledger"][model]["migrated"]
         workers_before = drill.worker_actor_pids()
@@ -174,7 +187,9 @@ def run(ns: argparse.Namespace) -> dict[str, Any]:
         })
         record["checks"].update({
             "killed_mid_generation": "tokens_before" in kill and max(kill["tokens_before"]) < ns.max_tokens,
-            "outputs_identical_and_complete": not mismatches,
+            # Equality only where two undisturbed runs agree (see the docstring).
+            "outputs_identical_and_complete": not mismatches if comparable
+            else not [m for m in mismatches if not m["complete"]],
             "some_stream_migrated": migrated >= 1,
             "ledger_balanced": bool(ledger.get("balanced")) and metrics["balanced"],
             "invariants_hold": bool(inv.get("ok")),
@@ -234,7 +249,10 @@ def main(argv: list[str] | None = None) -> int:
             ("resume gap, all streams p50 / max (s)",
              f"{record.get('resume_gap_all_streams_s', {}).get('p50')} / "
              f"{record.get('resume_gap_all_streams_s', {}).get('max')}"),
-            ("outputs identical", record.get("checks", {}).get("outputs_identical_and_complete")),
+            ("outputs identical", record.get("checks", {}).get("outputs_identical_and_complete")
+             if record.get("outputs_comparable", True) else
+             f"not comparable: 2 undisturbed runs differ in {record['undisturbed_runs_differ']['streams']} "
+             f"streams; {len(record.get('mismatches', []))} differ from the reference"),
             ("ledger balanced", record.get("checks", {}).get("ledger_balanced")),
             ("invariants hold", record.get("checks", {}).get("invariants_hold")),
             ("replaced + idle after (s)", record.get("replaced_and_idle_after_s")),
