@@ -30,6 +30,9 @@ class EngineArgs:
     cpu_kv_cache_bytes: int = 2 << 30
     long_prefill_token_threshold: int = 0
     enforce_eager: bool = False
+    # None: on for a single in-process CUDA worker, off otherwise; True forces
+    # it (also on CPU, for tests); TP/PP > 1 (Ray workers) always run synchronously.
+    async_scheduling: bool | None = None
     max_n: int = 64
     max_logprobs: int = 20
 
@@ -89,6 +92,16 @@ class EngineArgs:
         )
         parallel = ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size, device)
         validate_parallel(model, parallel)
+        if self.async_scheduling not in (None, True, False):
+            raise ValueError(f"async_scheduling must be None, true or false, got {self.async_scheduling!r}")
+        if self.async_scheduling and parallel.world_size > 1:
+            raise ValueError(
+                "async_scheduling needs a single in-process worker (tensor_parallel_size = "
+                "pipeline_parallel_size = 1); Ray worker groups run synchronously"
+            )
+        async_scheduling = device == "cuda" and parallel.world_size == 1
+        if self.async_scheduling is not None:
+            async_scheduling = self.async_scheduling
         gpu = device == "cuda"
         max_tokens = self.max_num_batched_tokens or (8192 if gpu else 2048)
         sched = SchedulerConfig(
@@ -110,6 +123,7 @@ class EngineArgs:
             parallel=parallel,
             scheduler=sched,
             use_cuda_graphs=gpu and not self.enforce_eager,
+            async_scheduling=async_scheduling,
             max_n=self.max_n,
             max_logprobs=self.max_logprobs,
         )

@@ -97,5 +97,7 @@ class EngineConfig:
     parallel: ParallelConfig
     scheduler: SchedulerConfig
     use_cuda_graphs: bool = True
+    # Schedule and launch step N+1 while step N runs (one in-process worker only).
+    async_scheduling: bool = False
     max_n: int = 64
     max_logprobs: int = 20

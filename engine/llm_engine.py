@@ -1,10 +1,17 @@
 """The synchronous engine: admit requests, run steps, turn tokens into outputs.
 
 One ``step()``: the scheduler picks the work, the worker group runs it, the
-scheduler advances progress (and ends requests on EOS / stop tokens /
+scheduler takes in the sampled tokens (and ends requests on EOS / stop tokens /
 length), and the output processor detokenizes, applies stop strings and
 builds ``RequestOutput`` objects. ``n > 1`` fans a request out into ``n``
 child requests that share the prompt's blocks through the prefix cache.
+
+Asynchronous scheduling (one in-process device worker): while step N runs on
+the device, ``step()`` schedules and launches step N+1, whose decodes read
+N's sampled tokens on the device (placeholders on the host); then it waits
+for N and processes its outputs, so the host's work hides behind the device's.
+It falls back to a synchronous step when N+1 would need N's tokens on the host
+(see ``Scheduler.schedule(ahead=True)``).
 """
 
 from __future__ import annotations
@@ -114,11 +121,14 @@ class LLMEngine:
         self.groups: dict[str, _Group] = {}
         self._child_to_group: dict[str, tuple[_Group, _Child]] = {}
         self.num_steps = 0
+        self.num_steps_ahead = 0  # steps launched while the one before was still in flight
         self.last_step_time = time.monotonic()
         # Pipeline parallelism: keep one micro-batch in flight per stage, so
         # that while stage k runs micro-batch m, stage k-1 already runs m+1.
         # More would only queue at the first stage; fewer leaves stages idle.
         self.pipeline_depth = config.parallel.pipeline_parallel_size if hasattr(self.workers, "submit") else 1
+        self.async_scheduling = bool(config.async_scheduling) and hasattr(self.workers, "launch")
+        # (SchedulerOutput, pending result) of the steps sent and not yet processed, oldest first.
         self._in_flight: deque = deque()
         # Finished ids of steps that were empty (never sent): told to the workers with the next step.
         self._unsent_finished: list[str] = []
@@ -205,23 +215,57 @@ class LLMEngine:
             self._child_to_group.pop(child.req.request_id, None)
             if child.finish_reason is None:
                 child.finish_reason = "abort"
+        self._drain_if_idle()
         return group.output()
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.groups)
+        # Steps in flight without requests are drained as soon as the last request ends.
+        return bool(self.groups) or bool(self._in_flight)
 
     # -- the step ------------------------------------------------------------
     def step(self, emit_unfinished: bool = True) -> list[RequestOutput]:
         """Run one step; return outputs of the requests it advanced (only finished ones if not emit_unfinished)."""
         if self.pipeline_depth > 1:
             return self._pipelined_step(emit_unfinished)
+        if self.async_scheduling:
+            return self._async_step(emit_unfinished)
         out = self._schedule()
         if out is None:
             return []
         return self._process_step(out, self.workers.execute(out), emit_unfinished)
 
-    def _schedule(self, exclude=frozenset()):
-        out = self.scheduler.schedule(exclude)
+    def _async_step(self, emit_unfinished: bool) -> list[RequestOutput]:
+        """Launch the step after the one in flight, then wait for and process the one in flight.
+
+        Between calls at most one step is in flight. When the next step cannot
+        be scheduled ahead (nothing to do, or it needs the tokens in flight on
+        the host) this call is synchronous: the next one schedules from the
+        processed state.
+        """
+        if not self._in_flight:
+            out = self._schedule()
+            if out is None:
+                return []
+            self._in_flight.append((out, self.workers.launch(out)))
+        ahead = self._schedule(ahead=True)
+        if ahead is not None:
+            self._in_flight.append((ahead, self.workers.launch(ahead)))
+            self.num_steps_ahead += 1
+        out, pending = self._in_flight.popleft()
+        outputs = self._process_step(out, pending.result(), emit_unfinished)
+        self._drain_if_idle()
+        return outputs
+
+    def _drain_if_idle(self) -> None:
+        """With no request left, the steps still in flight only compute for requests
+        that ended: wait for them, so that an idle engine has nothing in flight."""
+        while self._in_flight and not self.groups:
+            out, pending = self._in_flight.popleft()
+            result = self.workers.collect(pending) if self.pipeline_depth > 1 else pending.result()
+            self._process_step(out, result, emit_unfinished=False)
+
+    def _schedule(self, exclude=frozenset(), ahead: bool = False):
+        out = self.scheduler.schedule(exclude, ahead)
         if out.is_empty:
             self._unsent_finished += out.finished_request_ids
             return None
@@ -241,7 +285,9 @@ class LLMEngine:
         if not self._in_flight:
             return []
         out, pending = self._in_flight.popleft()
-        return self._process_step(out, self.workers.collect(pending), emit_unfinished)
+        outputs = self._process_step(out, self.workers.collect(pending), emit_unfinished)
+        self._drain_if_idle()
+        return outputs
 
     def _process_step(self, out, result, emit_unfinished: bool) -> list[RequestOutput]:
         self.num_steps += 1
@@ -308,7 +354,8 @@ class LLMEngine:
         """What must hold once no request is in flight (asserted by tests after faults).
 
         Every block is free or cached-unreferenced (none referenced), nothing
-        runs or waits, and the block manager's structural invariants hold.
+        runs or waits, no step is in flight, and the block manager's
+        structural invariants hold.
         """
         bm = self.scheduler.blocks
         bm.check_invariants()
@@ -322,12 +369,14 @@ class LLMEngine:
             "running": len(self.scheduler.running),
             "waiting": len(self.scheduler.waiting),
             "open_requests": len(self.groups),
+            "steps_in_flight": len(self._in_flight),
         }
         report["ok"] = (
             report["referenced_blocks"] == 0
             and report["running"] == 0
             and report["waiting"] == 0
             and report["open_requests"] == 0
+            and report["steps_in_flight"] == 0
         )
         return report
 

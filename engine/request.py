@@ -2,8 +2,12 @@
 
 Prefill and decode are one thing here: the request has ``num_tokens`` (prompt
 plus generated) and ``num_computed_tokens`` (those whose K/V sit in the cache);
-each step closes part of the gap. Generated tokens are appended by the engine
-after the step that sampled them.
+each step closes part of the gap. The scheduler advances ``num_computed_tokens``
+when it schedules a step. A step that samples leaves a *pending* token: it
+counts in ``num_tokens`` (so the next step may already compute it, its value
+taken on the device from the step before: asynchronous scheduling), but it is
+not in ``token_ids`` until the step's result is back and ``append_token``
+makes it real. Block hashes, stop checks and outputs only ever see real tokens.
 """
 
 from __future__ import annotations
@@ -14,6 +18,12 @@ from dataclasses import dataclass
 
 from fleetlm.engine.block_hash import hash_prompt_blocks
 from fleetlm.engine.sampling_params import SamplingParams
+
+
+def needs_output_history(params: SamplingParams) -> bool:
+    """Sampling reads the values of earlier output tokens on the host (penalties),
+    so a step cannot sample this request before the previous step's token is back."""
+    return params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
 
 
 class RequestStatus(enum.Enum):
@@ -74,6 +84,7 @@ class Request:
         self.num_prior_output_tokens = len(prior_output_token_ids or ())
         self.token_ids = list(prompt_token_ids) + list(prior_output_token_ids or ())
         self.num_computed_tokens = 0
+        self.num_pending_tokens = 0  # sampled by steps whose results are not back yet
         self.num_cached_tokens = -1  # prefix-cache hit at first admission (-1 = not yet)
         self.num_preemptions = 0
         self.status = RequestStatus.WAITING
@@ -83,7 +94,8 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        """Real plus pending tokens: the tokens a step may schedule."""
+        return len(self.token_ids) + self.num_pending_tokens
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -95,13 +107,25 @@ class Request:
 
     @property
     def num_output_tokens(self) -> int:
+        """Real output tokens (pending ones excluded)."""
         return len(self.token_ids) - len(self.prompt_token_ids)
+
+    def finishes_on_length_with_pending(self, max_model_len: int) -> bool:
+        """True when a pending token will end the request on length (max_tokens or
+        max_model_len), whatever its value: computing it would be wasted work."""
+        if not self.num_pending_tokens:
+            return False
+        n_out = self.num_output_tokens + self.num_pending_tokens
+        return n_out >= self.params.max_tokens or self.num_tokens >= max_model_len
 
     @property
     def is_finished(self) -> bool:
         return self.status.finished
 
     def append_token(self, token_id: int) -> None:
+        """Make the oldest pending token real (or append one, for callers that schedule no steps)."""
+        if self.num_pending_tokens:
+            self.num_pending_tokens -= 1
         self.token_ids.append(token_id)
         if len(self.token_ids) % self.block_size == 0:
             parent = self.block_hashes[-1] if self.block_hashes else None
@@ -120,12 +144,12 @@ class Request:
             if self.params.stop_token_ids and last in self.params.stop_token_ids:
                 self.stop_reason = last
                 return RequestStatus.FINISHED_STOPPED
-        if n_out >= self.params.max_tokens or self.num_tokens >= max_model_len:
+        if n_out >= self.params.max_tokens or len(self.token_ids) >= max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
 
     def __repr__(self) -> str:
         return (
             f"Request({self.request_id!r}, {self.status.value}, "
-            f"computed={self.num_computed_tokens}/{self.num_tokens})"
+            f"computed={self.num_computed_tokens}/{self.num_tokens}, pending={self.num_pending_tokens})"
         )

@@ -12,8 +12,11 @@ from dataclasses import dataclass, field
 
 from fleetlm.engine.block_manager import BlockManager, cdiv
 from fleetlm.engine.config import CacheConfig, SchedulerConfig
-from fleetlm.engine.request import Request, RequestStatus
+from fleetlm.engine.request import Request, RequestStatus, needs_output_history
 from fleetlm.engine.sampling_params import SamplingParams
+
+# Token id of a pending token in a scheduled step (never a real vocabulary id).
+PLACEHOLDER = -1
 
 
 @dataclass(frozen=True)
@@ -21,7 +24,9 @@ class ScheduledRequest:
     """One request's share of a step."""
 
     request_id: str
-    token_ids: list[int]  # the tokens whose K/V this step computes
+    # The tokens whose K/V this step computes; PLACEHOLDER for a token sampled
+    # by the step still in flight (the runner takes it from that step's output).
+    token_ids: list[int]
     start_pos: int  # position of token_ids[0] (= num_computed_tokens before the step)
     block_table: list[int]
     sample: bool  # the request's last token is computed this step: sample the next
@@ -45,6 +50,7 @@ class SchedulerOutput:
     new_requests: list[NewRequest] = field(default_factory=list)
     finished_request_ids: list[str] = field(default_factory=list)  # workers drop their state
     preempted_request_ids: list[str] = field(default_factory=list)
+    step_id: int = 0  # matches the step's result to the requests it scheduled
 
     @property
     def num_batched_tokens(self) -> int:
@@ -69,6 +75,11 @@ class Scheduler:
         # n > 1: siblings wait for the first child's prompt to be computed,
         # then share its blocks through the prefix cache.
         self._leader: dict[str, Request] = {}
+        # Steps scheduled but not yet updated: step_id -> the Request objects
+        # they scheduled (by object, so a request id reused after an abort
+        # never receives the old request's tokens).
+        self._in_flight: dict[int, list[Request]] = {}
+        self._next_step_id = 0
 
     # -- admission -----------------------------------------------------------
     def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
@@ -120,7 +131,7 @@ class Scheduler:
         return len(self.requests)
 
     # -- the step ------------------------------------------------------------
-    def schedule(self, exclude: frozenset[str] | set[str] = frozenset()) -> SchedulerOutput:
+    def schedule(self, exclude: frozenset[str] | set[str] = frozenset(), ahead: bool = False) -> SchedulerOutput:
         """Choose the requests and token counts of the next step.
 
         Every request has ``num_tokens`` (prompt + generated) and
@@ -136,10 +147,20 @@ class Scheduler:
         first-served while budget, sequence cap and blocks allow, each starting
         after its longest cached prefix. Nothing is admitted in a step that
         preempted, so a preempted request is not overtaken by newcomers.
+        Progress is advanced here, at schedule time: the step will compute
+        what it was given; a step that samples leaves a pending token.
 
         ``exclude`` names running requests that are part of a step still in
         flight (pipeline parallelism keeps several micro-batches in flight
         over disjoint requests): they are neither scheduled nor preempted.
+
+        ``ahead``: one step is in flight and this one may run right behind it
+        on the same device (asynchronous scheduling): its pending tokens become
+        placeholders. Requests whose pending token ends them on length are
+        skipped. Nothing is preempted, and a request with a pending token whose
+        sampling needs its output history on the host (penalties) cannot be
+        scheduled: in both cases the step comes back empty and the engine
+        waits for the step in flight instead (synchronous fallback).
         """
         cfg = self.config
         budget = cfg.max_num_batched_tokens
@@ -150,11 +171,18 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            if req.request_id in exclude:
+            if req.request_id in exclude or req.finishes_on_length_with_pending(cfg.max_model_len):
                 i += 1
                 continue
+            assert ahead or not req.num_pending_tokens, f"{req} has a pending token outside an ahead step"
+            if ahead and req.num_pending_tokens and needs_output_history(req.params):
+                return SchedulerOutput(scheduled=[])
             n = min(req.num_tokens - req.num_computed_tokens, budget, cap)
             while not self.blocks.allocate_slots(req, n):
+                if ahead:
+                    # Blocks already added to earlier requests' tables are the
+                    # ones they need next anyway; nothing else changed.
+                    return SchedulerOutput(scheduled=[])
                 victim = next((r for r in reversed(self.running) if r.request_id not in exclude), None)
                 self.running.remove(victim)
                 self._preempt(victim)
@@ -199,36 +227,52 @@ class Scheduler:
                 prior = req.token_ids[req.num_prompt_tokens : req.num_prompt_tokens + req.num_prior_output_tokens]
                 new_requests.append(NewRequest(req.request_id, req.prompt_token_ids, req.params, prior))
             start = req.num_computed_tokens
+            token_ids = req.token_ids[start : start + n]
+            token_ids += [PLACEHOLDER] * (n - len(token_ids))
+            sample = start + n == req.num_tokens
+            req.num_computed_tokens += n
+            req.num_pending_tokens += sample
             out.append(
                 ScheduledRequest(
                     request_id=req.request_id,
-                    token_ids=req.token_ids[start : start + n],
+                    token_ids=token_ids,
                     start_pos=start,
                     block_table=list(self.blocks.blocks_of(req.request_id)),
-                    sample=start + n == req.num_tokens,
+                    sample=sample,
                 )
             )
         finished, self._finished_since_last_step = self._finished_since_last_step, []
+        step_id = self._next_step_id
+        if out:
+            self._next_step_id += 1
+            self._in_flight[step_id] = [req for req, _ in scheduled]
         return SchedulerOutput(
             scheduled=out,
             new_requests=new_requests,
             finished_request_ids=finished,
             preempted_request_ids=[r.request_id for r in preempted],
+            step_id=step_id,
         )
 
     def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[tuple[Request, int | None]]:
-        """Advance progress after a step; returns (request, new token or None) per scheduled request.
+        """Take in a step's result; returns (request, new token or None) per scheduled request still running.
 
+        Each sampled token replaces the request's oldest pending token.
         Requests whose last token ended them (EOS, stop token, length) are
-        finished here; stop strings are the engine's business.
+        finished here; stop strings are the engine's business. Requests that
+        ended while the step ran (abort, a stop found in the step before) are
+        skipped: their share of the step is discarded.
         """
         now = time.monotonic()
         results = []
-        for s in out.scheduled:
-            req = self.requests.get(s.request_id)
-            if req is None or req.status != RequestStatus.RUNNING:  # aborted while the step ran
+        reqs = self._in_flight.pop(out.step_id, [])
+        assert len(reqs) == len(out.scheduled), "update_from_output for a step not scheduled (or updated twice)"
+        for s, req in zip(out.scheduled, reqs):
+            if req.status != RequestStatus.RUNNING:  # ended while the step ran
                 continue
-            req.num_computed_tokens += len(s.token_ids)
+            # Only real tokens have hashes, so only blocks of real tokens are
+            # cached, though their K/V may still be written by a step in flight:
+            # any step that reads them runs after it on the same stream.
             self.blocks.cache_full_blocks(req)
             token = None
             if s.sample:
@@ -242,8 +286,13 @@ class Scheduler:
             results.append((req, token))
         return results
 
+    @property
+    def num_steps_in_flight(self) -> int:
+        return len(self._in_flight)
+
     # -- internals -----------------------------------------------------------
     def _preempt(self, req: Request) -> None:
+        assert not req.num_pending_tokens, f"{req} preempted while a step computes it"
         self.blocks.free_request(req.request_id)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
@@ -255,7 +304,10 @@ class Scheduler:
         leader = self._leader.get(req.request_id)
         if leader is None:
             return False
-        if leader.is_finished or leader.num_computed_tokens >= leader.num_prompt_tokens:
+        # A real output token means the whole prompt was computed and its full
+        # blocks are in the prefix cache (progress alone runs ahead of that).
+        if leader.is_finished or leader.num_output_tokens > leader.num_prior_output_tokens:
             del self._leader[req.request_id]
             return False
         return True
+

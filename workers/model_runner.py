@@ -4,6 +4,11 @@ The runner keeps a little state per request (prompt, generated tokens,
 sampling parameters) so that each step's ``SchedulerOutput`` only carries the
 new tokens and block tables; penalties and seeds are applied here, on the
 device, from that state.
+
+``launch`` queues a step without waiting for the device and returns a
+``PendingOutput``; the engine may launch the next step before reading it
+(asynchronous scheduling). That next step's decode inputs are then
+placeholders, filled on the device from this step's sampled tokens.
 """
 
 from __future__ import annotations
@@ -14,22 +19,25 @@ import numpy as np
 import torch
 
 from fleetlm.engine.config import CacheConfig, ModelConfig
+from fleetlm.engine.request import needs_output_history
 from fleetlm.engine.sampling_params import SamplingParams
-from fleetlm.engine.scheduler import SchedulerOutput
+from fleetlm.engine.scheduler import PLACEHOLDER, SchedulerOutput
 from fleetlm.kernels import select_ops
 from fleetlm.parallel.context import ParallelContext
 from fleetlm.workers.attention import AttentionMetadata
 from fleetlm.workers.models import model_class
-from fleetlm.workers.sampler import Sampler, SamplingBatch, SamplingRow
+from fleetlm.workers.sampler import Sampler, SamplingBatch, SamplingRow, min_tokens_banned_ids
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_NP_DTYPES = {torch.int64: np.int64, torch.int32: np.int32}
 
 
 @dataclass
 class _ReqState:
     prompt_token_ids: list[int]
     params: SamplingParams
-    output_token_ids: list[int] = field(default_factory=list)
+    output_token_ids: list[int] = field(default_factory=list)  # read back so far
+    num_sampled: int = 0  # output tokens sampled so far, including those of steps not read back yet
 
 
 @dataclass
@@ -40,6 +48,58 @@ class ModelRunnerOutput:
     sampled_token_ids: list[int]
     # Per request: None, or [(token_id, logprob, rank)] with the sampled token first.
     logprobs: list[list[tuple[int, float, int]] | None] | None = None
+
+
+class PendingOutput:
+    """A launched step's sampled tokens on their way to the host.
+
+    The device->host copies are queued behind the step at launch, into pinned
+    memory, followed by an event; ``result()`` waits for that event only.
+    """
+
+    def __init__(self, req_ids: list[str], states: list[_ReqState], tensors: list[torch.Tensor]) -> None:
+        self.req_ids, self.states = req_ids, states
+        self._output: ModelRunnerOutput | None = None
+        self._event = None
+        if tensors and tensors[0].is_cuda:
+            tensors = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in tensors]
+            self._event = torch.cuda.Event()
+            self._event.record()
+        self._host = tensors  # [sampled] or [sampled, logprob ids, logprobs, ranks]
+
+    @classmethod
+    def ready(cls, output: ModelRunnerOutput) -> PendingOutput:
+        pending = cls([], [], [])
+        pending._output = output
+        return pending
+
+    def result(self) -> ModelRunnerOutput:
+        if self._output is None:
+            if self._event is not None:
+                self._event.synchronize()
+            tokens = self._host[0].tolist()
+            # States are the launch's objects: a request that ended meanwhile
+            # (its state dropped, its id perhaps reused) takes nothing here.
+            for st, t in zip(self.states, tokens):
+                st.output_token_ids.append(t)
+            self._output = ModelRunnerOutput(self.req_ids, tokens, self._logprobs())
+            self._host = []
+        return self._output
+
+    def _logprobs(self):
+        if len(self._host) == 1:
+            return None
+        ids, lps, ranks = (t.tolist() for t in self._host[1:])
+        result = []
+        for i, st in enumerate(self.states):
+            k = st.params.logprobs
+            if k is None:
+                result.append(None)
+                continue
+            row = [(ids[i][0], lps[i][0], ranks[i])]
+            row += [(ids[i][j], lps[i][j], j) for j in range(1, k + 1)]
+            result.append(row)
+        return result
 
 
 class ModelRunner:
@@ -54,6 +114,9 @@ class ModelRunner:
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.states: dict[str, _ReqState] = {}
         self.graphs = None  # DecodeGraphs, once captured (CUDA only)
+        # The previous launch's sampled tokens (still on the device) and each request's row in them.
+        self._last_sampled: torch.Tensor | None = None
+        self._last_rows: dict[str, int] = {}
         eos = model_cfg.eos_token_ids
         self.eos_token_ids = list(eos)
 
@@ -91,9 +154,21 @@ class ModelRunner:
         for rid in out.finished_request_ids:
             self.states.pop(rid, None)
         for new in out.new_requests:
-            self.states[new.request_id] = _ReqState(
-                list(new.prompt_token_ids), new.params, list(new.prior_output_token_ids)
-            )
+            prior = list(new.prior_output_token_ids)
+            self.states[new.request_id] = _ReqState(list(new.prompt_token_ids), new.params, prior, len(prior))
+
+    def _upload(self, dtype: torch.dtype, *arrays: np.ndarray) -> list[torch.Tensor]:
+        """Copy host arrays to the device in one transfer, without waiting for the stream.
+
+        On CUDA the bytes are staged in pinned memory from PyTorch's caching
+        host allocator, which does not hand that block out again before the
+        copy reading it has run, so a later step cannot overwrite them early.
+        """
+        flat = torch.from_numpy(np.concatenate([a.ravel() for a in arrays]).astype(_NP_DTYPES[dtype], copy=False))
+        if self.device.type == "cuda":
+            flat = flat.pin_memory()
+        dev = flat.to(self.device, non_blocking=True)
+        return [t.view(a.shape) for t, a in zip(dev.split([a.size for a in arrays]), arrays)]
 
     def _prepare(self, out: SchedulerOutput):
         sched = out.scheduled
@@ -112,50 +187,78 @@ class ModelRunner:
             tables[i, : len(s.block_table)] = s.block_table
         bs = self.block_size
         slots = tables[req_of_token, positions // bs] * bs + positions % bs
-        dev = self.device
+        sample_idx = [i for i, s in enumerate(sched) if s.sample]
+        # Placeholders: tokens sampled by the previous launch, still on the device.
+        holes = np.flatnonzero(input_ids == PLACEHOLDER)
+        rows = self._rows_of_previous_launch(sched, req_of_token[holes])
+        ids, pos, slots_d, logits_indices, holes_d, rows_d = self._upload(
+            torch.int64, input_ids, positions, slots, cu[1:][sample_idx] - 1, holes, rows
+        )
+        cu_d, seq_lens_d, tables_d = self._upload(torch.int32, cu, seq_lens, tables)
+        if holes.size:
+            ids.index_copy_(0, holes_d, self._last_sampled.index_select(0, rows_d))
         meta = AttentionMetadata(
-            slot_mapping=torch.from_numpy(slots).to(dev, non_blocking=True),
-            cu_seqlens_q=torch.from_numpy(cu.astype(np.int32)).to(dev, non_blocking=True),
-            seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(dev, non_blocking=True),
-            block_tables=torch.from_numpy(tables.astype(np.int32)).to(dev, non_blocking=True),
+            slot_mapping=slots_d,
+            cu_seqlens_q=cu_d,
+            seq_lens=seq_lens_d,
+            block_tables=tables_d,
             max_seqlen_q=int(q_lens.max()),
             max_seqlen_k=int(seq_lens.max()),
         )
-        sample_idx = [i for i, s in enumerate(sched) if s.sample]
-        logits_indices = torch.from_numpy(cu[1:][sample_idx] - 1).to(dev, non_blocking=True)
-        ids = torch.from_numpy(input_ids).to(dev, non_blocking=True)
-        pos = torch.from_numpy(positions).to(dev, non_blocking=True)
         return ids, pos, meta, sample_idx, logits_indices
 
-    def _sampling_batch(self, req_ids: list[str]) -> SamplingBatch:
+    def _rows_of_previous_launch(self, sched, reqs_with_holes: np.ndarray) -> np.ndarray:
+        rows = np.empty(len(reqs_with_holes), dtype=np.int64)
+        for j, i in enumerate(reqs_with_holes):
+            row = self._last_rows.get(sched[i].request_id)
+            if row is None:
+                raise RuntimeError(f"{sched[i].request_id}: placeholder token but the previous step did not sample it")
+            rows[j] = row
+        return rows
+
+    def _sampling_batch(self, states: list[_ReqState]) -> SamplingBatch:
         rows = []
-        for rid in req_ids:
-            st = self.states[rid]
+        for st in states:
             p = st.params
-            banned: list[int] = []
-            if len(st.output_token_ids) < p.min_tokens:
-                banned = ([] if p.ignore_eos else self.eos_token_ids) + list(p.stop_token_ids or [])
+            if st.num_sampled != len(st.output_token_ids) and needs_output_history(p):
+                raise RuntimeError("penalties need every earlier output token on the host (schedule synchronously)")
             rows.append(
                 SamplingRow(
                     params=p,
                     prompt_token_ids=st.prompt_token_ids,
                     output_token_ids=st.output_token_ids,
-                    banned_token_ids=banned,
+                    # min_tokens counts the tokens of steps still in flight: their number is known.
+                    banned_token_ids=min_tokens_banned_ids(p, st.num_sampled, self.eos_token_ids),
+                    output_index=st.num_sampled,
                 )
             )
+            st.num_sampled += 1
         return SamplingBatch.build(rows, self.device)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, hidden=None, residual=None):
-        """Run this worker's part of the step.
+        """Run this worker's part of the step and wait for it.
 
         Non-last pipeline stages return (hidden, residual) for the next stage;
         the last stage returns a ``ModelRunnerOutput``.
         """
+        step = self.launch(out, hidden, residual)
+        return step.result() if isinstance(step, PendingOutput) else step
+
+    @torch.inference_mode()
+    def launch(self, out: SchedulerOutput, hidden=None, residual=None):
+        """Queue the step on the device and return without waiting for it.
+
+        Nothing on this path waits for the device (no ``.item()``, no reading
+        a device value): the host may launch the next step while this one runs.
+        Placeholder tokens are filled on the device from the sampled tokens of
+        the previous launch. The last stage returns a ``PendingOutput``.
+        """
         self._update_states(out)
         if out.is_empty:
-            return ModelRunnerOutput([], [])
+            return PendingOutput.ready(ModelRunnerOutput([], []))
         ids, pos, meta, sample_idx, logits_indices = self._prepare(out)
+        self._last_sampled, self._last_rows = None, {}
         if self.graphs is not None and hidden is None and meta.max_seqlen_q == 1 and self.graphs.padded_size(len(out.scheduled)):
             result = self.graphs.run(ids, pos, meta)
         else:
@@ -164,31 +267,19 @@ class ModelRunner:
             return result
         req_ids = [out.scheduled[i].request_id for i in sample_idx]
         if not req_ids:
-            return ModelRunnerOutput([], [])
+            return PendingOutput.ready(ModelRunnerOutput([], []))
         logits = self.model.compute_logits(result[logits_indices]).float()
         if self.ctx.tp_rank != 0:
             # Every TP rank joins the logits all-gather, but only rank 0
             # samples: the other ranks' tokens would be discarded.
-            return ModelRunnerOutput([], [])
-        sampled = self.sampler(logits, self._sampling_batch(req_ids))
-        tokens = sampled.sampled_token_ids.tolist()
-        for rid, t in zip(req_ids, tokens):
-            self.states[rid].output_token_ids.append(t)
-        return ModelRunnerOutput(req_ids, tokens, self._logprobs(req_ids, sampled))
+            return PendingOutput.ready(ModelRunnerOutput([], []))
+        states = [self.states[rid] for rid in req_ids]
+        sampled = self.sampler(logits, self._sampling_batch(states))
+        self._last_sampled = sampled.sampled_token_ids
+        self._last_rows = {rid: i for i, rid in enumerate(req_ids)}
+        tensors = [sampled.sampled_token_ids]
+        if sampled.logprobs is not None:
+            tensors += [sampled.logprob_token_ids, sampled.logprobs, sampled.sampled_ranks]
+        return PendingOutput(req_ids, states, tensors)
 
-    def _logprobs(self, req_ids, sampled):
-        if sampled.logprobs is None:
-            return None
-        ids = sampled.logprob_token_ids.tolist()
-        lps = sampled.logprobs.tolist()
-        ranks = sampled.sampled_ranks.tolist()
-        result = []
-        for i, rid in enumerate(req_ids):
-            k = self.states[rid].params.logprobs
-            if k is None:
-                result.append(None)
-                continue
-            row = [(ids[i][0], lps[i][0], ranks[i])]
-            row += [(ids[i][j], lps[i][j], j) for j in range(1, k + 1)]
-            result.append(row)
-        return result
+

@@ -50,10 +50,14 @@ def _splitmix64(x: int) -> int:
 
 
 def _to_device(data, dtype: torch.dtype, device) -> torch.Tensor:
-    # non_blocking from pageable memory stages the bytes at once and returns
-    # without waiting for the stream (a blocking copy would wait for the
-    # model's queued kernels).
-    return torch.tensor(data, dtype=dtype).to(device, non_blocking=True)
+    # A non_blocking copy returns without waiting for the model's queued
+    # kernels. It reads from pinned memory, which the driver can copy from
+    # whenever the stream gets there (from pageable memory it may have to wait
+    # for the stream first); the caching host allocator keeps the pinned block
+    # until that copy is done.
+    device = torch.device(device)
+    host = torch.tensor(data, dtype=dtype, pin_memory=device.type == "cuda")
+    return host.to(device, non_blocking=True)
 
 
 def step_seed(seed: int, seed_offset: int) -> int:
@@ -80,6 +84,9 @@ class SamplingRow:
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]
     banned_token_ids: Sequence[int] = ()
+    # Index of the token this row samples (seeded rows' draw number); None:
+    # len(output_token_ids). With steps in flight it counts their tokens too.
+    output_index: int | None = None
 
 
 @dataclass
@@ -137,7 +144,7 @@ class SamplingBatch:
             outputs.append(r.output_token_ids if has_pen else [])
             # Greedy rows draw no noise, so their seed is irrelevant.
             seeds.append(None if greedy else p.seed)
-            offsets.append(len(r.output_token_ids))
+            offsets.append(len(r.output_token_ids) if r.output_index is None else r.output_index)
 
         # One host->device copy for all float parameters.
         floats = _to_device(
@@ -203,11 +210,9 @@ def _token_counts(histories: list[Sequence[int]], vocab_size: int, device: torch
     counts = torch.zeros(len(histories), vocab_size, dtype=torch.float32, device=device)
     lengths = [len(h) for h in histories]
     if sum(lengths):
-        rows = torch.repeat_interleave(torch.arange(len(histories)), torch.tensor(lengths))
+        rows = _to_device([i for i, n in enumerate(lengths) for _ in range(n)], torch.int64, device)
         ids = _to_device(list(itertools.chain.from_iterable(histories)), torch.int64, device)
-        counts.index_put_(
-            (rows.to(device, non_blocking=True), ids), torch.ones((), device=device), accumulate=True
-        )
+        counts.index_put_((rows, ids), torch.ones((), device=device), accumulate=True)
     return counts
 
 

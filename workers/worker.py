@@ -79,6 +79,10 @@ class Worker:
     def execute(self, scheduler_output, hidden=None, residual=None):
         return self.runner.execute(scheduler_output, hidden, residual)
 
+    def launch(self, scheduler_output):
+        """Queue a step without waiting for it (single-stage worker); returns a ``PendingOutput``."""
+        return self.runner.launch(scheduler_output)
+
     @torch.inference_mode()
     def execute_stage(self, scheduler_output):
         """This worker's share of a step in a TP x PP replica.

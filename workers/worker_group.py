@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fleetlm.engine.config import EngineConfig
 from fleetlm.engine.scheduler import SchedulerOutput
-from fleetlm.workers.model_runner import ModelRunnerOutput
+from fleetlm.workers.model_runner import ModelRunnerOutput, PendingOutput
 from fleetlm.workers.worker import Worker
 
 
@@ -23,6 +23,10 @@ class LocalWorkerGroup:
 
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         return self.worker.execute(out)
+
+    def launch(self, out: SchedulerOutput) -> PendingOutput:
+        """Queue the step on the device; ``.result()`` waits for its ``ModelRunnerOutput``."""
+        return self.worker.launch(out)
 
     def check_health(self) -> None:
         return None

@@ -3,7 +3,9 @@
 The reference runs each prompt alone through ``generate``; the engine runs
 them all in one continuously batched run with mixed lengths, then again under
 prefix caching, a KV pool small enough to force preemption, tiny prefill
-chunks and n=3 — each must give the same tokens.
+chunks and n=3 — each must give the same tokens. The shared engine and the
+preemption case run with asynchronous scheduling forced on (the default on
+GPU), the chunked-prefill case synchronously (the default on CPU).
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ def _prompts(tok):
 
 @pytest.fixture(scope="module")
 def llm(embedded_model):
-    return LLM(model=embedded_model)
+    return LLM(model=embedded_model, async_scheduling=True)
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +98,9 @@ def batch_outputs(llm, prompts):
     return llm.generate(prompts, GREEDY)
 
 
-def test_greedy_matches_transformers_in_one_mixed_batch(batch_outputs, prompts, reference):
+def test_greedy_matches_transformers_in_one_mixed_batch(llm, batch_outputs, prompts, reference):
     _check(batch_outputs, reference, prompts)
+    assert llm.engine.async_scheduling and llm.engine.num_steps_ahead > 0
     assert any(len(p) > 300 for p in prompts) and any(len(p) < 10 for p in prompts)
 
 
@@ -123,9 +126,9 @@ def test_prefix_cache_reuses_blocks_and_keeps_tokens(llm, prompts, reference):
 
 def test_preemption_keeps_tokens(embedded_model, prompts, reference):
     # 100 blocks of 16 tokens hold about half of the batch (~2,900 tokens of KV at the end).
-    small = LLM(model=embedded_model, num_kv_blocks=100, max_num_seqs=16)
+    small = LLM(model=embedded_model, num_kv_blocks=100, max_num_seqs=16, async_scheduling=True)
     outputs = small.generate(prompts, GREEDY)
-    assert small.engine.scheduler.num_preemptions > 0
+    assert small.engine.scheduler.num_preemptions > 0 and small.engine.num_steps_ahead > 0
     _check(outputs, reference, prompts)
     small.engine.scheduler.blocks.check_invariants()
     assert small.engine.stats().kv_cache_usage == 0.0
@@ -135,6 +138,7 @@ def test_small_prefill_chunks_keep_tokens(embedded_model, prompts, reference):
     # A 96-token step budget splits every long prompt (200-420 tokens) into
     # several chunks that share steps with other requests' decodes.
     chunked = LLM(model=embedded_model, max_num_batched_tokens=96, enable_prefix_caching=False)
+    assert not chunked.engine.async_scheduling
     picked = [0, 4, 8, 12, 13, 14, 15]
     outputs = chunked.generate([prompts[i] for i in picked], GREEDY)
     _check(outputs, [reference[i] for i in picked], [prompts[i] for i in picked])
