@@ -62,7 +62,8 @@ class PendingOutput:
         self._output: ModelRunnerOutput | None = None
         self._event = None
         if tensors and tensors[0].is_cuda:
-            tensors = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True) for t in tensors]
+            pinned = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+            tensors = [p.copy_(t, non_blocking=True) for p, t in zip(pinned, tensors)]
             self._event = torch.cuda.Event()
             self._event.record()
         self._host = tensors  # [sampled] or [sampled, logprob ids, logprobs, ranks]

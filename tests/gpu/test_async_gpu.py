@@ -123,10 +123,12 @@ def test_launch_never_waits_for_the_device(llm, monkeypatch):
         return pending
 
     monkeypatch.setattr(eng.workers, "launch", timed_launch)
-    eng.scheduler.blocks.reset_prefix_cache()
-    outs = llm.generate(prompts, params)
+    for _ in range(2):  # the first run also grows the pinned host pool to what a busy GPU keeps in use
+        host_times.clear()
+        eng.scheduler.blocks.reset_prefix_cache()
+        outs = llm.generate(prompts, params)
     assert all(len(o.outputs[0].token_ids) == 24 for o in outs)
-    assert len(host_times) >= 24
+    assert len(host_times) >= 24 and eng.idle_invariants()["ok"]
     print(f"\nsleep {sleep_s * 1e3:.1f} ms; launch host time max {max(host_times) * 1e3:.2f} ms, "
           f"mean {sum(host_times) / len(host_times) * 1e3:.2f} ms over {len(host_times)} launches")
     assert max(host_times) < sleep_s / 2
