@@ -153,6 +153,9 @@ class ModelDeploymentConfig:
     num_kv_blocks: int | None = None  # a fixed KV pool size (blocks per replica), instead of sizing from memory
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
+    # Launch step N+1 while step N runs (engine/llm_engine.py); None: the
+    # engine decides (on for one in-process CUDA worker).
+    async_scheduling: bool | None = None
     load_format: str = "auto"
     num_replicas: int | None = None
     autoscaling: AutoscalingConfig | None = None
@@ -179,6 +182,8 @@ class ModelDeploymentConfig:
             self.gpu_memory_utilization, f"{w}: gpu_memory_utilization",
             low=0.0, high=1.0, low_inclusive=False))
         _bool(self.enable_prefix_caching, f"{w}: enable_prefix_caching")
+        if self.async_scheduling is not None:
+            _bool(self.async_scheduling, f"{w}: async_scheduling")
         _opt_int(self.max_waiting_requests, f"{w}: max_waiting_requests", 0)
         _opt_int(self.max_waiting_tokens, f"{w}: max_waiting_tokens", 1)
         _choice(self.load_format, f"{w}: load_format", LOAD_FORMATS)

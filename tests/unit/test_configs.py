@@ -455,7 +455,7 @@ def test_unknown_keys_are_named(args, unknown):
 def test_unknown_keys_error_lists_all_sorted_and_where():
     with pytest.raises(ValueError) as e:
         parse_app_args({"models": [{}, {"zz": 1, "aa": 2, "model": "x"}]})
-    assert str(e.value).startswith("unknown key(s) in models[1]: aa, zz (allowed: autoscaling, ")
+    assert str(e.value).startswith("unknown key(s) in models[1]: aa, zz (allowed: async_scheduling, autoscaling, ")
 
 
 @pytest.mark.parametrize("entry, message", [
@@ -540,6 +540,8 @@ def test_configs_are_frozen_and_lookup():
 def test_direct_construction_is_validated_too():
     with pytest.raises(ValueError, match="tensor_parallel_size must be >= 1"):
         ModelDeploymentConfig(tensor_parallel_size=0)
+    with pytest.raises(ValueError, match="async_scheduling must be"):
+        ModelDeploymentConfig(async_scheduling="yes")
     with pytest.raises(ValueError, match="num_kv_blocks must be >= 1"):
         ModelDeploymentConfig(num_kv_blocks=0)
     assert ModelDeploymentConfig(num_kv_blocks=64).engine_kwargs()["num_kv_blocks"] == 64
@@ -555,7 +557,7 @@ def test_allow_list_is_the_dataclass_fields():
     assert sc.allowed_keys(ModelDeploymentConfig) == {
         "name", "model", "device", "dtype", "tensor_parallel_size", "pipeline_parallel_size",
         "max_model_len", "max_num_seqs", "max_num_batched_tokens", "cpu_kv_cache_bytes", "num_kv_blocks",
-        "gpu_memory_utilization", "enable_prefix_caching", "load_format", "num_replicas", "autoscaling", "max_waiting_requests",
+        "gpu_memory_utilization", "enable_prefix_caching", "async_scheduling", "load_format", "num_replicas", "autoscaling", "max_waiting_requests",
         "max_waiting_tokens"}
     assert sc.allowed_keys(AutoscalingConfig) == {
         "min_replicas", "max_replicas", "target_ongoing_requests", "upscale_delay_s",
@@ -892,11 +894,13 @@ def test_every_engine_setting_of_a_model_reaches_the_engine_args():
 
     m = ModelDeploymentConfig(name="m", model="tiny", device="cpu", max_model_len=512, max_num_seqs=3,
                               max_num_batched_tokens=256, cpu_kv_cache_bytes=1 << 20, num_kv_blocks=7,
-                              enable_prefix_caching=False, load_format="dummy", tensor_parallel_size=2)
+                              enable_prefix_caching=False, load_format="dummy", tensor_parallel_size=2,
+                              async_scheduling=False)
     kw = engine_args_kwargs(m, max_n=4, max_logprobs=5)
     args = EngineArgs.from_kwargs(**kw)
     assert (args.num_kv_blocks, args.max_num_seqs, args.max_num_batched_tokens, args.max_model_len) == (7, 3, 256, 512)
     assert (args.cpu_kv_cache_bytes, args.enable_prefix_caching, args.load_format) == (1 << 20, False, "dummy")
+    assert args.async_scheduling is False
     assert (args.tensor_parallel_size, args.served_model_name, args.max_n, args.max_logprobs) == (2, "m", 4, 5)
     replica_only = {"name", "num_replicas", "autoscaling", "max_waiting_requests", "max_waiting_tokens"}
     engine_fields = {f for f in sc.allowed_keys(ModelDeploymentConfig) if f not in replica_only}
