@@ -132,6 +132,9 @@ class LLMEngine:
         self._in_flight: deque = deque()
         # Finished ids of steps that were empty (never sent): told to the workers with the next step.
         self._unsent_finished: list[str] = []
+        # A step that raised left the scheduler advanced past work that never
+        # ran (progress moves at schedule time): nothing may be scheduled after it.
+        self._step_failure: BaseException | None = None
 
     # -- requests ------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
@@ -224,7 +227,22 @@ class LLMEngine:
 
     # -- the step ------------------------------------------------------------
     def step(self, emit_unfinished: bool = True) -> list[RequestOutput]:
-        """Run one step; return outputs of the requests it advanced (only finished ones if not emit_unfinished)."""
+        """Run one step; return outputs of the requests it advanced (only finished ones if not emit_unfinished).
+
+        After a step raised (a worker died, a collective timed out), every
+        later call raises too: the worker group's own error if it knows it
+        failed, else a RuntimeError naming the first failure.
+        """
+        if self._step_failure is not None:
+            self.workers.check_health()
+            raise RuntimeError(f"an earlier step failed, the engine cannot continue: {self._step_failure!r}")
+        try:
+            return self._step(emit_unfinished)
+        except BaseException as e:
+            self._step_failure = e
+            raise
+
+    def _step(self, emit_unfinished: bool) -> list[RequestOutput]:
         if self.pipeline_depth > 1:
             return self._pipelined_step(emit_unfinished)
         if self.async_scheduling:

@@ -118,3 +118,25 @@ def test_abort_returns_every_block(llm):
     out = engine.abort_request("to-abort")
     assert out.finished and out.outputs[0].finish_reason == "abort"
     assert engine.idle_invariants()["ok"]
+
+
+def test_a_failed_step_stops_the_engine(embedded_model):
+    # Progress moves at schedule time; after a step raised, scheduling on would
+    # build on work that never ran. Every later step must raise instead.
+    small = LLM(model=embedded_model, max_model_len=128, cpu_kv_cache_bytes=64 << 20)
+    engine = small.engine
+    engine.add_request("r", PROMPT, SamplingParams(max_tokens=8, ignore_eos=True))
+    engine.step()
+    real_execute = engine.workers.execute
+
+    def broken(*a, **kw):
+        raise OSError("device lost")
+
+    engine.workers.execute = broken
+    if hasattr(engine.workers, "launch"):
+        engine.workers.launch = broken
+    with pytest.raises(OSError, match="device lost"):
+        engine.step()
+    engine.workers.execute = real_execute
+    with pytest.raises(RuntimeError, match="an earlier step failed.*device lost"):
+        engine.step()
