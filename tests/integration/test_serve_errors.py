@@ -8,16 +8,12 @@ import concurrent.futures
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
-import uuid
 
 import httpx
 import pytest
+from serve_harness import running_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -27,16 +23,7 @@ FLEETLM = ["fleetlm"] if shutil.which("fleetlm") else [sys.executable, "-m", "fl
 KEY = "test-key-123"
 MAX_MODEL_LEN = 256
 VOCAB = 49152
-STARTUP_TIMEOUT_S = 420
-CONFIG = f"""\
-http_options:
-  host: 127.0.0.1
-  port: 8000
-applications:
-  - name: fleetlm
-    route_prefix: /
-    import_path: fleetlm.cluster.app:build_app
-    args:
+ARGS = f"""\
       models:
         - model: {MODEL}
           device: cpu
@@ -52,68 +39,10 @@ applications:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _marked_pids(marker: str) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                if marker.encode() in f.read():
-                    pids.append(int(entry))
-        except OSError:
-            continue
-    return pids
-
-
 @pytest.fixture(scope="module")
 def base():
-    port = _free_port()
-    tmp = tempfile.mkdtemp(prefix="flm-", dir="/tmp")
-    cfg = os.path.join(tmp, "serve.yaml")
-    with open(cfg, "w") as f:
-        f.write(CONFIG)
-    marker = uuid.uuid4().hex
-    env = {**os.environ, "RAY_TMPDIR": tmp, "RAY_USAGE_STATS_ENABLED": "0", "FLEETLM_API_KEY": KEY,
-           "FLEETLM_TEST_SESSION": marker}
-    env.pop("RAY_ADDRESS", None)
-    log_path = os.path.join(tmp, "serve.log")
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([*FLEETLM, "serve", "--config", cfg, "--port", str(port), "--drain-timeout", "5"],
-                                stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                with open(log_path, "rb") as f:
-                    pytest.fail(f"server did not start (rc={proc.returncode}):\n{f.read()[-4000:].decode(errors='replace')}")
-            try:
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        yield url
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-        for pid in _marked_pids(marker):  # only processes this server started
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    with running_server(ARGS, api_key=KEY) as server:
+        yield server.url
 
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
