@@ -30,6 +30,8 @@ import pytest
 
 from cluster_local import MODEL, deploy, local_serve, replica_counts
 
+from fleetlm.cluster.drill import StreamResult, stream_completion
+
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 KEY = "fault-key"
@@ -47,54 +49,22 @@ PROMPTS = [f"Story {i}: once upon a time, in a land of {w}," for i, w in enumera
     "volcanoes swamps valleys plains lakes".split())]
 
 
-class Stream:
-    """One client's streaming completion: tokens, text, finish reason, errors, timings."""
-
-    def __init__(self, prompt: str) -> None:
-        self.prompt = prompt
-        self.tokens: list[str] = []
-        self.text = ""
-        self.finish_reason: str | None = None
-        self.errors: list[dict] = []
-        self.usage: dict | None = None
-        self.done = False
-        self.times: list[float] = []  # arrival time of each event with tokens
-
-    async def run(self, http: httpx.AsyncClient, base: str) -> Stream:
-        body = {"model": MODEL, "prompt": self.prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
-                "ignore_eos": True, "logprobs": 0, "stream": True, "stream_options": {"include_usage": True}}
-        async with http.stream("POST", base + "/v1/completions", json=body, headers=AUTH) as r:
-            assert r.status_code == 200, await r.aread()
-            async for line in r.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                data = line[len("data: "):]
-                if data == "[DONE]":
-                    self.done = True
-                    break
-                event = json.loads(data)
-                if "error" in event:
-                    self.errors.append(event["error"])
-                    continue
-                if event.get("usage"):
-                    self.usage = event["usage"]
-                for c in event["choices"]:
-                    self.text += c["text"]
-                    if c.get("logprobs"):
-                        self.tokens.extend(c["logprobs"]["tokens"])
-                        self.times.append(time.monotonic())
-                    if c.get("finish_reason"):
-                        self.finish_reason = c["finish_reason"]
-        return self
+def request_body(prompt: str) -> dict:
+    return {"model": MODEL, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
+            "ignore_eos": True, "logprobs": 0, "stream_options": {"include_usage": True}}
 
 
-async def run_all(base: str, on_progress=None) -> list[Stream]:
-    streams = [Stream(p) for p in PROMPTS]
+async def run_all(base: str, on_progress=None) -> list[StreamResult]:
+    """All PROMPTS streamed at once; ``on_progress(streams)`` runs while they arrive."""
+    streams = [StreamResult() for _ in PROMPTS]
     async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=64)) as http:
-        tasks = [asyncio.ensure_future(s.run(http, base)) for s in streams]
+        tasks = [asyncio.ensure_future(stream_completion(http, base, request_body(p), AUTH, into=s))
+                 for p, s in zip(PROMPTS, streams)]
         if on_progress is not None:
             await on_progress(streams)
         await asyncio.gather(*tasks)
+    for p, s in zip(PROMPTS, streams):
+        assert s.status == 200, (p, s.body)
     return streams
 
 
@@ -148,8 +118,8 @@ def run_fault_scenario(base: str, kill: str, world: int) -> dict:
     import ray
 
     reference = asyncio.run(run_all(base))
-    for s in reference:
-        assert s.done and not s.errors and s.finish_reason == "length", (s.prompt, s.errors)
+    for p, s in zip(PROMPTS, reference):
+        assert s.done and not s.errors and s.finish_reason == "length", (p, s.errors)
         assert len(s.tokens) == MAX_TOKENS and s.usage["completion_tokens"] == MAX_TOKENS
     assert len(replica_actor_names()) == 2
     workers_before = worker_actor_pids()
@@ -157,7 +127,7 @@ def run_fault_scenario(base: str, kill: str, world: int) -> dict:
 
     killed: dict = {}
 
-    async def kill_when_streaming(streams: list[Stream]) -> None:
+    async def kill_when_streaming(streams: list[StreamResult]) -> None:
         deadline = time.monotonic() + 120
         while min(len(s.tokens) for s in streams) < KILL_AFTER_TOKENS:
             assert time.monotonic() < deadline, [len(s.tokens) for s in streams]
@@ -178,9 +148,9 @@ def run_fault_scenario(base: str, kill: str, world: int) -> dict:
 
     disturbed = asyncio.run(run_all(base, kill_when_streaming))
     assert max(killed["tokens_before"]) < MAX_TOKENS, killed  # killed mid-generation
-    for ref, got in zip(reference, disturbed):
-        assert got.done and not got.errors, (got.prompt, got.errors)
-        assert got.tokens == ref.tokens, (got.prompt, got.tokens, ref.tokens)
+    for p, ref, got in zip(PROMPTS, reference, disturbed):
+        assert got.done and not got.errors, (p, got.errors)
+        assert got.tokens == ref.tokens, (p, got.tokens, ref.tokens)
         assert got.text == ref.text
         assert got.finish_reason == "length" and got.usage["completion_tokens"] == MAX_TOKENS
     resume_gaps = [max((b - a for a, b in zip(s.times, s.times[1:]) if b > killed["t"]), default=0.0)
