@@ -28,17 +28,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from fleetlm.cluster.bench import git_commit
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 TEST = REPO / "tests" / "integration" / "test_fuzz_schemathesis.py"
-
-
-def _commit() -> str | None:
-    try:
-        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {
         "benchmark": "fuzz_campaign",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _commit(),
+        "commit": git_commit(),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "device": "cpu",
         "settings": {"fuzzing_examples_per_operation": ns.examples, "canary_every": ns.canary_every,

@@ -44,25 +44,17 @@ import datetime as dt
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+from fleetlm.cluster.bench import git_commit
+
 KEY = "gpu-fault-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 WORDS = ("rivers mountains deserts forests islands cities caves glaciers meadows canyons reefs volcanoes "
          "swamps valleys plains lakes harbors orchards dunes fjords tundras marshes mesas atolls").split()
-
-
-def _commit() -> str | None:
-    try:
-        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def _card(cpu: bool) -> str:
@@ -227,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "gpu_fault" if not ns.cpu_smoke else "gpu_fault_cpu_smoke",
         "card": _card(ns.cpu_smoke),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _commit(),
+        "commit": git_commit(),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "settings": {k: v for k, v in vars(ns).items() if k != "out"},
     }

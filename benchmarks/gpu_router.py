@@ -34,12 +34,13 @@ import os
 import random
 import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+
+from fleetlm.cluster.bench import git_commit
 
 APP = "fleetlm"
 METRICS = ("fleetlm_prefix_cache_queried_tokens_total", "fleetlm_prefix_cache_hit_tokens_total")
@@ -203,14 +204,6 @@ def card() -> str:
     return f"cpu ({os.cpu_count()} cores)"
 
 
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                              cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="directory for the JSON record")
@@ -266,7 +259,7 @@ def main(argv=None) -> int:
     record = {
         "benchmark": "router",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit(),
+        "commit": git_commit(),
         "card": card(),
         "config": {k: v for k, v in vars(ns).items() if k not in ("out",)},
         "runs": runs,

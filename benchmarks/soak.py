@@ -33,8 +33,6 @@ import json
 import os
 import platform
 import random
-import statistics
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -43,6 +41,8 @@ from typing import Any
 
 import httpx
 
+from fleetlm.cluster.bench import git_commit
+
 HERE = Path(__file__).resolve().parent
 KEY = "soak-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -50,14 +50,6 @@ MODEL = "smollm2-135m-instruct"
 TOPICS = ("lighthouses", "glaciers", "bees", "trains", "volcanoes", "libraries", "tides", "comets")
 PREAMBLE = ("You are a patient narrator. Keep to plain words, short sentences and a calm tone; "
             "answer in one paragraph. ")
-
-
-def _commit() -> str | None:
-    try:
-        return subprocess.run(["git", "-C", str(HERE.parent), "rev-parse", "HEAD"], capture_output=True,
-                              text=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def cluster_rss() -> dict[str, int]:
@@ -217,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     ns = p.parse_args(argv)
     record: dict[str, Any] = {
         "benchmark": "soak", "device": "cpu",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": _commit(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "commit": git_commit(),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "settings": {k: v for k, v in vars(ns).items() if k != "out"},
     }
