@@ -12,7 +12,6 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,7 @@ import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from serve_harness import free_port, marked_pids
 
 from fleetlm.cluster.metric_names import EXPORTED_METRICS
 
@@ -41,31 +41,9 @@ MESSAGES = [
 
 # --- a `fleetlm serve` subprocess ----------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _marked_pids(marker: str) -> list[int]:
-    """Processes whose environment carries this server's marker (it and every Ray process it started)."""
-    pids = []
-    needle = marker.encode()
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                if needle in f.read():
-                    pids.append(int(entry))
-        except OSError:
-            continue
-    return pids
-
-
 class ServeProcess:
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.tmp = tempfile.mkdtemp(prefix="flm-", dir="/tmp")  # short: Ray's unix sockets live here
         self.marker = f"FLEETLM_TEST_SESSION={uuid.uuid4().hex}"
@@ -103,7 +81,7 @@ class ServeProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
-        for pid in _marked_pids(self.marker):  # safety net: only processes this server started
+        for pid in marked_pids(self.marker):  # safety net: only processes this server started
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -385,9 +363,9 @@ def test_sigterm_drains_inflight_streams_and_leaves_no_ray_process(server, base)
     assert rc == 0, server.log_tail()
     assert time.monotonic() - t0 < DRAIN_TIMEOUT_S + 30
     deadline = time.monotonic() + 10
-    while _marked_pids(server.marker) and time.monotonic() < deadline:
+    while marked_pids(server.marker) and time.monotonic() < deadline:
         time.sleep(0.2)
-    left = _marked_pids(server.marker)
+    left = marked_pids(server.marker)
     ps = subprocess.run(["ps", "-o", "pid,args", "-p", ",".join(map(str, left))], capture_output=True,
                         text=True).stdout if left else ""
     assert not left, f"Ray processes left behind:\n{ps}"
