@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fleetlm.kernels import activation, attention, kv_cache, rmsnorm, rotary
+from fleetlm.kernels import activation, attention, gemv, kv_cache, rmsnorm, rotary
 
 try:
     import triton  # noqa: F401
@@ -29,6 +29,8 @@ class Ops:
     """The kernels a model runs, from one backend (``"triton"`` or ``"torch"``)."""
 
     backend: str
+    linear: Callable[..., torch.Tensor]
+    linear_silu_mul: Callable[..., torch.Tensor]
     rms_norm: Callable[..., torch.Tensor]
     fused_add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     rotary_embedding: Callable[..., tuple[torch.Tensor, torch.Tensor]]
@@ -51,6 +53,8 @@ def select_ops(device: torch.device | str, use_triton: bool | None = None) -> Op
     if use_triton:
         return Ops(
             backend="triton",
+            linear=gemv.linear,
+            linear_silu_mul=gemv.linear_silu_mul,
             rms_norm=rmsnorm.rms_norm,
             fused_add_rms_norm=rmsnorm.fused_add_rms_norm,
             rotary_embedding=rotary.rotary_embedding,
@@ -60,6 +64,8 @@ def select_ops(device: torch.device | str, use_triton: bool | None = None) -> Op
         )
     return Ops(
         backend="torch",
+        linear=gemv.linear_ref,
+        linear_silu_mul=gemv.linear_silu_mul_ref,
         rms_norm=rmsnorm.rms_norm_ref,
         fused_add_rms_norm=rmsnorm.fused_add_rms_norm_ref,
         rotary_embedding=rotary.rotary_embedding_ref,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fleetlm.kernels import activation, attention, kv_cache, rmsnorm, rotary
+from fleetlm.kernels import activation, attention, gemv, kv_cache, rmsnorm, rotary
 
 
 @dataclass
@@ -258,6 +258,28 @@ def bench_kernels(
         torch_ref=time_ms(lambda: kv_cache.store_kv_cache_ref(k, v, k_cache, v_cache, slots), iters=iters),
     )
     del k_cache, v_cache, qkv, gate_up
+
+    # Batch-1 decode projections (weight streaming): split-free GEMV vs cuBLAS.
+    x1 = randn(1, hidden)
+    projections = {"qkv": (6144, hidden), "o_proj": (hidden, hidden), "gate_up": (2 * inter, hidden),
+                   "down_proj": (hidden, inter), "lm_head": (128256, hidden)}
+    for name, (n, k_dim) in projections.items():
+        if quick and n * k_dim > (1 << 26):
+            continue
+        w = randn(n, k_dim)
+        xk = x1 if k_dim == hidden else randn(1, k_dim)
+        kernels[f"gemv_{name}"] = _entry(
+            f"[1, {k_dim}] x [{n}, {k_dim}]^T", n * k_dim * e, None,
+            triton=time_ms(lambda: gemv.linear(xk, w), iters=iters),
+            cublas=time_ms(lambda: F.linear(xk, w), iters=iters),
+        )
+        if name == "gate_up":
+            kernels["gemv_gate_up_silu_mul"] = _entry(
+                f"[1, {k_dim}] x [{n}, {k_dim}]^T, silu(gate) * up", n * k_dim * e, None,
+                triton=time_ms(lambda: gemv.linear_silu_mul(xk, w), iters=iters),
+                cublas=time_ms(lambda: activation.silu_and_mul(F.linear(xk, w)), iters=iters),
+            )
+        del w
 
     shape = dict(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype, device=dev)
     decode_reqs, decode_ctx = (8, 1024) if quick else (64, 4096)

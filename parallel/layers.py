@@ -6,7 +6,10 @@ all-reduce the partial sums; the vocabulary-parallel embedding and LM head
 split the vocabulary. Each layer loads its own shard from a ``LazyTensor``
 (``load(rows=, cols=)``), so a rank reads only the slice it keeps.
 
-With tp_size == 1 every layer is a plain linear / embedding.
+With tp_size == 1 every layer is a plain linear / embedding. The matmul
+itself is ``linear`` (``F.linear``'s signature), given by the model from its
+kernel namespace (``ops.linear``: a split-free GEMV for one decode token on
+GPU).
 """
 
 from __future__ import annotations
@@ -37,9 +40,9 @@ def _copy(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
 class ColumnParallelLinear(nn.Module):
     """y = x W^T (+ b) with W's rows (output features) split over TP ranks."""
 
-    def __init__(self, in_features, out_features, bias, ctx: ParallelContext, dtype, device):
+    def __init__(self, in_features, out_features, bias, ctx: ParallelContext, dtype, device, linear=F.linear):
         super().__init__()
-        self.ctx = ctx
+        self.ctx, self.linear = ctx, linear
         self.out_per_rank = _split(out_features, ctx.tp_size, "output features")
         self.weight = _param((self.out_per_rank, in_features), dtype, device)
         self.bias = _param((self.out_per_rank,), dtype, device) if bias else None
@@ -51,14 +54,14 @@ class ColumnParallelLinear(nn.Module):
         _copy(target.data, lazy.load(rows=rows), name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.linear(x, self.weight, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel projections of one input fused into one matmul (gate_up)."""
 
-    def __init__(self, in_features, out_sizes: list[int], bias, ctx, dtype, device):
-        super().__init__(in_features, sum(out_sizes), bias, ctx, dtype, device)
+    def __init__(self, in_features, out_sizes: list[int], bias, ctx, dtype, device, linear=F.linear):
+        super().__init__(in_features, sum(out_sizes), bias, ctx, dtype, device, linear)
         self.shard_sizes = [_split(n, ctx.tp_size, "output features") for n in out_sizes]
 
     def load_shard(self, shard: int, name: str, lazy) -> None:
@@ -77,7 +80,8 @@ class QKVParallelLinear(ColumnParallelLinear):
     ``r * num_kv_heads // tp_size``), which keeps GQA's grouping intact.
     """
 
-    def __init__(self, hidden, head_dim, num_heads, num_kv_heads, bias, ctx: ParallelContext, dtype, device):
+    def __init__(self, hidden, head_dim, num_heads, num_kv_heads, bias, ctx: ParallelContext, dtype, device,
+                 linear=F.linear):
         tp = ctx.tp_size
         self.num_heads = _split(num_heads, tp, "num_attention_heads")
         if num_kv_heads >= tp:
@@ -92,7 +96,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.total_kv_heads = num_kv_heads
         self.head_dim = head_dim
         q, kv = self.num_heads * head_dim, self.num_kv_heads * head_dim
-        super().__init__(hidden, (q + 2 * kv) * tp, bias, ctx, dtype, device)
+        super().__init__(hidden, (q + 2 * kv) * tp, bias, ctx, dtype, device, linear)
         self.q_size, self.kv_size = q, kv
 
     def load_shard(self, shard: str, name: str, lazy) -> None:
@@ -113,9 +117,9 @@ class QKVParallelLinear(ColumnParallelLinear):
 class RowParallelLinear(nn.Module):
     """y = all_reduce(x_shard W_shard^T) (+ b): W's columns (input features) split."""
 
-    def __init__(self, in_features, out_features, bias, ctx: ParallelContext, dtype, device):
+    def __init__(self, in_features, out_features, bias, ctx: ParallelContext, dtype, device, linear=F.linear):
         super().__init__()
-        self.ctx = ctx
+        self.ctx, self.linear = ctx, linear
         self.in_per_rank = _split(in_features, ctx.tp_size, "input features")
         self.weight = _param((out_features, self.in_per_rank), dtype, device)
         self.bias = _param((out_features,), dtype, device) if bias else None
@@ -128,7 +132,7 @@ class RowParallelLinear(nn.Module):
         _copy(self.weight.data, lazy.load(cols=slice(lo, lo + self.in_per_rank)), name)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.ctx.all_reduce(F.linear(x, self.weight))
+        y = self.ctx.all_reduce(self.linear(x, self.weight))
         return y if self.bias is None else y + self.bias
 
 
@@ -161,8 +165,12 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Vocabulary-parallel output projection; logits are gathered to full vocab."""
 
+    def __init__(self, vocab_size, hidden, ctx: ParallelContext, dtype, device, linear=F.linear):
+        super().__init__(vocab_size, hidden, ctx, dtype, device)
+        self.linear = linear
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        logits = F.linear(hidden, self.weight)
+        logits = self.linear(hidden, self.weight)
         if self.ctx.tp_size > 1:
             logits = self.ctx.all_gather_last_dim(logits)
         return logits[..., : self.vocab_size]

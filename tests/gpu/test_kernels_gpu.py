@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fleetlm.kernels import HAS_TRITON, select_ops
-from fleetlm.kernels import activation, attention, kv_cache, rmsnorm, rotary
+from fleetlm.kernels import activation, attention, gemv, kv_cache, rmsnorm, rotary
 from fleetlm.kernels.bench import bench_kernels, make_paged_batch
 
 pytestmark = [
@@ -71,6 +71,20 @@ def test_rotary():
 def test_silu_and_mul():
     x = _randn(2049, 2 * INTER)
     torch.testing.assert_close(activation.silu_and_mul(x), activation.silu_and_mul_ref(x), **TOL[torch.bfloat16])
+
+
+@pytest.mark.parametrize("n,k", [(6144, HIDDEN), (HIDDEN, HIDDEN), (HIDDEN, INTER), (128256, HIDDEN)])
+def test_gemv_llama_shapes(n, k):
+    x = _randn(1, k)
+    w = _randn(n, k, seed=1) / k**0.5
+    torch.testing.assert_close(gemv.linear(x, w), torch.nn.functional.linear(x, w), **TOL[torch.bfloat16])
+
+
+def test_gemv_fused_gate():
+    x = _randn(1, HIDDEN)
+    w = _randn(2 * INTER, HIDDEN, seed=2) / HIDDEN**0.5 * 4
+    ref = activation.silu_and_mul(torch.nn.functional.linear(x, w))
+    torch.testing.assert_close(gemv.linear_silu_mul(x, w), ref, atol=3e-2, rtol=3e-2)
 
 
 def test_store_kv_cache():

@@ -25,6 +25,7 @@ _KERNEL_MODULES = (
     "fleetlm.kernels.rmsnorm",
     "fleetlm.kernels.rotary",
     "fleetlm.kernels.activation",
+    "fleetlm.kernels.gemv",
     "fleetlm.kernels.kv_cache",
     "fleetlm.kernels.attention",
 )

@@ -45,9 +45,10 @@ class LlamaAttention(nn.Module):
         qwen2 = "Qwen2ForCausalLM" in (cfg.get("architectures") or [])
         bias = bool(cfg.get("attention_bias", False) or cfg.get("qkv_bias", False) or qwen2)
         self.qkv_proj = QKVParallelLinear(
-            cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, bias, ctx, dtype, device
+            cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, bias, ctx, dtype, device, ops.linear
         )
-        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, False, ctx, dtype, device)
+        self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, False, ctx, dtype, device,
+                                        ops.linear)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.head_dim = cfg.head_dim
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, ops)
@@ -71,12 +72,14 @@ class LlamaMLP(nn.Module):
         super().__init__()
         inter = int(cfg.get("intermediate_size"))
         bias = bool(cfg.get("mlp_bias", False))
-        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [inter, inter], bias, ctx, dtype, device)
-        self.down_proj = RowParallelLinear(inter, cfg.hidden_size, bias, ctx, dtype, device)
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [inter, inter], bias, ctx, dtype, device,
+                                                       ops.linear)
+        self.down_proj = RowParallelLinear(inter, cfg.hidden_size, bias, ctx, dtype, device, ops.linear)
         self.ops = ops
 
     def forward(self, x):
-        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj
+        return self.down_proj(self.ops.linear_silu_mul(x, gate_up.weight, gate_up.bias))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -122,7 +125,7 @@ class LlamaForCausalLM(nn.Module):
         if ctx.is_last_stage:
             eps = float(cfg.get("rms_norm_eps", 1e-6))
             self.norm = RMSNorm(cfg.hidden_size, eps, ops, dtype, device)
-            self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, ctx, dtype, device)
+            self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, ctx, dtype, device, ops.linear)
         max_pos = max(cfg.max_model_len, int(cfg.get("max_position_embeddings", cfg.max_model_len)))
         self.register_buffer(
             "cos_sin",
