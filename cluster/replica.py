@@ -203,6 +203,12 @@ def _replica_id() -> str:
 
 STREAM_COALESCE_PER_STREAM_S = 0.0005
 STREAM_COALESCE_MAX_S = 0.05
+
+
+def stream_interval_s(open_streams: int, per_stream_s: float = STREAM_COALESCE_PER_STREAM_S,
+                      most_s: float = STREAM_COALESCE_MAX_S) -> float:
+    """Least time between two chunks of one stream when ``open_streams`` are open (0 for one)."""
+    return 0.0 if open_streams <= 1 else min(most_s, per_stream_s * open_streams)
 # A replica whose engine died ends its own process this long after noticing,
 # time enough for its open streams to carry their "retry elsewhere" chunks.
 FAIL_FAST_EXIT_S = 0.5
@@ -243,8 +249,9 @@ class LLMReplica:
         # Streams open on this replica: with many, each chunk's trip through
         # Ray Serve (replica -> ingress -> proxy) costs more than a decode
         # step, so deltas are coalesced (outputs are cumulative, nothing is
-        # lost): a stream waits ~0.5 ms per open stream (at most 50 ms)
-        # between chunks. One stream gets every token at once.
+        # lost): a stream's chunks are at least ``stream_interval_s`` apart,
+        # except its first and its last, which go at once. One stream gets
+        # every token at once.
         self._open_streams = 0
 
     def num_queued(self) -> int:
@@ -289,13 +296,16 @@ class LLMReplica:
         self._open_streams += 1
         try:
             pending_text = ""
+            coalesce = lambda: stream_interval_s(self._open_streams)  # noqa: E731
             if req.resume_token_ids:
                 pending_text = unreleased_text(self.engine.tokenizer, req.prompt_token_ids, req.params,
                                                req.resume_token_ids, req.resume_text_len)
                 outputs = self.engine.generate(req.prompt_token_ids, req.params, req.request_id,
-                                               prior_output_token_ids=list(req.resume_token_ids))
+                                               prior_output_token_ids=list(req.resume_token_ids),
+                                               coalesce_s=coalesce)
             else:
-                outputs = self.engine.generate(req.prompt_token_ids, req.params, req.request_id)
+                outputs = self.engine.generate(req.prompt_token_ids, req.params, req.request_id,
+                                               coalesce_s=coalesce)
             async for out in outputs:
                 now = time.monotonic()
                 if not accepted:
@@ -334,8 +344,6 @@ class LLMReplica:
                 yield chunk
                 if finished:
                     return
-                if self._open_streams > 1:
-                    await asyncio.sleep(min(STREAM_COALESCE_MAX_S, STREAM_COALESCE_PER_STREAM_S * self._open_streams))
         except ValueError as e:
             finished = True  # never admitted
             self.metrics.request_error("invalid_request")

@@ -5,7 +5,8 @@ asyncio callers talk to it through two thread-safe inboxes (new requests,
 aborts) and get their outputs back on their own event loop. Model steps
 release the GIL inside torch, so the event loop stays responsive while the
 device works. Outputs are cumulative, so a slow consumer only ever sees the
-latest one (no unbounded per-request queue).
+latest one (no unbounded per-request queue), and a consumer may ask for
+fewer, larger outputs (``coalesce_s``) without losing anything.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fleetlm.engine.args import EngineArgs
 from fleetlm.engine.block_hash import block_hash_id
@@ -31,15 +32,19 @@ class _Stream:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.event = asyncio.Event()
+        self.event = asyncio.Event()  # a new output (or error) since the consumer last looked
+        self.final = asyncio.Event()  # the last output (or an error) has arrived
         self.latest: RequestOutput | None = None
         self.error: BaseException | None = None
 
     def _set(self, out: RequestOutput | None, error: BaseException | None) -> None:
         if error is not None:
             self.error = error
+            self.final.set()
         else:
             self.latest = out
+            if out.finished:
+                self.final.set()
         self.event.set()
 
     def put(self, out: RequestOutput | None = None, error: BaseException | None = None) -> None:
@@ -79,11 +84,15 @@ class AsyncEngine:
         params: SamplingParams,
         request_id: str,
         prior_output_token_ids: list[int] | None = None,
+        coalesce_s: Callable[[], float] | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield cumulative outputs of one request; the last has ``finished=True``.
 
-        Raises ValueError before the first yield for a request that can never
-        run. Leaving the iteration early (client gone) aborts the request.
+        ``coalesce_s()``, asked after each yield, is the least time before the
+        next one: outputs arriving sooner wait and merge into one (the first
+        and the final output are never held back). Raises ValueError before
+        the first yield for a request that can never run. Leaving the
+        iteration early (client gone) aborts the request.
         """
         self._raise_if_dead()
         if request_id in self._streams:
@@ -100,9 +109,17 @@ class AsyncEngine:
             self._adds.append(group)
         self._wake.set()
         finished = False
+        loop = asyncio.get_running_loop()
+        next_at = 0.0  # loop time before which a non-final output waits
         try:
             while True:
                 await stream.event.wait()
+                wait = next_at - loop.time()
+                if wait > 0 and not stream.final.is_set():
+                    try:
+                        await asyncio.wait_for(stream.final.wait(), wait)
+                    except TimeoutError:
+                        pass
                 stream.event.clear()
                 if stream.error is not None:
                     raise stream.error
@@ -111,6 +128,8 @@ class AsyncEngine:
                 yield out
                 if finished:
                     return
+                if coalesce_s is not None:
+                    next_at = loop.time() + coalesce_s()
         finally:
             self._streams.pop(request_id, None)
             if not finished:
