@@ -201,14 +201,11 @@ def _replica_id() -> str:
 # --- the replica ------------------------------------------------------------------
 
 
-STREAM_COALESCE_PER_STREAM_S = 0.0005
-STREAM_COALESCE_MAX_S = 0.05
 
 
-def stream_interval_s(open_streams: int, per_stream_s: float = STREAM_COALESCE_PER_STREAM_S,
-                      most_s: float = STREAM_COALESCE_MAX_S) -> float:
+def stream_interval_s(open_streams: int, chunks_per_s: float, most_s: float) -> float:
     """Least time between two chunks of one stream when ``open_streams`` are open (0 for one)."""
-    return 0.0 if open_streams <= 1 else min(most_s, per_stream_s * open_streams)
+    return 0.0 if open_streams <= 1 else min(most_s, open_streams / chunks_per_s)
 # A replica whose engine died ends its own process this long after noticing,
 # time enough for its open streams to carry their "retry elsewhere" chunks.
 FAIL_FAST_EXIT_S = 0.5
@@ -238,6 +235,8 @@ class LLMReplica:
         self.engine = engine
         self.name = model.name
         self.max_queued_requests = max_queued_requests
+        self.stream_chunks_per_s = model.stream_chunks_per_s
+        self.stream_max_interval_s = model.stream_max_interval_s
         self.replica = _replica_id()
         self.metrics = ServeMetrics(self.name, self.replica, self.engine.stats)
         self.max_num_seqs = self.engine.config.scheduler.max_num_seqs
@@ -249,7 +248,8 @@ class LLMReplica:
         # Streams open on this replica: with many, each chunk's trip through
         # Ray Serve (replica -> ingress -> proxy) costs more than a decode
         # step, so deltas are coalesced (outputs are cumulative, nothing is
-        # lost): a stream's chunks are at least ``stream_interval_s`` apart,
+        # lost): a stream's chunks are at least ``stream_interval_s`` apart
+        # (about ``stream_chunks_per_s`` chunks a second over all streams),
         # except its first and its last, which go at once. One stream gets
         # every token at once.
         self._open_streams = 0
@@ -296,7 +296,8 @@ class LLMReplica:
         self._open_streams += 1
         try:
             pending_text = ""
-            coalesce = lambda: stream_interval_s(self._open_streams)  # noqa: E731
+            coalesce = lambda: stream_interval_s(  # noqa: E731
+                self._open_streams, self.stream_chunks_per_s, self.stream_max_interval_s)
             if req.resume_token_ids:
                 pending_text = unreleased_text(self.engine.tokenizer, req.prompt_token_ids, req.params,
                                                req.resume_token_ids, req.resume_text_len)

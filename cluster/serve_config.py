@@ -164,6 +164,13 @@ class ModelDeploymentConfig:
     # to wait for their prefill; past either, 429. None: that bound is off.
     max_waiting_requests: int | None = 256
     max_waiting_tokens: int | None = None
+    # Streaming (cluster/replica.py): a replica sends about stream_chunks_per_s
+    # chunks a second over all its open streams, i.e. one stream's chunks are at
+    # least open_streams / stream_chunks_per_s apart (at most stream_max_interval_s;
+    # a lone stream gets every token). Each chunk costs two Ray hops; on one
+    # H100 at 128 streams, 2,000 a second backed up ~2 s behind the engine.
+    stream_chunks_per_s: float = 500.0
+    stream_max_interval_s: float = 0.25
 
     def __post_init__(self) -> None:
         _str(self.model, "model")
@@ -186,6 +193,10 @@ class ModelDeploymentConfig:
             _bool(self.async_scheduling, f"{w}: async_scheduling")
         _opt_int(self.max_waiting_requests, f"{w}: max_waiting_requests", 0)
         _opt_int(self.max_waiting_tokens, f"{w}: max_waiting_tokens", 1)
+        _set(self, "stream_chunks_per_s", _float(self.stream_chunks_per_s, f"{w}: stream_chunks_per_s",
+                                                 low=0.0, low_inclusive=False))
+        _set(self, "stream_max_interval_s", _float(self.stream_max_interval_s, f"{w}: stream_max_interval_s",
+                                                   low=0.0))
         _choice(self.load_format, f"{w}: load_format", LOAD_FORMATS)
         if self.autoscaling is not None:
             if not isinstance(self.autoscaling, AutoscalingConfig):
@@ -204,7 +215,8 @@ class ModelDeploymentConfig:
     def engine_kwargs(self) -> dict[str, Any]:
         """The engine's settings (EngineArgs / LLM keyword names, as in
         DESIGN.md); None values are left out so the engine's defaults apply."""
-        replica_keys = ("name", "num_replicas", "autoscaling", "max_waiting_requests", "max_waiting_tokens")
+        replica_keys = ("name", "num_replicas", "autoscaling", "max_waiting_requests", "max_waiting_tokens",
+                        "stream_chunks_per_s", "stream_max_interval_s")
         return {k: v for k, v in dataclasses.asdict(self).items()
                 if k not in replica_keys and v is not None}
 

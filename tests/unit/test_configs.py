@@ -558,7 +558,7 @@ def test_allow_list_is_the_dataclass_fields():
         "name", "model", "device", "dtype", "tensor_parallel_size", "pipeline_parallel_size",
         "max_model_len", "max_num_seqs", "max_num_batched_tokens", "cpu_kv_cache_bytes", "num_kv_blocks",
         "gpu_memory_utilization", "enable_prefix_caching", "async_scheduling", "load_format", "num_replicas", "autoscaling", "max_waiting_requests",
-        "max_waiting_tokens"}
+        "max_waiting_tokens", "stream_chunks_per_s", "stream_max_interval_s"}
     assert sc.allowed_keys(AutoscalingConfig) == {
         "min_replicas", "max_replicas", "target_ongoing_requests", "upscale_delay_s",
         "downscale_delay_s"}
@@ -902,6 +902,22 @@ def test_every_engine_setting_of_a_model_reaches_the_engine_args():
     assert (args.cpu_kv_cache_bytes, args.enable_prefix_caching, args.load_format) == (1 << 20, False, "dummy")
     assert args.async_scheduling is False
     assert (args.tensor_parallel_size, args.served_model_name, args.max_n, args.max_logprobs) == (2, "m", 4, 5)
-    replica_only = {"name", "num_replicas", "autoscaling", "max_waiting_requests", "max_waiting_tokens"}
+    replica_only = {"name", "num_replicas", "autoscaling", "max_waiting_requests", "max_waiting_tokens",
+                    "stream_chunks_per_s", "stream_max_interval_s"}
+    assert not replica_only & set(kw)  # replica settings never reach EngineArgs
     engine_fields = {f for f in sc.allowed_keys(ModelDeploymentConfig) if f not in replica_only}
     assert engine_fields <= set(kw) | {f for f in engine_fields if getattr(m, f) is None}
+
+
+def test_stream_pacing_settings():
+    from fleetlm.cluster.replica import stream_interval_s
+
+    m = ModelDeploymentConfig()
+    assert (m.stream_chunks_per_s, m.stream_max_interval_s) == (500.0, 0.25)
+    assert stream_interval_s(1, 500.0, 0.25) == 0.0  # a lone stream gets every token
+    assert stream_interval_s(32, 500.0, 0.25) == 32 / 500
+    assert stream_interval_s(1000, 500.0, 0.25) == 0.25
+    assert ModelDeploymentConfig(stream_chunks_per_s=2000, stream_max_interval_s=0).stream_max_interval_s == 0.0
+    for bad in (dict(stream_chunks_per_s=0), dict(stream_chunks_per_s="fast"), dict(stream_max_interval_s=-1)):
+        with pytest.raises(ValueError, match="stream_"):
+            ModelDeploymentConfig(**bad)
