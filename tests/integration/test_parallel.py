@@ -226,6 +226,20 @@ def test_killed_worker_fails_every_request_and_nothing_hangs(ray_local):
         assert time.monotonic() - t0 < 30
 
 
+def _wait_until_dead(actor, within_s: float = 30.0) -> None:
+    """ray.kill is asynchronous: a call sent right after it may still be answered."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.ping.remote(), timeout=5)
+        except ray.exceptions.RayActorError:
+            return
+        except ray.exceptions.GetTimeoutError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"the killed actor still answers after {within_s:g} s")
+
+
 def test_health_check_sees_a_dead_idle_worker(ray_local):
     from fleetlm.workers.ray_group import WorkerGroupError
 
@@ -235,6 +249,7 @@ def test_health_check_sees_a_dead_idle_worker(ray_local):
         group.check_health()
         ray.kill(group.workers[1], no_restart=True)
         t0 = time.monotonic()
+        _wait_until_dead(group.workers[1])
         with pytest.raises(WorkerGroupError, match=r"rank 1 \(tp 1, pp 0\)"):
             group.check_health()
         # The next step fails at once, it does not wait for the dead rank.
