@@ -201,11 +201,11 @@ def _replica_id() -> str:
 # --- the replica ------------------------------------------------------------------
 
 
-
-
 def stream_interval_s(open_streams: int, chunks_per_s: float, most_s: float) -> float:
     """Least time between two chunks of one stream when ``open_streams`` are open (0 for one)."""
     return 0.0 if open_streams <= 1 else min(most_s, open_streams / chunks_per_s)
+
+
 # A replica whose engine died ends its own process this long after noticing,
 # time enough for its open streams to carry their "retry elsewhere" chunks.
 FAIL_FAST_EXIT_S = 0.5
