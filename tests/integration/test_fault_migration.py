@@ -30,7 +30,7 @@ import pytest
 
 from cluster_local import MODEL, deploy, local_serve, replica_counts
 
-from fleetlm.cluster.drill import StreamResult, stream_completion
+from fleetlm.cluster.drill import StreamResult, stream_completion, worker_actor_pids
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -89,24 +89,6 @@ def replica_actor_names() -> list[tuple[str, str]]:
 
     return sorted((a["name"], a["namespace"]) for a in ray.util.list_named_actors(all_namespaces=True)
                   if "LLMReplica" in a["name"])
-
-
-def worker_actor_pids() -> list[int]:
-    """PIDs of the TP/PP worker actors (``ray::WorkerActor...`` processes of this test's cluster)."""
-    import os
-
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmd = f.read()
-        except OSError:
-            continue
-        if cmd.startswith(b"ray::WorkerActor"):
-            pids.append(int(entry))
-    return sorted(pids)
 
 
 def run_fault_scenario(base: str, kill: str, world: int) -> dict:
