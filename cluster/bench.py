@@ -6,8 +6,9 @@
     fleetlm bench serve      --base-url http://127.0.0.1:8000 --max-concurrency 1,8,32,128 --input-len 512 --output-len 128
 
 Every record is ``{benchmark, card, num_devices, versions, commit, date,
-config, figures}``, written to ``benchmarks/results/<name>-<UTC time>.json``
-(or ``--output``). Prompts are random token ids (seeded), requests use
+config, figures}``, written to ``<name>-<UTC time>.json`` in the current
+directory (or ``--results-dir``, or exactly ``--output``), never into the
+installed package. Prompts are random token ids (seeded), requests use
 ``ignore_eos`` so every request produces exactly the tokens asked for.
 
 What the figures mean:
@@ -223,9 +224,8 @@ def make_record(
 
 
 def default_results_dir() -> Path:
-    """``benchmarks/results`` of the source tree when there is one, else of the working directory."""
-    root = REPO_ROOT / "benchmarks"
-    return (root if root.is_dir() else Path.cwd() / "benchmarks") / "results"
+    """The current directory: records never go into the installed package's tree."""
+    return Path.cwd()
 
 
 def write_record(record: dict[str, Any], output: str | Path | None = None, results_dir: str | Path | None = None,
@@ -722,6 +722,13 @@ async def _stream_completion(session, url: str, payload: dict[str, Any], headers
     return res
 
 
+def server_root(base_url: str) -> str:
+    """The server's root URL, whether given as ``http://host:8000`` or, as OpenAI clients
+    take it, ``http://host:8000/v1``."""
+    root = base_url.rstrip("/")
+    return root[: -len("/v1")] if root.endswith("/v1") else root
+
+
 async def fetch_model_name(base_url: str, api_key: str | None) -> str:
     import aiohttp
 
@@ -870,8 +877,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
 
 def _add_common_args(p: argparse.ArgumentParser, ceilings: bool = True) -> None:
     g = p.add_argument_group("record")
-    g.add_argument("--output", help="write the JSON record here (default: benchmarks/results/<name>-<time>.json)")
-    g.add_argument("--results-dir", help="directory for the record when --output is not given")
+    g.add_argument("--output", help="write the JSON record here (default: <name>-<UTC time>.json in --results-dir)")
+    g.add_argument("--results-dir", help="directory for the record when --output is not given (default: the current directory)")
     g.add_argument("--commit", help="commit to record (default: git rev-parse HEAD, else 'unknown')")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--time-limit", type=float, default=600.0,
@@ -956,7 +963,8 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--no-warmup", action="store_true")
 
     s = sub.add_parser("serve", help="load a running OpenAI-compatible endpoint (streaming)")
-    s.add_argument("--base-url", default="http://127.0.0.1:8000")
+    s.add_argument("--base-url", default="http://127.0.0.1:8000",
+                   help="the server, as http://host:port or (as OpenAI clients take it) http://host:port/v1")
     s.add_argument("--served-model", help="`model` to send (default: the first of GET /v1/models)")
     s.add_argument("--api-key")
     s.add_argument("--num-prompts", type=int, default=200, help="per concurrency level")
@@ -1090,6 +1098,7 @@ def cmd_serve(ns, make_llm) -> int:
         raise BenchError("--output names one file; a concurrency sweep writes one record per level (use --results-dir)")
     if not (ns.request_rate > 0):
         raise BenchError("--request-rate must be > 0 (inf: all at once)")
+    ns.base_url = server_root(ns.base_url)
     model = ns.served_model or asyncio.run(fetch_model_name(ns.base_url, ns.api_key))
     for level in levels:
         figures = asyncio.run(run_serve(

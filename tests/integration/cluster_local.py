@@ -55,7 +55,7 @@ def local_serve(num_cpus: int = 8, extra_env: dict[str, str] | None = None) -> I
     port = free_port()
     try:
         # Logical CPUs: each replica asks for one; the real cores are shared.
-        ray.init(num_cpus=num_cpus, _temp_dir=tmp, include_dashboard=False,
+        ray.init(address="local", num_cpus=num_cpus, _temp_dir=tmp, include_dashboard=False,
                  logging_level="WARNING", log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         yield f"http://127.0.0.1:{port}"

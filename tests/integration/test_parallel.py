@@ -10,12 +10,13 @@ placement that cannot be satisfied. Budget: ~5 minutes on 2 idle cores.
 
 from __future__ import annotations
 
+
 import asyncio
 import time
 
 import pytest
 
-ray = pytest.importorskip("ray")
+import ray
 
 from fleetlm import LLM, SamplingParams  # noqa: E402
 from fleetlm.engine.args import EngineArgs  # noqa: E402
@@ -53,7 +54,7 @@ def _ray_module():
 def ray_local(_ray_module):
     """The module's local Ray session (re-started if a multi-node test replaced it)."""
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
 
 

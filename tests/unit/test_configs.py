@@ -5,8 +5,8 @@
   to a cloud; the `ray start` lines parsed by Ray's own CLI definition.
 - Serve YAMLs (configs/serve/) and KubeRay's serveConfigV2: Ray Serve's
   `ServeDeploySchema`, then FleetLM's `parse_app_args` (unknown keys fail).
-- KubeRay manifests (k8s/): the CRDs' openAPIV3Schema from
-  ../shared/k8s-crds/, made strict about unknown fields (as `kubectl apply`
+- KubeRay manifests (k8s/): the CRDs' openAPIV3Schema (tests/data/
+  kuberay-v1-openapi.json), made strict about unknown fields (as `kubectl apply`
   with server-side strict field validation is).
 - Grafana dashboard: every metric it queries is exported by FleetLM
   (cluster/metric_names.py) or is one of Ray Serve's, and every FleetLM
@@ -17,6 +17,7 @@ Nothing here contacts a cloud, a Kubernetes API or a Ray cluster.
 """
 
 from __future__ import annotations
+
 
 import ast
 import dataclasses
@@ -46,7 +47,7 @@ SERVE_DIR = REPO / "configs" / "serve"
 K8S_DIR = REPO / "k8s"
 DASHBOARD = REPO / "configs" / "grafana" / "fleetlm-dashboard.json"
 PROMETHEUS = REPO / "configs" / "prometheus" / "prometheus.yml"
-CRD_DIR = REPO.parent / "shared" / "k8s-crds"
+CRD_SCHEMAS = REPO / "tests" / "data" / "kuberay-v1-openapi.json"
 
 CLUSTER_YAMLS = ("aws.yaml", "gcp.yaml", "local.yaml")
 SERVE_YAMLS = ("default.yaml", "two-models.yaml", "tp2.yaml", "pp-across-nodes.yaml")
@@ -429,7 +430,8 @@ def test_engine_kwargs():
     assert m.engine_kwargs() == {
         "model": "m", "device": "auto", "dtype": "auto", "tensor_parallel_size": 1,
         "pipeline_parallel_size": 1, "max_num_seqs": 8, "gpu_memory_utilization": 0.9,
-        "enable_prefix_caching": True, "load_format": "auto"}
+        "enable_prefix_caching": True, "load_format": "auto", "trust_remote_code": False, "seed": 0,
+        "long_prefill_token_threshold": 0, "block_size": 16, "enforce_eager": False}
 
 
 def test_name_defaults_to_model_string():
@@ -557,8 +559,33 @@ def test_allow_list_is_the_dataclass_fields():
     assert sc.allowed_keys(ModelDeploymentConfig) == {
         "name", "model", "device", "dtype", "tensor_parallel_size", "pipeline_parallel_size",
         "max_model_len", "max_num_seqs", "max_num_batched_tokens", "cpu_kv_cache_bytes", "num_kv_blocks",
-        "gpu_memory_utilization", "enable_prefix_caching", "async_scheduling", "load_format", "num_replicas", "autoscaling", "max_waiting_requests",
-        "max_waiting_tokens", "stream_chunks_per_s", "stream_max_interval_s"}
+        "gpu_memory_utilization", "enable_prefix_caching", "async_scheduling", "load_format", "num_replicas",
+        "autoscaling", "max_waiting_requests", "max_waiting_tokens", "stream_chunks_per_s", "stream_max_interval_s",
+        "tokenizer", "chat_template", "trust_remote_code", "seed", "long_prefill_token_threshold", "block_size",
+        "enforce_eager"}
+
+
+def test_every_engine_argument_is_a_model_key_and_a_serve_flag():
+    """What `LLM(...)` takes, `fleetlm serve` and a Serve config take too (vLLM's flag names)."""
+    from fleetlm.cluster.cli import MODEL_FLAGS, build_parser
+    from fleetlm.engine.args import EngineArgs
+
+    engine = {f.name for f in dataclasses.fields(EngineArgs)}
+    app_level = {"max_n", "max_logprobs"}  # ServeAppConfig: one value for the whole app
+    renamed = {"served_model_name": "name"}
+    model_keys = sc.allowed_keys(ModelDeploymentConfig)
+    missing = {f for f in engine - app_level if renamed.get(f, f) not in model_keys}
+    assert missing == set(), f"EngineArgs fields a Serve model entry cannot set: {missing}"
+    assert app_level <= sc.allowed_keys(ServeAppConfig)
+    replica_keys = {"num_replicas", "autoscaling"}  # --num-replicas / --min/--max-replicas
+    flagged = {f.entry_key for f in MODEL_FLAGS}
+    assert model_keys - replica_keys - flagged == set()
+    help_text = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()
+    for flag in ("--gpu-memory-utilization", "--enable-prefix-caching", "--no-enable-prefix-caching",
+                 "--max-num-batched-tokens", "--enforce-eager", "--seed", "--chat-template", "--tokenizer",
+                 "--max-logprobs", "--block-size", "--trust-remote-code", "--max-model-len"):
+        assert flag in help_text, flag
+    assert "(default: 0.9)" in help_text and "(default: 16)" in help_text  # --help shows defaults
     assert sc.allowed_keys(AutoscalingConfig) == {
         "min_replicas", "max_replicas", "target_ongoing_requests", "upscale_delay_s",
         "downscale_delay_s"}
@@ -606,17 +633,9 @@ def _strict(schema):
 
 @pytest.fixture(scope="module")
 def crd_validators() -> dict[str, jsonschema.protocols.Validator]:
-    if not CRD_DIR.is_dir():
-        pytest.skip(f"KubeRay CRDs not found at {CRD_DIR} (they live beside the repo, "
-                    "in ../shared/k8s-crds/); manifests not schema-checked")
-    validators = {}
-    for kind, file in (("RayService", "ray.io_rayservices.yaml"),
-                       ("RayCluster", "ray.io_rayclusters.yaml")):
-        crd = yaml.load((CRD_DIR / file).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-        assert crd["spec"]["names"]["kind"] == kind
-        (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
-        validators[kind] = jsonschema.Draft7Validator(_strict(v1["schema"]["openAPIV3Schema"]))
-    return validators
+    schemas = json.loads(CRD_SCHEMAS.read_text())["schemas"]
+    assert sorted(schemas) == ["RayCluster", "RayService"]
+    return {kind: jsonschema.Draft7Validator(_strict(schema)) for kind, schema in schemas.items()}
 
 
 MANIFESTS = {"RayService": "rayservice.yaml", "RayCluster": "raycluster.yaml"}
@@ -853,7 +872,7 @@ def test_exposed_base_name():
 
 
 def test_metric_specs_build_prometheus_collectors():
-    prometheus_client = pytest.importorskip("prometheus_client")
+    import prometheus_client
     registry = prometheus_client.CollectorRegistry()
     classes = {"counter": prometheus_client.Counter, "gauge": prometheus_client.Gauge,
                "histogram": prometheus_client.Histogram}
