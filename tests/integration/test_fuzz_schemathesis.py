@@ -20,6 +20,7 @@ are how it sets them; tests are the edge, they may read the environment).
 
 from __future__ import annotations
 
+
 import collections
 import json
 import os
@@ -31,9 +32,9 @@ from typing import Any
 import httpx
 import pytest
 
-schemathesis = pytest.importorskip("schemathesis")
-hypothesis = pytest.importorskip("hypothesis")
-requests = pytest.importorskip("requests")
+import schemathesis
+import hypothesis
+import requests
 
 from serve_harness import MODEL, running_server  # noqa: E402
 

@@ -79,7 +79,7 @@ def test_launcher_rejects_bad_inputs():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_ref_is_hf_apply_rotary_pos_emb(dtype):
-    modeling_llama = pytest.importorskip("transformers.models.llama.modeling_llama")
+    from transformers.models.llama import modeling_llama
     config = modeling_llama.LlamaConfig(
         hidden_size=256, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=MAX_POS
     )

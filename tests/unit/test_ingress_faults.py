@@ -4,6 +4,7 @@ request), migration when a replica stream dies, admission (429 before any replic
 
 from __future__ import annotations
 
+
 import asyncio
 import json
 
@@ -15,7 +16,7 @@ from fleetlm.cluster.app import OpenAIServer, create_app
 from fleetlm.cluster.replica import ChoiceDelta, GenerateChunk, ModelInfo, ReplicaError, ReplicaHealth
 from fleetlm.cluster.serve_config import ModelDeploymentConfig, ServeAppConfig
 
-ray_exc = pytest.importorskip("ray.exceptions")
+from ray import exceptions as ray_exc
 KEY = "k1"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
@@ -229,7 +230,7 @@ def test_hostile_bodies(body, headers, status):
     run(go())
 
 
-def test_every_route_but_health_and_metrics_needs_the_key():
+def test_every_route_but_health_ping_and_metrics_needs_the_key():
     """Walk the app's own route table, so a route added later is covered too."""
     from starlette.routing import Route
 
@@ -238,12 +239,17 @@ def test_every_route_but_health_and_metrics_needs_the_key():
         routes = [(m, r.path) for r in create_app(server).routes if isinstance(r, Route)
                   for m in sorted(r.methods - {"HEAD"})]
         assert {("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models"),
-                ("GET", "/openapi.json"), ("GET", "/debug/invariants")} <= set(routes)
+                ("GET", "/openapi.json"), ("GET", "/debug/invariants"), ("GET", "/version"),
+                ("GET", "/ping")} <= set(routes)
+        # `fleetlm serve --help` names the guarded and the open routes: exactly the app's.
+        from fleetlm.cluster.cli import GUARDED_ROUTES, OPEN_ROUTES
+
+        assert {p for _, p in routes} == set(GUARDED_ROUTES) | set(OPEN_ROUTES)
         body = {"prompt": "x", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1}
         for method, path in routes:
             for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
                 r = await c.request(method, path, headers=headers, json=body)
-                if path in ("/health", "/metrics"):
+                if path in OPEN_ROUTES:
                     assert r.status_code == 200, (method, path, r.text)
                 else:
                     assert r.status_code == 401, (method, path, headers, r.text)

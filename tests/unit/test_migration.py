@@ -8,6 +8,7 @@ produced, and give up cleanly after its attempts.
 
 from __future__ import annotations
 
+
 import asyncio
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ from fleetlm.cluster.migration import MigratingJob, continuation, is_retryable
 from fleetlm.cluster.replica import ChoiceDelta, GenerateChunk, ReplicaError
 from fleetlm.engine.sampling_params import SamplingParams
 
-ray_exc = pytest.importorskip("ray.exceptions")
+from ray import exceptions as ray_exc
 
 
 @pytest.fixture(autouse=True)
