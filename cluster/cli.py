@@ -1,56 +1,144 @@
 """``fleetlm``: the command line. ``fleetlm serve`` runs the OpenAI server; ``fleetlm bench`` benchmarks.
 
 ``fleetlm serve`` with no arguments serves the embedded model on
-127.0.0.1:8000, on whatever device the machine has. It starts a local Ray
-cluster (or joins one with ``--address`` / ``RAY_ADDRESS``), deploys the
-Serve application of :func:`fleetlm.cluster.app.build_app`, and runs until
-SIGTERM or Ctrl-C. Then it drains: new requests get 503, in-flight ones may
-finish for ``--drain-timeout`` seconds (after that they end with an error
-event), and Serve and Ray shut down (a local cluster is stopped entirely, so
-no Ray process outlives the command). A second signal skips the wait.
+127.0.0.1:8000, on whatever device the machine has. ``fleetlm serve MODEL``
+serves another (vLLM's positional form). It starts a local Ray cluster (or
+joins one with ``--address`` / ``RAY_ADDRESS``), deploys the Serve
+application of :func:`fleetlm.cluster.app.build_app`, and runs until SIGTERM
+or Ctrl-C. Then it drains: new requests get 503, in-flight ones may finish
+for ``--drain-timeout`` seconds (after that they end with an error event),
+and Serve and Ray shut down (a local cluster is stopped entirely, so no Ray
+process outlives the command). A second signal skips the wait.
+
+A local cluster runs under a small supervisor: the command's own process
+stays in the caller's process group and forwards SIGTERM / SIGINT to the
+serving process, which runs (with every Ray process it starts) in a session
+of its own. So a signal to the whole process group (``kill -TERM -<pgid>``,
+supervisord's ``stopasgroup``, a shell's job control) reaches the supervisor
+alone and the drain runs with Ray still up; had Ray's GCS and raylet
+received it too they would die at once and the drain would hang on a GCS
+that is gone. The serving process dies with the supervisor (PR_SET_PDEATHSIG)
+if the supervisor is killed outright. Its Ray ports listen on 127.0.0.1
+only (``fleetlm.cluster.loopback``); only the HTTP port binds to ``--host``.
 
 Settings come from flags, or from ``--config`` (a Serve config file such as
 ``configs/serve/default.yaml``, or a bare mapping of the application's
-``args``) with flags overriding it. Unknown keys are an error naming the key.
-This is the edge: the only place that reads the environment
-(``FLEETLM_API_KEY``, ``RAY_ADDRESS``).
+``args``) with flags overriding it. Every engine setting of a model entry
+has a flag (``MODEL_FLAGS``; a unit test keeps the two in step). Unknown keys
+are an error naming the key. This is the edge: the only place that reads
+the environment (``FLEETLM_API_KEY``, ``RAY_ADDRESS``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from fleetlm.cluster.serve_config import parse_app_args
+from fleetlm.cluster.serve_config import EMBEDDED_MODEL, ModelDeploymentConfig, parse_app_args
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
 APP_IMPORT_PATH = "fleetlm.cluster.app:build_app"
+# Set in the serving process the supervisor starts (never by users).
+SUPERVISED_ENV = "FLEETLM_SERVE_SUPERVISED"
+# After forwarding a stop, how long the supervisor waits beyond the drain
+# timeout for Serve and Ray to shut down before it kills the serving session.
+SHUTDOWN_GRACE_S = 60.0
 
 # Keys of a Serve config file (ray.serve.schema.ServeDeploySchema) and of one
 # of its applications that `fleetlm serve --config` understands.
 SERVE_CONFIG_KEYS = frozenset({"proxy_location", "http_options", "grpc_options", "logging_config", "applications"})
 SERVE_APP_KEYS = frozenset({"name", "route_prefix", "import_path", "args", "runtime_env", "deployments"})
 
-# Per-model flags: argparse dest -> model entry key.
-MODEL_FLAGS = {
-    "model": "model",
-    "served_model_name": "name",
-    "device": "device",
-    "dtype": "dtype",
-    "tensor_parallel_size": "tensor_parallel_size",
-    "pipeline_parallel_size": "pipeline_parallel_size",
-    "max_model_len": "max_model_len",
-    "max_num_seqs": "max_num_seqs",
-    "load_format": "load_format",
+# Routes the API key guards: every one but the load balancer's and Prometheus'.
+GUARDED_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/version", "/openapi.json",
+                  "/debug/invariants")
+OPEN_ROUTES = ("/health", "/ping", "/metrics")
+
+
+@dataclass(frozen=True)
+class ModelFlag:
+    """One per-model flag ``--<dest>``, setting the model entry's ``key`` (default: ``dest``)."""
+
+    dest: str
+    kwargs: dict[str, Any]
+    help: str
+    key: str = ""
+
+    @property
+    def entry_key(self) -> str:
+        return self.key or self.dest
+
+
+# What a None default of a model entry field means (the engine resolves it).
+ENGINE_DECIDES = {
+    "max_model_len": "the model's max_position_embeddings, at most 32768",
+    "max_num_seqs": "256 on GPU, 64 on CPU",
+    "max_num_batched_tokens": "8192 on GPU, 2048 on CPU",
+    "cpu_kv_cache_bytes": "2 GiB",
+    "num_kv_blocks": "sized from --gpu-memory-utilization on GPU, --cpu-kv-cache-bytes on CPU",
+    "async_scheduling": "on for one in-process CUDA worker",
+    "tokenizer": "the model's own",
+    "chat_template": "the model's own",
+    "max_waiting_tokens": "off",
 }
+
+# vLLM's names where vLLM has the flag; the others are FleetLM's model entry keys.
+MODEL_FLAGS: tuple[ModelFlag, ...] = (
+    ModelFlag("model", {}, "model name, local HF directory, .gguf file or hub id (as the positional MODEL)"),
+    ModelFlag("served_model_name", {}, "name clients send as `model` (default: the model)", key="name"),
+    ModelFlag("tokenizer", {}, "tokenizer: a local HF directory or a hub id"),
+    ModelFlag("chat_template", {}, "chat template: a file, or the Jinja template itself"),
+    ModelFlag("trust_remote_code", {"action": "store_true", "default": None},
+              "refused: FleetLM runs only its own model code (Llama, Mistral, Qwen2)"),
+    ModelFlag("device", {"choices": ("auto", "cpu", "cuda")}, "device"),
+    ModelFlag("dtype", {"choices": ("auto", "float32", "float16", "bfloat16")},
+              "weights and activations (auto: float32 on CPU; on GPU float16 for a float16 checkpoint, else bfloat16)"),
+    ModelFlag("load_format", {"choices": ("auto", "safetensors", "gguf", "dummy")},
+              "weights: detected, or dummy (random weights of the config's shape, for benchmarks)"),
+    ModelFlag("seed", {"type": int}, "seed of dummy weights and of the engine's random state"),
+    ModelFlag("tensor_parallel_size", {"type": int}, "GPUs (Ray workers) per pipeline stage"),
+    ModelFlag("pipeline_parallel_size", {"type": int}, "pipeline stages (may span nodes)"),
+    ModelFlag("max_model_len", {"type": int}, "prompt + output tokens of one sequence"),
+    ModelFlag("max_num_seqs", {"type": int}, "sequences in one running batch"),
+    ModelFlag("max_num_batched_tokens", {"type": int}, "tokens in one step (the chunked prefill budget)"),
+    ModelFlag("long_prefill_token_threshold", {"type": int},
+              "most tokens one prefill may take of a step (0: no cap beyond the step's)"),
+    ModelFlag("block_size", {"type": int}, "tokens per KV cache block"),
+    ModelFlag("gpu_memory_utilization", {"type": float}, "fraction of GPU memory for weights, activations and KV"),
+    ModelFlag("cpu_kv_cache_bytes", {"type": int}, "KV cache bytes of one replica on CPU"),
+    ModelFlag("num_kv_blocks", {"type": int}, "fixed KV cache size in blocks"),
+    ModelFlag("enable_prefix_caching", {"action": argparse.BooleanOptionalAction, "default": None},
+              "reuse the KV blocks of shared prompt prefixes"),
+    ModelFlag("enforce_eager", {"action": "store_true", "default": None}, "no CUDA graphs"),
+    ModelFlag("async_scheduling", {"action": argparse.BooleanOptionalAction, "default": None},
+              "launch step N+1 while step N runs"),
+    ModelFlag("max_waiting_requests", {"type": int},
+              "sequences of the model allowed to wait beyond the running batches (then 429)"),
+    ModelFlag("max_waiting_tokens", {"type": int}, "prompt tokens of the model allowed to wait (then 429)"),
+    ModelFlag("stream_chunks_per_s", {"type": float}, "SSE chunks a replica sends a second over all its streams"),
+    ModelFlag("stream_max_interval_s", {"type": float}, "most seconds between two chunks of one stream"),
+)
+
+
+def _flag_default(key: str) -> str:
+    """A model entry's default for ``key`` as help text, read from the dataclass (not kept twice)."""
+    value = {f.name: f.default for f in dataclasses.fields(ModelDeploymentConfig)}[key]
+    if value is None:
+        return ENGINE_DECIDES.get(key, "off")
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
 
 
 class CLIError(Exception):
@@ -64,30 +152,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fleetlm", description="FleetLM: LLM serving on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="serve models over the OpenAI HTTP API",
-                       description="Serve models over the OpenAI HTTP API on Ray Serve.")
-    s.add_argument("--model", help="model name, local HF directory or .gguf file "
-                   "(default: the embedded smollm2-135m-instruct)")
-    s.add_argument("--served-model-name", help="name clients send as `model` (default: --model)")
-    s.add_argument("--host", help=f"HTTP host (default {DEFAULT_HOST})")
-    s.add_argument("--port", type=int, help=f"HTTP port (default {DEFAULT_PORT})")
-    s.add_argument("--device", choices=("auto", "cpu", "cuda"))
-    s.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"))
-    s.add_argument("--load-format", choices=("auto", "safetensors", "gguf", "dummy"))
-    s.add_argument("--tensor-parallel-size", type=int)
-    s.add_argument("--pipeline-parallel-size", type=int)
-    s.add_argument("--num-replicas", type=int, help="fixed number of replicas per model")
-    s.add_argument("--min-replicas", type=int, help="autoscaling lower bound (with --max-replicas)")
-    s.add_argument("--max-replicas", type=int, help="autoscaling upper bound")
-    s.add_argument("--api-key", help="require `Authorization: Bearer <key>` on /v1 (or FLEETLM_API_KEY)")
-    s.add_argument("--max-model-len", type=int)
-    s.add_argument("--max-num-seqs", type=int)
-    s.add_argument("--max-queued-requests", type=int,
-                   help="per replica: requests waiting beyond this get 429 with Retry-After")
-    s.add_argument("--config", help="Serve config YAML (configs/serve/*.yaml) or a YAML mapping of app args")
-    s.add_argument("--address", help="join this Ray cluster (default: RAY_ADDRESS, else start a local one)")
-    s.add_argument("--num-cpus", type=int, help="CPUs of the local Ray cluster (default: all)")
-    s.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_TIMEOUT_S,
-                   help=f"seconds in-flight requests may take to finish on shutdown (default {DEFAULT_DRAIN_TIMEOUT_S:g})")
+                       description="Serve models over the OpenAI HTTP API on Ray Serve. Flags override --config.")
+    s.add_argument("model_tag", nargs="?", metavar="MODEL", help=f"model to serve (default: {EMBEDDED_MODEL})")
+    srv = s.add_argument_group("server")
+    srv.add_argument("--host", help=f"HTTP host (default: {DEFAULT_HOST})")
+    srv.add_argument("--port", type=int, help=f"HTTP port (default: {DEFAULT_PORT})")
+    srv.add_argument("--api-key", help="require `Authorization: Bearer <key>` on " + ", ".join(GUARDED_ROUTES)
+                     + " (" + ", ".join(OPEN_ROUTES) + " stay open for load balancers and Prometheus; "
+                     "they carry no prompts or outputs) (default: FLEETLM_API_KEY, else no key)")
+    srv.add_argument("--config", help="Serve config YAML (configs/serve/*.yaml) or a YAML mapping of app args")
+    srv.add_argument("--address", help="join this Ray cluster (default: RAY_ADDRESS, else start a local one "
+                     "whose Ray ports listen on 127.0.0.1 only)")
+    srv.add_argument("--num-cpus", type=int, help="CPUs of the local Ray cluster (default: all)")
+    srv.add_argument("--drain-timeout", type=float, default=DEFAULT_DRAIN_TIMEOUT_S,
+                     help=f"seconds in-flight requests may take to finish on shutdown "
+                          f"(default: {DEFAULT_DRAIN_TIMEOUT_S:g})")
+    srv.add_argument("--max-queued-requests", type=int,
+                     help="per replica, requests waiting beyond this get 429 with Retry-After (default: 256)")
+    srv.add_argument("--max-logprobs", type=int, help="largest logprobs / top_logprobs a request may ask (default: 20)")
+    rep = s.add_argument_group("replicas")
+    rep.add_argument("--num-replicas", type=int, help="fixed number of replicas of the model (default: 1)")
+    rep.add_argument("--min-replicas", type=int, help="autoscaling lower bound, with --max-replicas (default: 1)")
+    rep.add_argument("--max-replicas", type=int, help="autoscaling upper bound (turns autoscaling on)")
+    eng = s.add_argument_group("model and engine (one model; several need --config)")
+    for flag in MODEL_FLAGS:
+        text = flag.help
+        if flag.dest not in ("model", "served_model_name", "trust_remote_code"):
+            text += f" (default: {_flag_default(flag.entry_key)})"
+        eng.add_argument("--" + flag.dest.replace("_", "-"), dest=flag.dest, help=text, **flag.kwargs)
     sub.add_parser("bench", help="run benchmarks (fleetlm bench --help)", add_help=False)
     return parser
 
@@ -127,27 +219,36 @@ def load_config_file(path: str) -> tuple[dict[str, Any], dict[str, Any], str | N
     return dict(app.get("args") or {}), dict(http), data.get("proxy_location")
 
 
-def app_args_from_cli(ns: argparse.Namespace, environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, Any], str | None]:
-    """Merge --config and flags into (app args, http_options, proxy_location); flags win."""
-    args, http, proxy = ({}, {}, None) if not ns.config else load_config_file(ns.config)
-    model_overrides = {key: getattr(ns, dest) for dest, key in MODEL_FLAGS.items() if getattr(ns, dest) is not None}
+def _model_overrides(ns: argparse.Namespace) -> dict[str, Any]:
+    if ns.model_tag is not None and ns.model is not None and ns.model_tag != ns.model:
+        raise CLIError(f"two models given: MODEL {ns.model_tag!r} and --model {ns.model!r}")
+    overrides = {f.entry_key: getattr(ns, f.dest) for f in MODEL_FLAGS if getattr(ns, f.dest) is not None}
+    if ns.model_tag is not None:
+        overrides["model"] = ns.model_tag
     if ns.num_replicas is not None and (ns.min_replicas is not None or ns.max_replicas is not None):
         raise CLIError("give --num-replicas or --min-replicas/--max-replicas, not both")
     if ns.min_replicas is not None and ns.max_replicas is None:
         raise CLIError("--min-replicas needs --max-replicas")
     if ns.num_replicas is not None:
-        model_overrides["num_replicas"] = ns.num_replicas
+        overrides["num_replicas"] = ns.num_replicas
     if ns.max_replicas is not None:
         auto = {"max_replicas": ns.max_replicas}
         if ns.min_replicas is not None:
             auto["min_replicas"] = ns.min_replicas
-        model_overrides["autoscaling"] = auto
+        overrides["autoscaling"] = auto
+    return overrides
+
+
+def app_args_from_cli(ns: argparse.Namespace, environ: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, Any], str | None]:
+    """Merge --config and flags into (app args, http_options, proxy_location); flags win."""
+    args, http, proxy = ({}, {}, None) if not ns.config else load_config_file(ns.config)
+    model_overrides = _model_overrides(ns)
     if model_overrides:
         models = args.get("models")
         if models is None:
             models = [{}]
         if not isinstance(models, list) or len(models) != 1 or not isinstance(models[0], Mapping):
-            raise CLIError("model flags (--model, --device, ...) need a config with exactly one model")
+            raise CLIError("model flags (MODEL, --device, ...) need a config with exactly one model")
         entry = dict(models[0])
         if "num_replicas" in model_overrides:
             entry.pop("autoscaling", None)
@@ -162,6 +263,8 @@ def app_args_from_cli(ns: argparse.Namespace, environ: Mapping[str, str]) -> tup
         args["api_key"] = api_key
     if ns.max_queued_requests is not None:
         args["max_queued_requests"] = ns.max_queued_requests
+    if ns.max_logprobs is not None:
+        args["max_logprobs"] = ns.max_logprobs
     http = dict(http)
     if ns.host is not None or "host" not in http:
         http["host"] = ns.host or DEFAULT_HOST
@@ -226,12 +329,62 @@ def drain(handle: Any, timeout_s: float, force: threading.Event) -> bool:
     return False
 
 
-def run_serve(ns: argparse.Namespace, environ: Mapping[str, str]) -> int:
+def _die_with_parent() -> None:
+    """In the serving process before exec: SIGTERM when the supervisor dies (Linux)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def supervise(argv: Sequence[str], environ: Mapping[str, str], http_port: int, drain_timeout_s: float) -> int:
+    """Run ``fleetlm serve`` in a session of its own and forward stop signals to it (module docstring)."""
+    from fleetlm.cluster.loopback import build_shim, loopback_environ
+
+    shim, why = build_shim()
+    if shim is None:
+        _log(f"warning: Ray's ports will listen on all interfaces ({why}); firewall them")
+    env = loopback_environ({**environ, SUPERVISED_ENV: "1"}, http_port, shim)
+    child = subprocess.Popen([sys.executable, "-m", "fleetlm.cluster.cli", *argv], env=env,
+                             start_new_session=True, preexec_fn=_die_with_parent)
+    stop_at: list[float] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        if not stop_at:
+            stop_at.append(time.monotonic())
+        try:
+            os.kill(child.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, forward)
+    while True:
+        try:
+            code = child.wait(timeout=0.5)
+            break
+        except subprocess.TimeoutExpired:
+            if stop_at and time.monotonic() - stop_at[0] > drain_timeout_s + SHUTDOWN_GRACE_S:
+                _log("shutdown is taking too long: killing the serving process and its Ray cluster")
+                try:
+                    os.killpg(child.pid, signal.SIGKILL)  # the child leads its own process group
+                except ProcessLookupError:
+                    pass
+    return 128 - code if code < 0 else code
+
+
+def run_serve(ns: argparse.Namespace, environ: Mapping[str, str], argv: Sequence[str] = ()) -> int:
     app_args, http, proxy = app_args_from_cli(ns, environ)
     try:
         config = parse_app_args(app_args)  # fail before Ray starts
     except (ValueError, TypeError) as e:
         raise CLIError(str(e)) from None
+    address = ns.address or environ.get("RAY_ADDRESS") or None
+    owns_cluster = address is None
+    if owns_cluster and environ.get(SUPERVISED_ENV) != "1":
+        return supervise(argv, environ, int(http["port"]), ns.drain_timeout)
 
     import ray
     from ray import serve
@@ -240,12 +393,11 @@ def run_serve(ns: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
     signals = _Signals()
     signals.install()
-    address = ns.address or environ.get("RAY_ADDRESS") or None
-    owns_cluster = address is None
     started = False
     try:
         init_kw: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING"}
         if owns_cluster:
+            init_kw["address"] = "local"  # a new cluster, never one some `ray start` left running
             if ns.num_cpus is not None:
                 init_kw["num_cpus"] = ns.num_cpus
         else:
@@ -301,7 +453,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
         if ns.command == "serve":
-            return run_serve(ns, os.environ)
+            return run_serve(ns, os.environ, argv)
     except CLIError as e:
         _log(f"error: {e}")
         return 2

@@ -52,9 +52,11 @@ class ServeProcess:
                     "FLEETLM_TEST_SESSION": self.marker.split("=", 1)[1], **(env or {})}
         full_env.pop("RAY_ADDRESS", None)
         self.log = open(self.log_path, "wb")
+        # Its own process group, as under systemd, Docker or a shell job: the last
+        # test stops it with a signal to the whole group.
         self.proc = subprocess.Popen(
             [*FLEETLM, "serve", "--port", str(self.port), *args],
-            stdout=self.log, stderr=subprocess.STDOUT, env=full_env)
+            stdout=self.log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
 
     def log_tail(self, n: int = 4000) -> str:
         with open(self.log_path, "rb") as f:
@@ -327,7 +329,39 @@ def test_metrics_every_exported_metric_nonzero_after_traffic(base):
     assert m["fleetlm_prefix_cache_hit_tokens_total"] > 0
 
 
-def test_sigterm_drains_inflight_streams_and_leaves_no_ray_process(server, base):
+def _listening(pids: list[int]) -> list[tuple[str, str, int]]:
+    import psutil
+
+    found = []
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            found += [(proc.name(), c.laddr.ip, c.laddr.port) for c in proc.net_connections("inet")
+                      if c.status == psutil.CONN_LISTEN]
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_only_loopback_ports_and_the_http_port_where_asked(server, base):
+    """A single-machine server's Ray processes (GCS, raylet, agents, workers) listen on
+    loopback only; the HTTP port listens on the host asked for (127.0.0.1 here)."""
+    import ipaddress
+
+    sockets = _listening(marked_pids(server.marker))
+    names = {name for name, _, _ in sockets}
+    assert {"gcs_server", "raylet"} <= names, sockets  # Ray's own servers were seen
+    assert ("127.0.0.1", server.port) in {(ip, port) for _, ip, port in sockets}
+    exposed = []
+    for name, ip, port in sockets:
+        addr = ipaddress.ip_address(ip)
+        mapped = getattr(addr, "ipv4_mapped", None)
+        if not (addr.is_loopback or (mapped is not None and mapped.is_loopback)):
+            exposed.append((name, ip, port))
+    assert exposed == [], f"listening beyond loopback: {exposed}"
+
+
+def test_process_group_sigterm_drains_inflight_streams_and_leaves_no_ray_process(server, base):
     async def one(ac, i):
         events = []
         try:
@@ -347,7 +381,9 @@ def test_sigterm_drains_inflight_streams_and_leaves_no_ray_process(server, base)
                 assert time.monotonic() < deadline, "the 8 streams never ran together"
                 await asyncio.sleep(0.05)
             t0 = time.monotonic()
-            server.proc.send_signal(signal.SIGTERM)
+            # What systemd (KillMode=control-group aside), supervisord's stopasgroup and a
+            # shell send: SIGTERM to every process of the command's process group.
+            os.killpg(server.proc.pid, signal.SIGTERM)
             # Draining: the health check fails (load balancers stop sending) and new requests get 503.
             while (await asyncio.to_thread(httpx.get, base + "/health", timeout=10)).status_code != 503:
                 assert time.monotonic() - t0 < 10, "the server did not start draining"
