@@ -142,17 +142,24 @@ class ModelDeploymentConfig:
 
     name: str | None = None
     model: str = EMBEDDED_MODEL
+    tokenizer: str | None = None  # None: the model's own
+    chat_template: str | None = None  # a file, or the template itself; None: the model's own
+    trust_remote_code: bool = False  # refused when true: FleetLM runs only its own model code
     device: str = "auto"
     dtype: str = "auto"
+    seed: int = 0
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     max_model_len: int | None = None          # None: the model's own limit
     max_num_seqs: int | None = None           # None: the engine's default
     max_num_batched_tokens: int | None = None  # None: the engine's default
+    long_prefill_token_threshold: int = 0  # 0: a prefill may take a whole step
+    block_size: int = 16
     cpu_kv_cache_bytes: int | None = None  # KV budget on CPU; None: the engine's default
     num_kv_blocks: int | None = None  # a fixed KV pool size (blocks per replica), instead of sizing from memory
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
+    enforce_eager: bool = False
     # Launch step N+1 while step N runs (engine/llm_engine.py); None: the
     # engine decides (on for one in-process CUDA worker).
     async_scheduling: bool | None = None
@@ -176,19 +183,31 @@ class ModelDeploymentConfig:
         _str(self.model, "model")
         w = f"model {self.model!r}"
         _set(self, "name", self.model if self.name is None else _str(self.name, f"{w}: name"))
+        if self.tokenizer is not None:
+            _str(self.tokenizer, f"{w}: tokenizer")
+        if self.chat_template is not None:
+            _str(self.chat_template, f"{w}: chat_template")
+        if _bool(self.trust_remote_code, f"{w}: trust_remote_code"):
+            # EngineArgs refuses it too; said here so `fleetlm serve` fails before Ray starts.
+            raise ValueError(f"{w}: trust_remote_code is not supported (FleetLM runs only its own model code, "
+                             "never code shipped with a checkpoint)")
         _choice(self.device, f"{w}: device", DEVICES)
+        _int(self.seed, f"{w}: seed", 0)
         _choice(self.dtype, f"{w}: dtype", DTYPES)
         _int(self.tensor_parallel_size, f"{w}: tensor_parallel_size", 1)
         _int(self.pipeline_parallel_size, f"{w}: pipeline_parallel_size", 1)
         _opt_int(self.max_model_len, f"{w}: max_model_len", 1)
         _opt_int(self.max_num_seqs, f"{w}: max_num_seqs", 1)
         _opt_int(self.max_num_batched_tokens, f"{w}: max_num_batched_tokens", 1)
+        _int(self.long_prefill_token_threshold, f"{w}: long_prefill_token_threshold", 0)
+        _int(self.block_size, f"{w}: block_size", 1)
         _opt_int(self.cpu_kv_cache_bytes, f"{w}: cpu_kv_cache_bytes", 1)
         _opt_int(self.num_kv_blocks, f"{w}: num_kv_blocks", 1)
         _set(self, "gpu_memory_utilization", _float(
             self.gpu_memory_utilization, f"{w}: gpu_memory_utilization",
             low=0.0, high=1.0, low_inclusive=False))
         _bool(self.enable_prefix_caching, f"{w}: enable_prefix_caching")
+        _bool(self.enforce_eager, f"{w}: enforce_eager")
         if self.async_scheduling is not None:
             _bool(self.async_scheduling, f"{w}: async_scheduling")
         _opt_int(self.max_waiting_requests, f"{w}: max_waiting_requests", 0)

@@ -4,16 +4,39 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 from fleetlm.engine.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+TRUST_REMOTE_CODE_REFUSED = (
+    "trust_remote_code is not supported: FleetLM runs only its own implementations of the Llama, "
+    "Mistral and Qwen2 architectures, never code shipped with a checkpoint"
+)
+
+
+def resolve_chat_template(value: str | None) -> str | None:
+    """vLLM's ``--chat-template``: a path to a file, or the Jinja template itself."""
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    try:
+        if path.is_file():
+            return path.read_text()
+    except OSError:  # a template string too long to be a path
+        pass
+    if "{{" in value or "{%" in value:
+        return value
+    raise ValueError(f"chat_template {value!r:.80} is neither a file nor a Jinja template")
 
 
 @dataclass
 class EngineArgs:
     model: str = DEFAULT_MODEL
     served_model_name: str | None = None
+    tokenizer: str | None = None  # a local HF tokenizer directory or hub id; None: the model's own
+    chat_template: str | None = None  # a file holding a Jinja chat template, or the template itself
+    trust_remote_code: bool = False  # refused: only FleetLM's own model code runs
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     device: str = "auto"
@@ -60,6 +83,8 @@ class EngineArgs:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < (0 if name == "seed" else 1):
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.trust_remote_code:
+            raise ValueError(TRUST_REMOTE_CODE_REFUSED)
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         device = self.resolve_device()
@@ -89,6 +114,8 @@ class EngineArgs:
             dtype=dtype,
             max_model_len=max_len,
             seed=self.seed,
+            tokenizer=self.tokenizer,
+            chat_template=resolve_chat_template(self.chat_template),
         )
         parallel = ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size, device)
         validate_parallel(model, parallel)

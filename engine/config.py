@@ -22,6 +22,8 @@ class ModelConfig:
     dtype: str  # "float32" | "bfloat16" | "float16"
     max_model_len: int
     seed: int = 0
+    tokenizer: str | None = None  # tokenizer source other than the model's (local dir or hub id)
+    chat_template: str | None = field(default=None, repr=False)  # overrides the tokenizer's
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.hf_config.get(key, default)

@@ -113,8 +113,15 @@ class LLMEngine:
         self.config = config
         self.model_config = config.model
         if tokenizer is None:
-            kind = "dummy" if config.model.kind == "dummy" else "auto"
-            tokenizer = load_tokenizer(resolve_model(config.model.model, kind))
+            mc = config.model
+            if mc.tokenizer is not None:
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(mc.tokenizer)
+            else:
+                tokenizer = load_tokenizer(resolve_model(mc.model, "dummy" if mc.kind == "dummy" else "auto"))
+            if mc.chat_template is not None:
+                tokenizer.chat_template = mc.chat_template
         self.tokenizer = tokenizer
         self.workers = worker_group or create_worker_group(config)
         self.scheduler = Scheduler(config.scheduler, config.cache, self.workers.num_blocks)
