@@ -621,11 +621,30 @@ class OpenAIServer:
             self.authenticate(request)
         except OpenAIError as e:
             return error_response(e)
-        data = []
-        for name, b in self.backends.items():
-            info = b.cached_info()
-            data.append(model_card(name, self._created, info.max_model_len if info else None))
+        infos = await asyncio.gather(*(self._info_soon(b) for b in self.backends.values()))
+        data = [model_card(name, self._created, info.max_model_len if info else None)
+                for name, info in zip(self.backends, infos)]
         return JSONResponse({"object": "list", "data": data})
+
+    @staticmethod
+    async def _info_soon(backend: ModelBackend) -> ModelInfo | None:
+        """The model's info if a replica gives it within ``CONTROL_TIMEOUT_S`` (a model scaled
+        to zero, or still starting, is listed without ``max_model_len``)."""
+        try:
+            return await asyncio.wait_for(backend.info(), CONTROL_TIMEOUT_S)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001
+            return backend.cached_info()
+
+    async def version(self, request: Request) -> Response:
+        try:
+            self.authenticate(request)
+        except OpenAIError as e:
+            return error_response(e)
+        from fleetlm import __version__
+
+        return JSONResponse({"version": __version__})
 
     async def health(self) -> Response:
         if self.draining:
@@ -736,6 +755,15 @@ def create_app(server: OpenAIServer) -> FastAPI:
     async def health() -> Response:
         return await server.health()
 
+    @app.get("/ping")
+    async def ping() -> Response:
+        # vLLM's (and SageMaker's) liveness route: the same answer as /health.
+        return await server.health()
+
+    @app.get("/version")
+    async def version(request: Request) -> Response:
+        return await server.version(request)
+
     @app.get("/metrics")
     async def metrics() -> Response:
         return await server.metrics()
@@ -780,6 +808,9 @@ class OpenAIIngress:
     """The ingress deployment: an ``OpenAIServer`` over the models' replica handles."""
 
     def __init__(self, config: ServeAppConfig, replicas: dict[str, Any]) -> None:
+        from fleetlm.cluster.access_log import quiet_probe_access_logs
+
+        quiet_probe_access_logs()
         backends = {name: ModelBackend(name, h) for name, h in replicas.items()}
         self.server = OpenAIServer(config, backends, replica=_serve_replica_id())
 

@@ -300,6 +300,23 @@ def openapi_document(
                           "503": {"description": "Draining, or a replica is unhealthy.",
                                   "content": {"application/json": {"schema": {"type": "object"}}}}},
         }},
+        "/ping": {"get": {
+            "summary": "The same answer as /health (vLLM's liveness route; no API key)",
+            "security": [],
+            "responses": {"200": {"description": "Every replica is healthy.",
+                                  "content": {"application/json": {"schema": {"type": "object"}}}},
+                          "503": {"description": "Draining, or a replica is unhealthy.",
+                                  "content": {"application/json": {"schema": {"type": "object"}}}}},
+        }},
+        "/version": {"get": {
+            "summary": "FleetLM's version",
+            "responses": {"200": {"description": "The version.",
+                                  "content": {"application/json": {"schema": {
+                                      "type": "object", "properties": {"version": {"type": "string"}},
+                                      "required": ["version"]}}}},
+                          **_errors(401)},
+            **({} if secured else {"security": []}),
+        }},
         "/metrics": {"get": {
             "summary": "Prometheus metrics of the ingress and every replica (no API key)",
             "security": [],

@@ -224,6 +224,10 @@ class LLMReplica:
     ) -> None:
         # Only a replica that built its own engine may end its process (never a test's).
         self._owns_engine = engine is None
+        if self._owns_engine:
+            from fleetlm.cluster.access_log import quiet_probe_access_logs
+
+            quiet_probe_access_logs()
         self._exiting = False
         self._engine_dead = False  # seen dead once: it never comes back
         if engine is None:
