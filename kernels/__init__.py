@@ -3,7 +3,7 @@
 ``select_ops(device)`` returns an :class:`Ops` whose fields are the Triton
 launchers on CUDA (when triton imports) and the plain-torch references
 everywhere else; both sides have the same signatures and semantics (see each
-module's docstring and /work/contract.md, "kernels/")::
+module's docstring and DESIGN.md, "kernels/")::
 
     ops = select_ops(torch.device("cuda"))
     out, residual = ops.fused_add_rms_norm(x, residual, weight, eps)
