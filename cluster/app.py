@@ -83,14 +83,12 @@ from fleetlm.cluster.openai_protocol import (
 )
 from fleetlm.cluster.replica import GenerateChunk, GenerateRequest, LLMReplica, ModelInfo, ReplicaHealth
 from fleetlm.cluster.serve_config import ModelDeploymentConfig, ServeAppConfig, parse_app_args
+from fleetlm.engine.async_engine import TOKENIZE_OFF_LOOP_CHARS
 
 logger = logging.getLogger("fleetlm.ingress")
 
 APP_NAME = "fleetlm"
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-# Inputs longer than this (characters) are tokenized in a worker thread, so the
-# event loop never stalls on a long prompt (~1 ms per few thousand chars).
-TOKENIZE_INLINE_CHARS = 4096
 CONTROL_TIMEOUT_S = 5.0
 # How often the ingress re-counts a model's live replicas (its admission seats).
 REPLICA_COUNT_PERIOD_S = 2.0
@@ -350,7 +348,7 @@ class OpenAIServer:
 
     # -- preparing a request -------------------------------------------------------
     async def _off_loop(self, size: int, fn: Callable[..., Any], *args: Any) -> Any:
-        if size > TOKENIZE_INLINE_CHARS:
+        if size > TOKENIZE_OFF_LOOP_CHARS:
             return await asyncio.to_thread(fn, *args)
         return fn(*args)
 

@@ -13,11 +13,11 @@ overload burst), once traffic stops each engine must be back to a clean state:
 - the block manager's structural invariants (``BlockManager.check_invariants``:
   ref counts match owners, the hash map matches the blocks) hold, idle or not.
 
-:func:`engine_invariants` reads the state through the engine's attributes from
-outside the engine thread. The engine thread only mutates that state while it
-has work, so an idle snapshot is stable; a snapshot taken while requests are in
-flight is approximate and reported as "not idle", never as a broken invariant
-(the structural check is then skipped: it would race the engine thread).
+:func:`engine_invariants` judges the engine's public snapshot
+(``engine.snapshot()``, ``engine/snapshot.py``), taken from outside the
+engine thread: exact when idle; a snapshot taken while requests are in
+flight is approximate and reported as "not idle", never as a broken
+invariant.
 """
 
 from __future__ import annotations
@@ -48,80 +48,24 @@ class InvariantReport:
         return asdict(self)
 
 
-def _llm_engine(engine: Any) -> Any:
-    """The synchronous ``LLMEngine`` of an ``AsyncEngine`` (or the engine itself)."""
-    inner = getattr(engine, "engine", None)
-    return inner if inner is not None and hasattr(inner, "scheduler") else engine
-
-
-def _count(obj: Any, name: str) -> int:
-    value = getattr(obj, name, None)
-    return len(value) if value is not None else 0
-
-
 def engine_invariants(engine: Any) -> InvariantReport:
-    """The idle invariants of an ``AsyncEngine`` or ``LLMEngine``; never raises on a broken one."""
-    core = _llm_engine(engine)
-    sched = core.scheduler
-    bm = sched.blocks
-    # Copies first: the engine thread may be mutating these while we read (a
-    # dict resized mid-copy raises; it settles within a step).
-    for attempt in range(5):
-        try:
-            ref_cnt = list(bm.ref_cnt)
-            free = list(bm.free)
-            hashes = list(bm.block_hash)
-            break
-        except RuntimeError:
-            if attempt == 4:
-                raise
-    counts = {
-        "num_running": len(sched.running),
-        "num_waiting": len(sched.waiting),
-        "num_scheduler_requests": len(sched.requests),
-        "num_output_groups": _count(core, "groups"),
-        # AsyncEngine's inbox and open streams (private there: see the report).
-        "num_inbox": _count(engine, "_adds") if engine is not core else 0,
-        "num_streams": _count(engine, "_streams") if engine is not core else 0,
-    }
-    idle = not any(counts.values())
-    violations: list[str] = []
-    if not idle:
-        busy = ", ".join(f"{k}={v}" for k, v in counts.items() if v)
-        violations.append(f"not idle: {busy}")
-    else:
-        held = [b for b, c in enumerate(ref_cnt) if c != 0]
-        if held:
-            violations.append(f"{len(held)} blocks still referenced with no request in flight: {held[:16]}")
-        if len(free) != bm.num_blocks:
-            violations.append(f"free pool holds {len(free)} of {bm.num_blocks} blocks")
-        tables = {rid: list(t) for rid, t in list(bm.req_blocks.items())}
-        if tables:
-            violations.append(f"block tables left for {len(tables)} requests: {sorted(tables)[:8]}")
-        if getattr(bm, "req_num_hashed", None):
-            violations.append(f"hashed-block counters left for {len(bm.req_num_hashed)} requests")
-        # The engine's own statement of the same (LLMEngine.idle_invariants),
-        # which also runs the block manager's structural checks.
-        check = getattr(core, "idle_invariants", None)
-        try:
-            if check is not None:
-                own = check()
-                if not own.get("ok", False):
-                    violations.append(f"engine idle_invariants: {own}")
-            else:
-                bm.check_invariants()
-        except AssertionError as e:
-            violations.append(f"block manager: {e}")
-    free_set = set(free)
+    """The idle invariants of an ``AsyncEngine`` or ``LLMEngine`` (anything with ``snapshot()``)."""
+    snap = engine.snapshot()
+    violations = snap.violations()
     return InvariantReport(
-        idle=idle,
-        ok=idle and not violations,
+        idle=snap.idle,
+        ok=not violations,
         violations=violations,
-        num_blocks=bm.num_blocks,
-        num_free_blocks=len(free),
-        num_cached_free_blocks=sum(1 for b in free_set if hashes[b] is not None),
-        num_referenced_blocks=sum(1 for c in ref_cnt if c > 0),
-        **counts,
+        num_blocks=snap.num_blocks,
+        num_free_blocks=snap.num_free_blocks,
+        num_cached_free_blocks=snap.num_cached_free_blocks,
+        num_referenced_blocks=len(snap.referenced_blocks),
+        num_running=snap.num_running,
+        num_waiting=snap.num_waiting,
+        num_scheduler_requests=snap.num_scheduler_requests,
+        num_output_groups=snap.num_output_groups,
+        num_inbox=snap.num_inbox,
+        num_streams=snap.num_streams,
     )
 
 

@@ -12,6 +12,7 @@ fewer, larger outputs (``coalesce_s``) without losing anything.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -21,6 +22,13 @@ from fleetlm.engine.block_hash import block_hash_id
 from fleetlm.engine.llm_engine import EngineStats, LLMEngine
 from fleetlm.engine.outputs import RequestOutput
 from fleetlm.engine.sampling_params import SamplingParams
+from fleetlm.engine.snapshot import EngineSnapshot
+
+
+# Text longer than this (characters) is tokenized in a worker thread, so the
+# event loop never stalls on a long prompt (~1 ms per few thousand chars).
+# The ingress uses the same bound.
+TOKENIZE_OFF_LOOP_CHARS = 4096
 
 
 class EngineDeadError(RuntimeError):
@@ -97,7 +105,7 @@ class AsyncEngine:
         self._raise_if_dead()
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
-        if isinstance(prompt, str) and len(prompt) > 2000:
+        if isinstance(prompt, str) and len(prompt) > TOKENIZE_OFF_LOOP_CHARS:
             group = await asyncio.get_running_loop().run_in_executor(
                 None, self.engine.make_group, request_id, prompt, params, prior_output_token_ids
             )
@@ -142,6 +150,12 @@ class AsyncEngine:
         with self._lock:
             self._aborts.append(request_id)
         self._wake.set()
+
+    def snapshot(self) -> EngineSnapshot:
+        """The engine's requests and KV blocks, plus this wrapper's inbox and open streams."""
+        with self._lock:
+            inbox = len(self._adds)
+        return dataclasses.replace(self.engine.snapshot(), num_inbox=inbox, num_streams=len(self._streams))
 
     def stats(self) -> EngineStats:
         """Engine counters; requests still in the inbox count as waiting."""

@@ -27,6 +27,7 @@ from fleetlm.engine.outputs import CompletionOutput, Logprob, RequestMetrics, Re
 from fleetlm.engine.request import Request, RequestStatus
 from fleetlm.engine.sampling_params import SamplingParams
 from fleetlm.engine.scheduler import Scheduler
+from fleetlm.engine.snapshot import EngineSnapshot
 
 
 @dataclass
@@ -375,6 +376,11 @@ class LLMEngine:
             last_step_time=self.last_step_time,
         )
 
+    def snapshot(self) -> EngineSnapshot:
+        """Requests and KV blocks as they are now (see ``engine/snapshot.py``)."""
+        return EngineSnapshot.take(self.scheduler, num_output_groups=len(self.groups),
+                                   num_steps_in_flight=len(self._in_flight))
+
     def idle_invariants(self) -> dict:
         """What must hold once no request is in flight (asserted by tests after faults).
 
@@ -382,28 +388,20 @@ class LLMEngine:
         runs or waits, no step is in flight, and the block manager's
         structural invariants hold.
         """
-        bm = self.scheduler.blocks
-        bm.check_invariants()
-        free = len(bm.free)
-        cached_free = sum(1 for b in bm.free if bm.block_hash[b] is not None)
-        report = {
-            "num_blocks": bm.num_blocks,
-            "free_blocks": free - cached_free,
-            "cached_unreferenced_blocks": cached_free,
-            "referenced_blocks": bm.num_blocks - free,
-            "running": len(self.scheduler.running),
-            "waiting": len(self.scheduler.waiting),
-            "open_requests": len(self.groups),
-            "steps_in_flight": len(self._in_flight),
+        snap = self.snapshot()
+        violations = snap.violations()
+        return {
+            "num_blocks": snap.num_blocks,
+            "free_blocks": snap.num_free_blocks - snap.num_cached_free_blocks,
+            "cached_unreferenced_blocks": snap.num_cached_free_blocks,
+            "referenced_blocks": len(snap.referenced_blocks),
+            "running": snap.num_running,
+            "waiting": snap.num_waiting,
+            "open_requests": snap.num_output_groups,
+            "steps_in_flight": snap.num_steps_in_flight,
+            "violations": violations,
+            "ok": not violations,
         }
-        report["ok"] = (
-            report["referenced_blocks"] == 0
-            and report["running"] == 0
-            and report["waiting"] == 0
-            and report["open_requests"] == 0
-            and report["steps_in_flight"] == 0
-        )
-        return report
 
     def shutdown(self) -> None:
         self.workers.shutdown()

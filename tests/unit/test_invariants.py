@@ -9,15 +9,18 @@ from fleetlm.engine.config import CacheConfig, SchedulerConfig
 from fleetlm.engine.request import Request, RequestStatus
 from fleetlm.engine.sampling_params import SamplingParams
 from fleetlm.engine.scheduler import Scheduler
+from fleetlm.engine.snapshot import EngineSnapshot
 
 BS = 4
 
 
 def mkengine(num_blocks: int = 8) -> SimpleNamespace:
+    """An engine-shaped object: a real scheduler, an inbox and streams, and the engine's snapshot."""
     sched = Scheduler(SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=4, max_model_len=64),
                       CacheConfig(block_size=BS, enable_prefix_caching=True), num_blocks)
-    core = SimpleNamespace(scheduler=sched, groups={})
-    return SimpleNamespace(engine=core, _adds=[], _streams={})
+    eng = SimpleNamespace(engine=SimpleNamespace(scheduler=sched), _adds=[], _streams={})
+    eng.snapshot = lambda: EngineSnapshot.take(sched, num_inbox=len(eng._adds), num_streams=len(eng._streams))
+    return eng
 
 
 def run_to_end(sched: Scheduler, rid: str, prompt: list[int], max_tokens: int) -> None:
