@@ -3,13 +3,15 @@
 Column-parallel layers split the output features over the TP ranks (no
 communication in forward); row-parallel layers split the input features and
 all-reduce the partial sums; the vocabulary-parallel embedding and LM head
-split the vocabulary. Each layer loads its own shard from a ``LazyTensor``
-(``load(rows=, cols=)``), so a rank reads only the slice it keeps.
+split the vocabulary. With tp_size == 1 every layer is a plain linear /
+embedding.
 
-With tp_size == 1 every layer is a plain linear / embedding. The matmul
-itself is ``linear`` (``F.linear``'s signature), given by the model from its
-kernel namespace (``ops.linear``: a split-free GEMV for one decode token on
-GPU).
+What a linear layer holds and how it multiplies is its weight format's
+(``parallel/formats/``: a ``LinearMethod`` declares the tensors and how each
+follows the output and input features). The layer only knows which
+features are this rank's, and cuts every checkpoint tensor to them from a
+``LazyTensor`` (``load(rows=, cols=)``), so a rank reads only the slice it
+keeps, whatever the format.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fleetlm.parallel.context import ParallelContext
+from fleetlm.parallel.formats import DenseMethod, LinearMethod, ParamSpec
 
 
 def _split(n: int, parts: int, what: str) -> int:
@@ -37,39 +40,80 @@ def _copy(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
     dst.copy_(src)
 
 
-class ColumnParallelLinear(nn.Module):
+def _read(lazy, spec: ParamSpec, out_range: tuple[int, int] | None, in_range: tuple[int, int] | None):
+    """The block of a checkpoint tensor covering output features ``out_range`` and input features ``in_range``."""
+    cuts: dict[int, slice] = {}
+    if out_range is not None and spec.out_dim is not None:
+        cuts[spec.out_dim] = spec.element_range(out_range, spec.out_per, "output")
+    if in_range is not None and spec.in_dim is not None:
+        cuts[spec.in_dim] = spec.element_range(in_range, spec.in_per, "input")
+    if set(cuts) - {0, 1}:
+        raise ValueError(f"{spec.name}: only the first two dimensions of a tensor can be split")
+    return lazy.load(rows=cuts.get(0), cols=cuts.get(1))
+
+
+class LinearBase(nn.Module):
+    """A linear layer of this rank's ``in_features x out_features``, its tensors owned by ``method``."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, ctx: ParallelContext, dtype, device,
+                 method: LinearMethod) -> None:
+        super().__init__()
+        self.ctx, self.method = ctx, method
+        self.in_per_rank, self.out_per_rank = in_features, out_features
+        self.specs = {s.name: s for s in method.create_weights(self, in_features, out_features, dtype, device)}
+        self.bias = _param((out_features,), dtype, device) if bias else None
+        if bias:
+            self.specs["bias"] = ParamSpec("bias", (out_features,), dtype, out_dim=0, in_dim=None)
+
+    def _spec(self, name: str) -> ParamSpec:
+        suffix = name.rpartition(".")[2]
+        spec = self.specs.get(suffix)
+        if spec is None:
+            raise ValueError(f"weight {name}: a {self.method.name} {type(self).__name__} has no tensor {suffix!r} "
+                             f"(it holds {', '.join(sorted(self.specs))})")
+        return spec
+
+    def _load_part(self, name: str, lazy, out_range, in_range, out_offset: int, out_size: int | None) -> None:
+        """Copy the checkpoint block into this rank's tensor, at output features [out_offset, +out_size)."""
+        spec = self._spec(name)
+        block = _read(lazy, spec, out_range, in_range)
+        dst = getattr(self, spec.name).data
+        if out_size is not None and spec.out_dim is not None:
+            part = spec.element_range((out_offset, out_offset + out_size), spec.out_per, "output")
+            dst = dst.narrow(spec.out_dim, part.start, part.stop - part.start)
+        _copy(dst, block, name)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.method.apply(self, x, self.bias)
+
+
+class ColumnParallelLinear(LinearBase):
     """y = x W^T (+ b) with W's rows (output features) split over TP ranks."""
 
-    def __init__(self, in_features, out_features, bias, ctx: ParallelContext, dtype, device, linear=F.linear):
-        super().__init__()
-        self.ctx, self.linear = ctx, linear
-        self.out_per_rank = _split(out_features, ctx.tp_size, "output features")
-        self.weight = _param((self.out_per_rank, in_features), dtype, device)
-        self.bias = _param((self.out_per_rank,), dtype, device) if bias else None
+    def __init__(self, in_features, out_features, bias, ctx: ParallelContext, dtype, device, method: LinearMethod):
+        super().__init__(in_features, _split(out_features, ctx.tp_size, "output features"), bias, ctx, dtype,
+                         device, method)
 
     def load(self, name: str, lazy) -> None:
         lo = self.ctx.tp_rank * self.out_per_rank
-        rows = slice(lo, lo + self.out_per_rank)
-        target = self.bias if name.endswith("bias") else self.weight
-        _copy(target.data, lazy.load(rows=rows), name)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x, self.weight, self.bias)
+        self._load_part(name, lazy, (lo, lo + self.out_per_rank), None, 0, None)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel projections of one input fused into one matmul (gate_up)."""
 
-    def __init__(self, in_features, out_sizes: list[int], bias, ctx, dtype, device, linear=F.linear):
-        super().__init__(in_features, sum(out_sizes), bias, ctx, dtype, device, linear)
+    def __init__(self, in_features, out_sizes: list[int], bias, ctx, dtype, device, method: LinearMethod):
+        super().__init__(in_features, sum(out_sizes), bias, ctx, dtype, device, method)
         self.shard_sizes = [_split(n, ctx.tp_size, "output features") for n in out_sizes]
 
     def load_shard(self, shard: int, name: str, lazy) -> None:
         size = self.shard_sizes[shard]
-        offset = sum(self.shard_sizes[:shard])
         lo = self.ctx.tp_rank * size
-        target = self.bias if name.endswith("bias") else self.weight
-        _copy(target.data[offset : offset + size], lazy.load(rows=slice(lo, lo + size)), name)
+        self._load_part(name, lazy, (lo, lo + size), None, sum(self.shard_sizes[:shard]), size)
+
+    def silu_mul(self, x: torch.Tensor, silu_and_mul) -> torch.Tensor:
+        """``silu(gate) * up`` of the two halves (a format may fuse it into the matmul)."""
+        return self.method.apply_silu_mul(self, x, self.bias, silu_and_mul)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -81,7 +125,7 @@ class QKVParallelLinear(ColumnParallelLinear):
     """
 
     def __init__(self, hidden, head_dim, num_heads, num_kv_heads, bias, ctx: ParallelContext, dtype, device,
-                 linear=F.linear):
+                 method: LinearMethod):
         tp = ctx.tp_size
         self.num_heads = _split(num_heads, tp, "num_attention_heads")
         if num_kv_heads >= tp:
@@ -96,7 +140,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.total_kv_heads = num_kv_heads
         self.head_dim = head_dim
         q, kv = self.num_heads * head_dim, self.num_kv_heads * head_dim
-        super().__init__(hidden, (q + 2 * kv) * tp, bias, ctx, dtype, device, linear)
+        super().__init__(hidden, (q + 2 * kv) * tp, bias, ctx, dtype, device, method)
         self.q_size, self.kv_size = q, kv
 
     def load_shard(self, shard: str, name: str, lazy) -> None:
@@ -110,29 +154,23 @@ class QKVParallelLinear(ColumnParallelLinear):
                 head = rank * self.total_kv_heads // self.ctx.tp_size
             lo, size = head * d, self.kv_size
             offset = self.q_size + (0 if shard == "k" else self.kv_size)
-        target = self.bias if name.endswith("bias") else self.weight
-        _copy(target.data[offset : offset + size], lazy.load(rows=slice(lo, lo + size)), name)
+        self._load_part(name, lazy, (lo, lo + size), None, offset, size)
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(LinearBase):
     """y = all_reduce(x_shard W_shard^T) (+ b): W's columns (input features) split."""
 
-    def __init__(self, in_features, out_features, bias, ctx: ParallelContext, dtype, device, linear=F.linear):
-        super().__init__()
-        self.ctx, self.linear = ctx, linear
-        self.in_per_rank = _split(in_features, ctx.tp_size, "input features")
-        self.weight = _param((out_features, self.in_per_rank), dtype, device)
-        self.bias = _param((out_features,), dtype, device) if bias else None
+    def __init__(self, in_features, out_features, bias, ctx: ParallelContext, dtype, device, method: LinearMethod):
+        super().__init__(_split(in_features, ctx.tp_size, "input features"), out_features, bias, ctx, dtype, device,
+                         method)
 
     def load(self, name: str, lazy) -> None:
-        if name.endswith("bias"):
-            _copy(self.bias.data, lazy.load(), name)
-            return
         lo = self.ctx.tp_rank * self.in_per_rank
-        _copy(self.weight.data, lazy.load(cols=slice(lo, lo + self.in_per_rank)), name)
+        self._load_part(name, lazy, None, (lo, lo + self.in_per_rank), 0, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.ctx.all_reduce(self.linear(x, self.weight))
+        # The bias is added once, after the sum over ranks.
+        y = self.ctx.all_reduce(self.method.apply(self, x, None))
         return y if self.bias is None else y + self.bias
 
 
@@ -163,14 +201,18 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """Vocabulary-parallel output projection; logits are gathered to full vocab."""
+    """Vocabulary-parallel output projection; logits are gathered to full vocab.
 
-    def __init__(self, vocab_size, hidden, ctx: ParallelContext, dtype, device, linear=F.linear):
+    Dense, in the model's dtype (its rows may be the tied embedding's): the
+    matmul is the dense format's (``DenseMethod``), GEMV included.
+    """
+
+    def __init__(self, vocab_size, hidden, ctx: ParallelContext, dtype, device, method: DenseMethod):
         super().__init__(vocab_size, hidden, ctx, dtype, device)
-        self.linear = linear
+        self.method = method
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        logits = self.linear(hidden, self.weight)
+        logits = self.method.apply(self, hidden, None)
         if self.ctx.tp_size > 1:
             logits = self.ctx.all_gather_last_dim(logits)
         return logits[..., : self.vocab_size]

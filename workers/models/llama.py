@@ -1,7 +1,9 @@
 """The Llama family (Llama 2/3/3.1, SmolLM2, Mistral; Qwen2 via q/k/v bias).
 
 Reads like single-device PyTorch: parallelism comes from ``fleetlm.parallel``
-layers, kernels from the ``ops`` namespace chosen once per device. A pipeline
+layers, kernels from the ``ops`` namespace chosen once per device, and each
+linear layer's weight format from ``methods(layer_name)``
+(``parallel/formats``): the model never touches a projection's tensors. A pipeline
 stage builds only its own layer range: the first stage embeds, the last one
 normalizes and owns the LM head; between stages travel (hidden, residual).
 """
@@ -15,7 +17,9 @@ from torch import nn
 
 from fleetlm.engine.config import ModelConfig
 from fleetlm.parallel.context import ParallelContext
+from fleetlm.parallel.formats import DenseMethod, linear_methods
 from fleetlm.parallel.layers import (
+    LinearBase,
     MergedColumnParallelLinear,
     ParallelLMHead,
     QKVParallelLinear,
@@ -39,16 +43,15 @@ class RMSNorm(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, ops, dtype, device) -> None:
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, ops, dtype, device, methods, prefix: str) -> None:
         super().__init__()
         # Qwen2 has q/k/v biases without saying so in its config.
         qwen2 = "Qwen2ForCausalLM" in (cfg.get("architectures") or [])
         bias = bool(cfg.get("attention_bias", False) or cfg.get("qkv_bias", False) or qwen2)
-        self.qkv_proj = QKVParallelLinear(
-            cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, bias, ctx, dtype, device, ops.linear
-        )
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, bias, ctx,
+                                          dtype, device, methods(f"{prefix}.qkv_proj"))
         self.o_proj = RowParallelLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, False, ctx, dtype, device,
-                                        ops.linear)
+                                        methods(f"{prefix}.o_proj"))
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.head_dim = cfg.head_dim
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, ops)
@@ -68,28 +71,28 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, ops, dtype, device) -> None:
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, ops, dtype, device, methods, prefix: str) -> None:
         super().__init__()
         inter = int(cfg.get("intermediate_size"))
         bias = bool(cfg.get("mlp_bias", False))
         self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [inter, inter], bias, ctx, dtype, device,
-                                                       ops.linear)
-        self.down_proj = RowParallelLinear(inter, cfg.hidden_size, bias, ctx, dtype, device, ops.linear)
+                                                       methods(f"{prefix}.gate_up_proj"))
+        self.down_proj = RowParallelLinear(inter, cfg.hidden_size, bias, ctx, dtype, device,
+                                           methods(f"{prefix}.down_proj"))
         self.ops = ops
 
     def forward(self, x):
-        gate_up = self.gate_up_proj
-        return self.down_proj(self.ops.linear_silu_mul(x, gate_up.weight, gate_up.bias))
+        return self.down_proj(self.gate_up_proj.silu_mul(x, self.ops.silu_and_mul))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, ctx, ops, dtype, device) -> None:
+    def __init__(self, cfg: ModelConfig, ctx, ops, dtype, device, methods, prefix: str) -> None:
         super().__init__()
         eps = float(cfg.get("rms_norm_eps", 1e-6))
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps, ops, dtype, device)
-        self.self_attn = LlamaAttention(cfg, ctx, ops, dtype, device)
+        self.self_attn = LlamaAttention(cfg, ctx, ops, dtype, device, methods, f"{prefix}.self_attn")
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps, ops, dtype, device)
-        self.mlp = LlamaMLP(cfg, ctx, ops, dtype, device)
+        self.mlp = LlamaMLP(cfg, ctx, ops, dtype, device, methods, f"{prefix}.mlp")
 
     def forward(self, positions, x, residual, meta, kv_cache, cos_sin):
         if residual is None:
@@ -111,9 +114,10 @@ def stage_layers(num_layers: int, pp_size: int, pp_rank: int) -> range:
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, ops, dtype: torch.dtype, device) -> None:
+    def __init__(self, cfg: ModelConfig, ctx: ParallelContext, ops, dtype: torch.dtype, device, methods=None) -> None:
         super().__init__()
         self.cfg, self.ctx = cfg, ctx
+        methods = methods or linear_methods(ops)
         self.layer_range = stage_layers(cfg.num_layers, ctx.pp_size, ctx.pp_rank)
         self.tie_embeddings = bool(cfg.get("tie_word_embeddings", False))
         self.embed_tokens = (
@@ -121,11 +125,12 @@ class LlamaForCausalLM(nn.Module):
             if ctx.is_first_stage or (ctx.is_last_stage and self.tie_embeddings)
             else None
         )
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, ctx, ops, dtype, device) for _ in self.layer_range)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, ctx, ops, dtype, device, methods, f"model.layers.{i}")
+                                    for i in self.layer_range)
         if ctx.is_last_stage:
             eps = float(cfg.get("rms_norm_eps", 1e-6))
             self.norm = RMSNorm(cfg.hidden_size, eps, ops, dtype, device)
-            self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, ctx, dtype, device, ops.linear)
+            self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, ctx, dtype, device, DenseMethod(ops))
         max_pos = max(cfg.max_model_len, int(cfg.get("max_position_embeddings", cfg.max_model_len)))
         self.register_buffer(
             "cos_sin",
@@ -182,6 +187,9 @@ class LlamaForCausalLM(nn.Module):
             else:
                 continue  # rotary inv_freq buffers and the like
             loaded.add(name)
+        for module in self.modules():
+            if isinstance(module, LinearBase):
+                module.method.process_weights_after_loading(module)
         return loaded
 
     @staticmethod
