@@ -63,7 +63,8 @@ class BlockManager:
         At least one token is always left to compute, since the step that
         computes the last token is the one that produces logits to sample from.
         """
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or req.params.prompt_logprobs is not None:
+            # Prompt logprobs need logits at every prompt position: nothing may be skipped.
             return []
         max_blocks = (req.num_tokens - 1) // self.block_size
         hits: list[int] = []
@@ -129,6 +130,22 @@ class BlockManager:
                 self.cached[h] = b
                 self.block_hash[b] = h
         self.req_num_hashed[req.request_id] = max(done, upto)
+
+    def trim(self, request_id: str, num_tokens: int) -> None:
+        """Give back the request's trailing blocks beyond its first ``num_tokens`` tokens
+        (the KV slots of rejected speculative tokens). Those blocks were never cached:
+        only full blocks of real, computed tokens are."""
+        table = self.req_blocks.get(request_id)
+        if table is None:
+            return
+        keep = cdiv(num_tokens, self.block_size)
+        while len(table) > keep:
+            b = table.pop()
+            assert self.block_hash[b] is None, f"block {b} of {request_id} is cached; it cannot be trimmed"
+            self.ref_cnt[b] -= 1
+            if self.ref_cnt[b] == 0:
+                self.free[b] = None
+                self.free.move_to_end(b, last=False)
 
     def free_request(self, request_id: str) -> None:
         """Release every block of the request (idempotent)."""

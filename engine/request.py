@@ -20,12 +20,6 @@ from fleetlm.engine.block_hash import hash_prompt_blocks
 from fleetlm.engine.sampling_params import SamplingParams
 
 
-def needs_output_history(params: SamplingParams) -> bool:
-    """Sampling reads the values of earlier output tokens on the host (penalties),
-    so a step cannot sample this request before the previous step's token is back."""
-    return params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
-
-
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -85,6 +79,10 @@ class Request:
         self.token_ids = list(prompt_token_ids) + list(prior_output_token_ids or ())
         self.num_computed_tokens = 0
         self.num_pending_tokens = 0  # sampled by steps whose results are not back yet
+        # Speculative decoding: tokens proposed for the next step to verify (set
+        # by a proposer between steps), and how many the step in flight verifies.
+        self.spec_token_ids: list[int] = []
+        self.num_spec_in_flight = 0
         self.num_cached_tokens = -1  # prefix-cache hit at first admission (-1 = not yet)
         self.num_preemptions = 0
         self.status = RequestStatus.WAITING
@@ -133,6 +131,14 @@ class Request:
             self.block_hashes += hash_prompt_blocks(
                 self.token_ids, self.block_size, self.cache_key, parent=parent, start=start
             )
+
+    def drop_last_tokens(self, k: int) -> None:
+        """Forget the last ``k`` output tokens of a finished request (a stop string
+        matched before them, in a step that accepted several tokens)."""
+        assert self.is_finished and 0 <= k <= self.num_output_tokens
+        if k:
+            del self.token_ids[-k:]
+            del self.block_hashes[len(self.token_ids) // self.block_size :]
 
     def check_token_stop(self, max_model_len: int) -> RequestStatus | None:
         """Stops decided by the last token alone (stop strings are the detokenizer's)."""

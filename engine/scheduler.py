@@ -8,58 +8,12 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
 
 from fleetlm.engine.block_manager import BlockManager, cdiv
 from fleetlm.engine.config import CacheConfig, SchedulerConfig
-from fleetlm.engine.request import Request, RequestStatus, needs_output_history
-from fleetlm.engine.sampling_params import SamplingParams
-
-# Token id of a pending token in a scheduled step (never a real vocabulary id).
-PLACEHOLDER = -1
-
-
-@dataclass(frozen=True)
-class ScheduledRequest:
-    """One request's share of a step."""
-
-    request_id: str
-    # The tokens whose K/V this step computes; PLACEHOLDER for a token sampled
-    # by the step still in flight (the runner takes it from that step's output).
-    token_ids: list[int]
-    start_pos: int  # position of token_ids[0] (= num_computed_tokens before the step)
-    block_table: list[int]
-    sample: bool  # the request's last token is computed this step: sample the next
-
-
-@dataclass(frozen=True)
-class NewRequest:
-    """Sent to the workers once, the first time a request is scheduled."""
-
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    prior_output_token_ids: list[int] = field(default_factory=list)  # migrated requests only
-
-
-@dataclass(frozen=True)
-class SchedulerOutput:
-    """Everything the workers need for one step (and nothing else)."""
-
-    scheduled: list[ScheduledRequest]
-    new_requests: list[NewRequest] = field(default_factory=list)
-    finished_request_ids: list[str] = field(default_factory=list)  # workers drop their state
-    preempted_request_ids: list[str] = field(default_factory=list)
-    step_id: int = 0  # matches the step's result to the requests it scheduled
-
-    @property
-    def num_batched_tokens(self) -> int:
-        return sum(len(s.token_ids) for s in self.scheduled)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.scheduled
-
+from fleetlm.engine.request import Request, RequestStatus
+from fleetlm.engine.sampling_params import needs_output_history
+from fleetlm.engine.step import PLACEHOLDER, NewRequest, ScheduledRequest, SchedulerOutput
 
 class Scheduler:
     def __init__(self, sched: SchedulerConfig, cache: CacheConfig, num_blocks: int) -> None:
@@ -126,10 +80,6 @@ class Scheduler:
             self._finished_since_last_step.append(request_id)
         return req
 
-    @property
-    def num_unfinished(self) -> int:
-        return len(self.requests)
-
     # -- the step ------------------------------------------------------------
     def schedule(self, exclude: frozenset[str] | set[str] = frozenset(), ahead: bool = False) -> SchedulerOutput:
         """Choose the requests and token counts of the next step.
@@ -148,7 +98,11 @@ class Scheduler:
         after its longest cached prefix. Nothing is admitted in a step that
         preempted, so a preempted request is not overtaken by newcomers.
         Progress is advanced here, at schedule time: the step will compute
-        what it was given; a step that samples leaves a pending token.
+        what it was given; a step that samples leaves a pending token. A
+        decode whose request holds proposals (``Request.spec_token_ids``)
+        also computes as many of them as the budget, max_tokens and
+        max_model_len allow, to verify them; the result rolls back the
+        positions of those rejected (``update_from_output``).
 
         ``exclude`` names running requests that are part of a step still in
         flight (pipeline parallelism keeps several micro-batches in flight
@@ -175,9 +129,12 @@ class Scheduler:
                 i += 1
                 continue
             assert ahead or not req.num_pending_tokens, f"{req} has a pending token outside an ahead step"
-            if ahead and req.num_pending_tokens and needs_output_history(req.params):
+            if ahead and req.num_pending_tokens and (needs_output_history(req.params) or req.num_spec_in_flight):
+                # Its pending tokens' values, or their number (a verify step), are needed on the host.
                 return SchedulerOutput(scheduled=[])
             n = min(req.num_tokens - req.num_computed_tokens, budget, cap)
+            if not ahead and n == req.num_tokens - req.num_computed_tokens:
+                n += self._num_spec(req, budget - n)
             while not self.blocks.allocate_slots(req, n):
                 if ahead:
                     # Blocks already added to earlier requests' tables are the
@@ -227,11 +184,16 @@ class Scheduler:
                 prior = req.token_ids[req.num_prompt_tokens : req.num_prompt_tokens + req.num_prior_output_tokens]
                 new_requests.append(NewRequest(req.request_id, req.prompt_token_ids, req.params, prior))
             start = req.num_computed_tokens
-            token_ids = req.token_ids[start : start + n]
-            token_ids += [PLACEHOLDER] * (n - len(token_ids))
-            sample = start + n == req.num_tokens
+            num_spec = max(0, start + n - req.num_tokens)  # proposals past the newest token
+            n_real = n - num_spec
+            token_ids = req.token_ids[start : start + n_real]
+            token_ids += [PLACEHOLDER] * (n_real - len(token_ids))
+            token_ids += req.spec_token_ids[:num_spec]
+            sample = start + n_real == req.num_tokens
             req.num_computed_tokens += n
             req.num_pending_tokens += sample
+            req.num_spec_in_flight = num_spec
+            req.spec_token_ids = []  # used (or dropped: proposals are for one step)
             out.append(
                 ScheduledRequest(
                     request_id=req.request_id,
@@ -239,6 +201,7 @@ class Scheduler:
                     start_pos=start,
                     block_table=list(self.blocks.blocks_of(req.request_id)),
                     sample=sample,
+                    num_spec_tokens=num_spec,
                 )
             )
         finished, self._finished_since_last_step = self._finished_since_last_step, []
@@ -254,14 +217,18 @@ class Scheduler:
             step_id=step_id,
         )
 
-    def update_from_output(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[tuple[Request, int | None]]:
-        """Take in a step's result; returns (request, new token or None) per scheduled request still running.
+    def update_from_output(self, out: SchedulerOutput, accepted: dict[str, list[int]]) -> list[tuple[Request, list[int]]]:
+        """Take in a step's result; returns (request, its new tokens) per scheduled request still running.
 
-        Each sampled token replaces the request's oldest pending token.
-        Requests whose last token ended them (EOS, stop token, length) are
-        finished here; stop strings are the engine's business. Requests that
-        ended while the step ran (abort, a stop found in the step before) are
-        skipped: their share of the step is discarded.
+        ``accepted`` holds each sampling request's accepted tokens (see
+        ``engine/step.py``): the first replaces the request's pending token;
+        with proposals, the K/V positions of the rejected ones are rolled back
+        and their blocks given back. Tokens are appended one by one and
+        checked for EOS, stop token and length: a request that stops keeps no
+        token after the one that stopped it, and is finished here; stop
+        strings are the engine's business. Requests that ended while the step
+        ran (abort, a stop found in the step before) are skipped: their share
+        of the step is discarded.
         """
         now = time.monotonic()
         results = []
@@ -270,20 +237,25 @@ class Scheduler:
         for s, req in zip(out.scheduled, reqs):
             if req.status != RequestStatus.RUNNING:  # ended while the step ran
                 continue
+            tokens = accepted[s.request_id] if s.sample else []
+            if s.num_spec_tokens:
+                assert 1 <= len(tokens) <= 1 + s.num_spec_tokens, (s.request_id, tokens)
+                self._roll_back(req, s.num_spec_tokens - (len(tokens) - 1))
             # Only real tokens have hashes, so only blocks of real tokens are
             # cached, though their K/V may still be written by a step in flight:
             # any step that reads them runs after it on the same stream.
             self.blocks.cache_full_blocks(req)
-            token = None
-            if s.sample:
-                token = sampled[s.request_id]
+            kept = []
+            for token in tokens:
                 req.append_token(token)
+                kept.append(token)
                 if req.times.first_token is None:
                     req.times.first_token = now
                 stop = req.check_token_stop(self.config.max_model_len)
                 if stop is not None:
                     self.finish_request(req.request_id, stop)
-            results.append((req, token))
+                    break
+            results.append((req, kept))
         return results
 
     @property
@@ -291,9 +263,26 @@ class Scheduler:
         return len(self._in_flight)
 
     # -- internals -----------------------------------------------------------
+    def _num_spec(self, req: Request, budget: int) -> int:
+        """How many of ``req``'s proposals fit this step: the budget, max_tokens and max_model_len bound them."""
+        if not req.spec_token_ids or budget <= 0 or req.num_pending_tokens:
+            return 0
+        room_out = req.params.max_tokens - req.num_output_tokens - 1  # the step's own token comes first
+        room_len = self.config.max_model_len - req.num_tokens - 1
+        return max(0, min(len(req.spec_token_ids), budget, room_out, room_len))
+
+    def _roll_back(self, req: Request, num_rejected: int) -> None:
+        """Forget the K/V of ``num_rejected`` trailing proposals; give back the blocks only they used."""
+        req.num_spec_in_flight = 0
+        if num_rejected:
+            req.num_computed_tokens -= num_rejected
+            self.blocks.trim(req.request_id, req.num_computed_tokens)
+
+
     def _preempt(self, req: Request) -> None:
         assert not req.num_pending_tokens, f"{req} preempted while a step computes it"
         self.blocks.free_request(req.request_id)
+        req.spec_token_ids = []
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
         req.num_preemptions += 1

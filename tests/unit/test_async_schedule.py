@@ -15,7 +15,13 @@ from fleetlm.engine.block_manager import cdiv
 from fleetlm.engine.config import CacheConfig, SchedulerConfig
 from fleetlm.engine.request import Request, RequestStatus
 from fleetlm.engine.sampling_params import SamplingParams
-from fleetlm.engine.scheduler import PLACEHOLDER, Scheduler, SchedulerOutput
+from fleetlm.engine.scheduler import Scheduler
+from fleetlm.engine.step import PLACEHOLDER, SchedulerOutput
+
+
+def one_token(sampled: dict[str, int]) -> dict[str, list[int]]:
+    """A step's result without proposals: one accepted token per sampling request."""
+    return {rid: [t] for rid, t in sampled.items()}
 
 BS = 4
 EOS = 2
@@ -50,9 +56,9 @@ def test_step_ahead_decodes_a_placeholder_and_updates_replace_pending_tokens_in_
     assert n1.step_id == n0.step_id + 1 and s.num_steps_in_flight == 2
     assert (a.num_computed_tokens, a.num_pending_tokens, a.num_tokens) == (7, 2, 8)
     assert s.blocks.blocks_of("a") == [0, 1]
-    assert s.update_from_output(n0, {"a": 7}) == [(a, 7)]
+    assert s.update_from_output(n0, one_token({"a": 7})) == [(a, [7])]
     assert a.output_token_ids == [7] and a.num_pending_tokens == 1
-    assert s.update_from_output(n1, {"a": 8}) == [(a, 8)]
+    assert s.update_from_output(n1, one_token({"a": 8})) == [(a, [8])]
     assert a.output_token_ids == [7, 8] and a.num_pending_tokens == 0 and a.num_tokens == 8
     assert s.num_steps_in_flight == 0
     # With N's token known, the next step carries it for real.
@@ -66,10 +72,10 @@ def test_block_hashes_cover_only_real_tokens():
     n0 = s.schedule()
     n1 = s.schedule(ahead=True)  # computes position 7 from a placeholder
     assert len(a.block_hashes) == 1  # the pending token's block has no hash yet
-    s.update_from_output(n0, {"a": 9})
+    s.update_from_output(n0, one_token({"a": 9}))
     assert len(a.block_hashes) == 2 and a.token_ids[4:8] == [104, 105, 106, 9]
     assert s.blocks.cached == {a.block_hashes[0]: 0}
-    s.update_from_output(n1, {"a": 10})
+    s.update_from_output(n1, one_token({"a": 10}))
     # Block 1 (computed by n1, position 7 from the placeholder) is cached once its tokens are real.
     assert s.blocks.cached == {a.block_hashes[0]: 0, a.block_hashes[1]: 1}
 
@@ -84,16 +90,16 @@ def test_pending_token_that_ends_the_request_on_length_is_not_scheduled_ahead():
     assert a.finishes_on_length_with_pending(12) and not b.finishes_on_length_with_pending(12)
     n1 = s.schedule(ahead=True)
     assert view(n1) == [("b", 9, [PLACEHOLDER], True)]  # a's one token is all it gets
-    s.update_from_output(n0, {"a": 7, "b": 7})
+    s.update_from_output(n0, one_token({"a": 7, "b": 7}))
     assert a.status == RequestStatus.FINISHED_LENGTH and s.blocks.blocks_of("a") == []
     n2 = s.schedule(ahead=True)
     assert view(n2) == [("b", 10, [PLACEHOLDER], True)]
     assert b.num_tokens == 12 and b.num_pending_tokens == 2
-    s.update_from_output(n1, {"b": 8})
+    s.update_from_output(n1, one_token({"b": 8}))
     # b's pending third token ends it (max_tokens, and max_model_len): position 11 is never computed.
     assert b.finishes_on_length_with_pending(12)
     assert s.schedule(ahead=True).is_empty
-    assert s.update_from_output(n2, {"b": 9}) == [(b, 9)]
+    assert s.update_from_output(n2, one_token({"b": 9})) == [(b, [9])]
     assert b.status == RequestStatus.FINISHED_LENGTH and b.output_token_ids == [7, 8, 9]
     assert b.num_computed_tokens == 11
 
@@ -111,7 +117,7 @@ def test_penalties_make_the_step_ahead_come_back_empty_without_side_effects():
     assert ahead.is_empty and ahead.preempted_request_ids == []
     assert (a.num_computed_tokens, a.num_pending_tokens, p.num_computed_tokens, p.num_pending_tokens) == before
     assert s.num_steps_in_flight == 1
-    s.update_from_output(n0, {"a": 7, "p": 8})
+    s.update_from_output(n0, one_token({"a": 7, "p": 8}))
     # Synchronous fallback: with N processed nothing is pending, p is scheduled normally.
     assert view(s.schedule()) == [("a", 5, [7], True), ("p", 5, [8], True)]
 
@@ -126,8 +132,8 @@ def test_penalty_request_without_pending_token_does_not_block_the_step_ahead():
     assert view(n0) == [("a", 0, [100, 101, 102], True), ("p", 0, [300, 301, 302], False)]
     n1 = s.schedule(ahead=True)  # p's prefill chunk has no pending token: its next chunk may go ahead
     assert view(n1) == [("a", 3, [PLACEHOLDER], True), ("p", 3, [303, 304, 305, 306, 307], False)]
-    s.update_from_output(n0, {"a": 7})
-    s.update_from_output(n1, {"a": 8})
+    s.update_from_output(n0, one_token({"a": 7}))
+    s.update_from_output(n1, one_token({"a": 8}))
     assert p.num_computed_tokens == 8 and p.num_pending_tokens == 0
 
 
@@ -142,7 +148,7 @@ def test_step_ahead_never_preempts():
     ahead = s.schedule(ahead=True)  # a's placeholder at position 8 needs a third block
     assert ahead.is_empty and ahead.preempted_request_ids == []
     assert a.status == b.status == RequestStatus.RUNNING and s.num_preemptions == 0
-    s.update_from_output(n0, {"a": 7, "b": 7})
+    s.update_from_output(n0, one_token({"a": 7, "b": 7}))
     out = s.schedule()  # synchronous again: now b is preempted for a
     assert view(out) == [("a", 8, [7], True)] and out.preempted_request_ids == ["b"]
     assert b.num_computed_tokens == 0 and b.num_pending_tokens == 0 and b.output_token_ids == [7]
@@ -172,8 +178,8 @@ def test_abort_while_two_steps_are_in_flight_discards_both_and_frees_blocks_at_o
     assert s.blocks.blocks_of("a") == [] and s.blocks.ref_cnt[:2] == [0, 0]
     # No block of a was hashed yet (hashes are registered at update): both go to the front of the pool.
     assert list(s.blocks.free) == [0, 1, 4, 5, 6, 7]
-    assert s.update_from_output(n0, {"a": 7, "b": 7}) == [(b, 7)]
-    assert s.update_from_output(n1, {"a": 8, "b": 8}) == [(b, 8)]
+    assert s.update_from_output(n0, one_token({"a": 7, "b": 7})) == [(b, [7])]
+    assert s.update_from_output(n1, one_token({"a": 8, "b": 8})) == [(b, [8])]
     assert a.output_token_ids == [] and b.output_token_ids == [7, 8]
     out = s.schedule()
     assert out.finished_request_ids == ["a"]
@@ -189,12 +195,12 @@ def test_request_id_reused_after_abort_never_gets_the_old_requests_tokens():
     s.finish_request("a", RequestStatus.FINISHED_ABORTED)
     new = mkreq("a", 3, base=500)
     s.add_request(new)
-    s.update_from_output(n0, {"a": 7})  # the old request's result: discarded
+    s.update_from_output(n0, one_token({"a": 7}))  # the old request's result: discarded
     n2 = s.schedule(ahead=True)
     assert view(n2) == [("a", 0, [500, 501, 502], True)]
-    assert [r.request_id for r in s.update_from_output(n1, {"a": 8})] == []  # old again: discarded
+    assert [r.request_id for r in s.update_from_output(n1, one_token({"a": 8}))] == []  # old again: discarded
     assert new.output_token_ids == [] and new.num_pending_tokens == 1
-    assert s.update_from_output(n2, {"a": 9}) == [(new, 9)]
+    assert s.update_from_output(n2, one_token({"a": 9})) == [(new, [9])]
     assert new.output_token_ids == [9] and old.output_token_ids == []
 
 
@@ -204,9 +210,9 @@ def test_stop_found_in_step_n_discards_step_n_plus_1():
     s.add_request(a)
     n0 = s.schedule()
     n1 = s.schedule(ahead=True)
-    assert [r for r, _ in s.update_from_output(n0, {"a": EOS})] == [a]
+    assert [r for r, _ in s.update_from_output(n0, one_token({"a": EOS}))] == [a]
     assert a.status == RequestStatus.FINISHED_STOPPED and a.output_token_ids == [EOS]
-    assert s.update_from_output(n1, {"a": 9}) == []
+    assert s.update_from_output(n1, one_token({"a": 9})) == []
     assert a.output_token_ids == [EOS]
     assert sum(s.blocks.ref_cnt) == 0
 
@@ -220,14 +226,14 @@ def test_chunked_prefill_continues_ahead_with_real_tokens():
     assert view(n0) == [("a", 0, [100, 101, 102, 103], False)]
     assert view(n1) == [("a", 4, [104, 105, 106, 107], False)]
     assert a.num_pending_tokens == 0
-    assert s.update_from_output(n0, {}) == [(a, None)]
+    assert s.update_from_output(n0, one_token({})) == [(a, [])]
     n2 = s.schedule(ahead=True)
     assert view(n2) == [("a", 8, [108, 109], True)]
-    s.update_from_output(n1, {})
+    s.update_from_output(n1, one_token({}))
     n3 = s.schedule(ahead=True)
     assert view(n3) == [("a", 10, [PLACEHOLDER], True)]
-    s.update_from_output(n2, {"a": 7})
-    s.update_from_output(n3, {"a": 8})
+    s.update_from_output(n2, one_token({"a": 7}))
+    s.update_from_output(n3, one_token({"a": 8}))
     assert a.output_token_ids == [7, 8]
 
 
@@ -241,7 +247,7 @@ def test_siblings_wait_for_a_real_token_of_the_leader():
     assert leader.num_computed_tokens == 9  # progress ran ahead of the cache...
     n1 = s.schedule(ahead=True)
     assert view(n1) == [("r#0", 9, [PLACEHOLDER], True)]  # ...so the sibling still waits
-    s.update_from_output(n0, {"r#0": 7})
+    s.update_from_output(n0, one_token({"r#0": 7}))
     n2 = s.schedule(ahead=True)
     assert [(x.request_id, x.start_pos) for x in n2.scheduled] == [("r#0", 10), ("r#1", 8)]
     assert sib.num_cached_tokens == 8
@@ -340,20 +346,20 @@ def test_randomized_async_steps_keep_invariants_and_kv_contents(seed):
         else:
             reported.extend(out.finished_request_ids)  # the engine sends them with its next step
         out, sampled = in_flight.pop(0)
-        s.update_from_output(out, sampled)
+        s.update_from_output(out, one_token(sampled))
         s.blocks.check_invariants()
         for r in s.waiting:
             assert r.num_pending_tokens == 0 and r.num_computed_tokens == 0
     while in_flight:
         out, sampled = in_flight.pop(0)
-        s.update_from_output(out, sampled)
+        s.update_from_output(out, one_token(sampled))
     for _ in range(3000):  # drain synchronously
         if not s.requests:
             break
         out = s.schedule()
         reported.extend(out.finished_request_ids)
         sent.extend(n.request_id for n in out.new_requests)
-        s.update_from_output(out, kv.run(s, out, rng))
+        s.update_from_output(out, one_token(kv.run(s, out, rng)))
     assert s.requests == {} and s.num_steps_in_flight == 0
     reported += s.schedule().finished_request_ids
     assert sum(s.blocks.ref_cnt) == 0 and s.blocks.num_free_blocks == num_blocks

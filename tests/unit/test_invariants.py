@@ -11,6 +11,11 @@ from fleetlm.engine.sampling_params import SamplingParams
 from fleetlm.engine.scheduler import Scheduler
 from fleetlm.engine.snapshot import EngineSnapshot
 
+
+def one_token(sampled: dict[str, int]) -> dict[str, list[int]]:
+    """A step's result without proposals: one accepted token per sampling request."""
+    return {rid: [t] for rid, t in sampled.items()}
+
 BS = 4
 
 
@@ -27,7 +32,7 @@ def run_to_end(sched: Scheduler, rid: str, prompt: list[int], max_tokens: int) -
     sched.add_request(Request(rid, prompt, SamplingParams(max_tokens=max_tokens), BS))
     while rid in sched.requests:
         out = sched.schedule()
-        sched.update_from_output(out, {s.request_id: 7 for s in out.scheduled if s.sample})
+        sched.update_from_output(out, one_token({s.request_id: 7 for s in out.scheduled if s.sample}))
 
 
 def test_fresh_engine_is_idle_and_clean():

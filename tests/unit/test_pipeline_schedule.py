@@ -6,6 +6,11 @@ from fleetlm.engine.sampling_params import SamplingParams
 from fleetlm.engine.scheduler import Scheduler
 
 
+def one_token(sampled: dict[str, int]) -> dict[str, list[int]]:
+    """A step's result without proposals: one accepted token per sampling request."""
+    return {rid: [t] for rid, t in sampled.items()}
+
+
 def _req(rid, n, max_tokens=8):
     return Request(rid, list(range(1, n + 1)), SamplingParams(max_tokens=max_tokens, ignore_eos=True), 4)
 
@@ -20,7 +25,7 @@ def test_second_micro_batch_takes_only_requests_not_in_flight():
         s.add_request(_req(rid, 5))
     first = s.schedule()
     assert [x.request_id for x in first.scheduled] == ["a", "b"]
-    s.update_from_output(first, {"a": 7, "b": 7})
+    s.update_from_output(first, one_token({"a": 7, "b": 7}))
     s.add_request(_req("c", 3))
     # "a" is in flight in a second micro-batch; the next one may take b and c only.
     mb1 = s.schedule(exclude={"b"})
@@ -36,10 +41,10 @@ def test_preemption_skips_requests_in_flight():
     s.add_request(_req("b", 7))
     out = s.schedule()  # a: 2 blocks, b: 2 blocks, the pool is full
     assert [x.request_id for x in out.scheduled] == ["a", "b"]
-    s.update_from_output(out, {"a": 9, "b": 9})
+    s.update_from_output(out, one_token({"a": 9, "b": 9}))
     out = s.schedule()  # position 7 still fits each request's 2nd block
     assert [x.request_id for x in out.scheduled] == ["a", "b"]
-    s.update_from_output(out, {"a": 9, "b": 9})  # 9 tokens each: position 8 needs a 3rd block
+    s.update_from_output(out, one_token({"a": 9, "b": 9}))  # 9 tokens each: position 8 needs a 3rd block
     mb = s.schedule(exclude={"b"})  # b is in flight: a must not evict it, so a preempts itself
     assert mb.is_empty and mb.preempted_request_ids == ["a"]
     assert s.requests["b"].status == RequestStatus.RUNNING and s.requests["a"].status == RequestStatus.PREEMPTED
@@ -51,5 +56,5 @@ def test_results_of_an_aborted_in_flight_request_are_ignored():
     s.add_request(_req("a", 5))
     out = s.schedule()
     s.finish_request("a", RequestStatus.FINISHED_ABORTED)
-    assert s.update_from_output(out, {"a": 3}) == []
+    assert s.update_from_output(out, one_token({"a": 3})) == []
     assert s.blocks.num_free_blocks == s.blocks.num_blocks

@@ -14,7 +14,13 @@ from fleetlm.engine.block_manager import cdiv
 from fleetlm.engine.config import CacheConfig, SchedulerConfig
 from fleetlm.engine.request import Request, RequestStatus
 from fleetlm.engine.sampling_params import SamplingParams
-from fleetlm.engine.scheduler import NewRequest, Scheduler, SchedulerOutput
+from fleetlm.engine.scheduler import Scheduler
+from fleetlm.engine.step import NewRequest, SchedulerOutput
+
+
+def one_token(sampled: dict[str, int]) -> dict[str, list[int]]:
+    """A step's result without proposals: one accepted token per sampling request."""
+    return {rid: [t] for rid, t in sampled.items()}
 
 BS = 4
 EOS = 2
@@ -80,7 +86,7 @@ def step(s: Scheduler, tokens: dict[str, int] | None = None) -> SchedulerOutput:
     check(s, out)
     assert out.num_batched_tokens <= s.config.max_num_batched_tokens
     sampled = {x.request_id: tokens.get(x.request_id, TOK) for x in out.scheduled if x.sample}
-    s.update_from_output(out, sampled)
+    s.update_from_output(out, one_token(sampled))
     check(s)
     return out
 
@@ -249,7 +255,7 @@ def test_preemption_takes_last_admitted_and_admits_nothing_that_step():
     # b's full prompt block (2) stays cached in the free queue.
     assert list(s.blocks.free) == [2]
     assert s.blocks.cached == {a.block_hashes[0]: 0, a.block_hashes[1]: 1, b.block_hashes[0]: 2}
-    s.update_from_output(out, {"a": 11})
+    s.update_from_output(out, one_token({"a": 11}))
     check(s)
     assert a.status == RequestStatus.FINISHED_LENGTH
 
@@ -268,7 +274,7 @@ def test_preemption_takes_last_admitted_and_admits_nothing_that_step():
     assert b.num_cached_tokens == 0  # first admission had no hit
     assert (s.blocks.queried_tokens - queried, s.blocks.hit_tokens - hit) == (8 + 3, 4)
     assert s.blocks.ref_cnt == [0, 1, 1, 1]
-    s.update_from_output(out, {"b": 21, "c": 30})
+    s.update_from_output(out, one_token({"b": 21, "c": 30}))
     check(s)
     assert b.output_token_ids == [20, 21]
 
@@ -412,9 +418,9 @@ def test_abort_while_step_runs_is_skipped_by_update():
     s.add_request(b)
     out = s.schedule()
     s.finish_request("a", RequestStatus.FINISHED_ABORTED)
-    results = s.update_from_output(out, {"a": 7, "b": 8})
+    results = s.update_from_output(out, one_token({"a": 7, "b": 8}))
     check(s)
-    assert [(r.request_id, t) for r, t in results] == [("b", 8)]
+    assert [(r.request_id, t) for r, t in results] == [("b", [8])]
     # Progress was advanced when the step was scheduled; the sampled token is discarded.
     assert a.output_token_ids == [] and a.num_computed_tokens == 5 and a.num_pending_tokens == 1
     assert s.schedule().finished_request_ids == ["a"]
@@ -426,8 +432,8 @@ def test_update_returns_token_only_for_sampling_requests():
     s.add_request(mkreq("b", 9, base=300))
     out = s.schedule()
     assert chunks(out) == [("a", 0, 3, True), ("b", 0, 3, False)]
-    res = s.update_from_output(out, {"a": 9})
-    assert [(r.request_id, t) for r, t in res] == [("a", 9), ("b", None)]
+    res = s.update_from_output(out, one_token({"a": 9}))
+    assert [(r.request_id, t) for r, t in res] == [("a", [9]), ("b", [])]
     assert s.requests["b"].num_computed_tokens == 3
 
 
@@ -571,7 +577,7 @@ def run_tokens(s: Scheduler, req: Request, tokens: list[int]) -> list[RequestSta
     for t in tokens:
         out = s.schedule()
         assert [x.request_id for x in out.scheduled] == [req.request_id]
-        s.update_from_output(out, {req.request_id: t})
+        s.update_from_output(out, one_token({req.request_id: t}))
         check(s)
         statuses.append(req.status)
     return statuses
@@ -730,7 +736,7 @@ def test_randomized_steps_keep_invariants_and_kv_contents(seed, caching):
         sent += [n.request_id for n in out.new_requests]
         kv.run(s, out)
         sampled = {x.request_id: rng.choice([EOS, 3] + [7, 8, 9, 11] * 4) for x in out.scheduled if x.sample}
-        s.update_from_output(out, sampled)
+        s.update_from_output(out, one_token(sampled))
         check(s)
     # Drain: everything left finishes (no starvation, no leak).
     for _ in range(3000):
@@ -741,7 +747,7 @@ def test_randomized_steps_keep_invariants_and_kv_contents(seed, caching):
         reported += out.finished_request_ids
         sent += [n.request_id for n in out.new_requests]
         kv.run(s, out)
-        s.update_from_output(out, {x.request_id: 7 for x in out.scheduled if x.sample})
+        s.update_from_output(out, one_token({x.request_id: 7 for x in out.scheduled if x.sample}))
         check(s)
     assert s.requests == {}
     reported += s.schedule().finished_request_ids
