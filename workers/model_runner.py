@@ -13,94 +13,21 @@ placeholders, filled on the device from this step's sampled tokens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import torch
 
 from fleetlm.engine.config import CacheConfig, ModelConfig
-from fleetlm.engine.request import needs_output_history
-from fleetlm.engine.sampling_params import SamplingParams
-from fleetlm.engine.scheduler import PLACEHOLDER, SchedulerOutput
+from fleetlm.engine.sampling_params import needs_output_history
+from fleetlm.engine.step import PLACEHOLDER, ModelRunnerOutput, SchedulerOutput
 from fleetlm.kernels import select_ops
 from fleetlm.parallel.context import ParallelContext
 from fleetlm.workers.attention import AttentionMetadata
 from fleetlm.workers.models import model_class
-from fleetlm.workers.sampler import Sampler, SamplingBatch, SamplingRow, min_tokens_banned_ids
+from fleetlm.workers.pending import PendingOutput, ReqState
+from fleetlm.workers.sampler import Sampler, SamplingBatch, SamplingRow, compute_topk_logprobs, min_tokens_banned_ids
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _NP_DTYPES = {torch.int64: np.int64, torch.int32: np.int32}
-
-
-@dataclass
-class _ReqState:
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    output_token_ids: list[int] = field(default_factory=list)  # read back so far
-    num_sampled: int = 0  # output tokens sampled so far, including those of steps not read back yet
-
-
-@dataclass
-class ModelRunnerOutput:
-    """What crosses back to the engine each step: a few ints (and floats) per sampling request."""
-
-    request_ids: list[str]
-    sampled_token_ids: list[int]
-    # Per request: None, or [(token_id, logprob, rank)] with the sampled token first.
-    logprobs: list[list[tuple[int, float, int]] | None] | None = None
-
-
-class PendingOutput:
-    """A launched step's sampled tokens on their way to the host.
-
-    The device->host copies are queued behind the step at launch, into pinned
-    memory, followed by an event; ``result()`` waits for that event only.
-    """
-
-    def __init__(self, req_ids: list[str], states: list[_ReqState], tensors: list[torch.Tensor]) -> None:
-        self.req_ids, self.states = req_ids, states
-        self._output: ModelRunnerOutput | None = None
-        self._event = None
-        if tensors and tensors[0].is_cuda:
-            pinned = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
-            tensors = [p.copy_(t, non_blocking=True) for p, t in zip(pinned, tensors)]
-            self._event = torch.cuda.Event()
-            self._event.record()
-        self._host = tensors  # [sampled] or [sampled, logprob ids, logprobs, ranks]
-
-    @classmethod
-    def ready(cls, output: ModelRunnerOutput) -> PendingOutput:
-        pending = cls([], [], [])
-        pending._output = output
-        return pending
-
-    def result(self) -> ModelRunnerOutput:
-        if self._output is None:
-            if self._event is not None:
-                self._event.synchronize()
-            tokens = self._host[0].tolist()
-            # States are the launch's objects: a request that ended meanwhile
-            # (its state dropped, its id perhaps reused) takes nothing here.
-            for st, t in zip(self.states, tokens):
-                st.output_token_ids.append(t)
-            self._output = ModelRunnerOutput(self.req_ids, tokens, self._logprobs())
-            self._host = []
-        return self._output
-
-    def _logprobs(self):
-        if len(self._host) == 1:
-            return None
-        ids, lps, ranks = (t.tolist() for t in self._host[1:])
-        result = []
-        for i, st in enumerate(self.states):
-            k = st.params.logprobs
-            if k is None:
-                result.append(None)
-                continue
-            row = [(ids[i][0], lps[i][0], ranks[i])]
-            row += [(ids[i][j], lps[i][j], j) for j in range(1, k + 1)]
-            result.append(row)
-        return result
 
 
 class ModelRunner:
@@ -113,7 +40,7 @@ class ModelRunner:
         self.model = model_class(model_cfg.hf_config)(model_cfg, ctx, self.ops, self.dtype, device)
         self.sampler = Sampler()
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.states: dict[str, _ReqState] = {}
+        self.states: dict[str, ReqState] = {}
         self.graphs = None  # DecodeGraphs, once captured (CUDA only)
         # The previous launch's sampled tokens (still on the device) and each request's row in them.
         self._last_sampled: torch.Tensor | None = None
@@ -156,7 +83,7 @@ class ModelRunner:
             self.states.pop(rid, None)
         for new in out.new_requests:
             prior = list(new.prior_output_token_ids)
-            self.states[new.request_id] = _ReqState(list(new.prompt_token_ids), new.params, prior, len(prior))
+            self.states[new.request_id] = ReqState(list(new.prompt_token_ids), new.params, prior, len(prior))
 
     def _upload(self, dtype: torch.dtype, *arrays: np.ndarray) -> list[torch.Tensor]:
         """Copy host arrays to the device in one transfer, without waiting for the stream.
@@ -188,12 +115,18 @@ class ModelRunner:
             tables[i, : len(s.block_table)] = s.block_table
         bs = self.block_size
         slots = tables[req_of_token, positions // bs] * bs + positions % bs
+        # Logits at each sampling request's last 1 + num_spec_tokens positions.
         sample_idx = [i for i, s in enumerate(sched) if s.sample]
+        if any(s.num_spec_tokens for s in sched):
+            logit_pos = np.fromiter((cu[i + 1] - sched[i].num_logits + j for i in sample_idx
+                                     for j in range(sched[i].num_logits)), dtype=np.int64)
+        else:
+            logit_pos = cu[1:][sample_idx] - 1
         # Placeholders: tokens sampled by the previous launch, still on the device.
         holes = np.flatnonzero(input_ids == PLACEHOLDER)
         rows = self._rows_of_previous_launch(sched, req_of_token[holes])
         ids, pos, slots_d, logits_indices, holes_d, rows_d = self._upload(
-            torch.int64, input_ids, positions, slots, cu[1:][sample_idx] - 1, holes, rows
+            torch.int64, input_ids, positions, slots, logit_pos, holes, rows
         )
         cu_d, seq_lens_d, tables_d = self._upload(torch.int32, cu, seq_lens, tables)
         if holes.size:
@@ -217,23 +150,26 @@ class ModelRunner:
             rows[j] = row
         return rows
 
-    def _sampling_batch(self, states: list[_ReqState]) -> SamplingBatch:
+    def _sampling_batch(self, states: list[ReqState], proposals: list[list[int]]) -> SamplingBatch:
+        """One row per logit position: a request verifying k proposals has 1 + k rows,
+        row j sampling its output token number ``num_sampled + j`` as if proposals[:j] were accepted."""
         rows = []
-        for st in states:
+        for st, props in zip(states, proposals):
             p = st.params
             if st.num_sampled != len(st.output_token_ids) and needs_output_history(p):
                 raise RuntimeError("penalties need every earlier output token on the host (schedule synchronously)")
-            rows.append(
-                SamplingRow(
-                    params=p,
-                    prompt_token_ids=st.prompt_token_ids,
-                    output_token_ids=st.output_token_ids,
-                    # min_tokens counts the tokens of steps still in flight: their number is known.
-                    banned_token_ids=min_tokens_banned_ids(p, st.num_sampled, self.eos_token_ids),
-                    output_index=st.num_sampled,
+            for j in range(1 + len(props)):
+                rows.append(
+                    SamplingRow(
+                        params=p,
+                        prompt_token_ids=st.prompt_token_ids,
+                        output_token_ids=st.output_token_ids + props[:j] if j else st.output_token_ids,
+                        # min_tokens counts the tokens of steps still in flight: their number is known.
+                        banned_token_ids=min_tokens_banned_ids(p, st.num_sampled + j, self.eos_token_ids),
+                        output_index=st.num_sampled + j,
+                    )
                 )
-            )
-            st.num_sampled += 1
+            st.num_sampled += 1  # at least one token; the result adds the accepted proposals
         return SamplingBatch.build(rows, self.device)
 
     @torch.inference_mode()
@@ -257,30 +193,69 @@ class ModelRunner:
         """
         self._update_states(out)
         if out.is_empty:
-            return PendingOutput.ready(ModelRunnerOutput([], []))
+            return PendingOutput.ready(ModelRunnerOutput.empty())
         ids, pos, meta, sample_idx, logits_indices = self._prepare(out)
         self._last_sampled, self._last_rows = None, {}
-        if self.graphs is not None and hidden is None and meta.max_seqlen_q == 1 and self.graphs.padded_size(len(out.scheduled)):
+        q = meta.max_seqlen_q
+        uniform = q == 1 or all(len(s.token_ids) == q for s in out.scheduled)
+        if self.graphs is not None and hidden is None and self.graphs.can_run(len(out.scheduled), q if uniform else None):
             result = self.graphs.run(ids, pos, meta)
         else:
             result = self.model(ids, pos, meta, self.kv_caches, hidden, residual)
         if not self.ctx.is_last_stage:
             return result
-        req_ids = [out.scheduled[i].request_id for i in sample_idx]
-        if not req_ids:
-            return PendingOutput.ready(ModelRunnerOutput([], []))
-        logits = self.model.compute_logits(result[logits_indices]).float()
-        if self.ctx.tp_rank != 0:
+        prompt = self._prompt_logprobs(out, result)
+        sampling = [out.scheduled[i] for i in sample_idx]
+        if not sampling or self.ctx.tp_rank != 0:
             # Every TP rank joins the logits all-gather, but only rank 0
             # samples: the other ranks' tokens would be discarded.
-            return PendingOutput.ready(ModelRunnerOutput([], []))
+            if sampling:
+                self.model.compute_logits(result[logits_indices])
+            return PendingOutput([], [], [], [], prompt) if prompt and self.ctx.tp_rank == 0 else \
+                PendingOutput.ready(ModelRunnerOutput.empty())
+        logits = self.model.compute_logits(result[logits_indices]).float()
+        req_ids = [s.request_id for s in sampling]
         states = [self.states[rid] for rid in req_ids]
-        sampled = self.sampler(logits, self._sampling_batch(states))
+        proposals = [s.spec_token_ids for s in sampling]
+        sampled = self.sampler(logits, self._sampling_batch(states, proposals))
+        # Placeholders of the next launch read these rows (requests that verified
+        # proposals are never scheduled ahead: their token count is unknown).
         self._last_sampled = sampled.sampled_token_ids
-        self._last_rows = {rid: i for i, rid in enumerate(req_ids)}
+        if any(proposals):
+            first_rows = np.cumsum([0] + [1 + len(p) for p in proposals[:-1]]).tolist()
+            self._last_rows = dict(zip(req_ids, first_rows))
+        else:
+            self._last_rows = {rid: i for i, rid in enumerate(req_ids)}
         tensors = [sampled.sampled_token_ids]
         if sampled.logprobs is not None:
             tensors += [sampled.logprob_token_ids, sampled.logprobs, sampled.sampled_ranks]
-        return PendingOutput(req_ids, states, tensors)
+        return PendingOutput(req_ids, states, proposals, tensors, prompt)
+
+    # Prompt positions whose logits are computed at once for prompt logprobs (bounds the
+    # float32 [rows, vocab] scratch: 512 x 128k vocab = 256 MiB).
+    PROMPT_LOGITS_CHUNK = 512
+
+    def _prompt_logprobs(self, out: SchedulerOutput, hidden: torch.Tensor):
+        """(request id, first position, [ids, logprobs, ranks]) of the prompt positions this step
+        computed for requests with ``prompt_logprobs``: position p scores prompt token p."""
+        found = []
+        row = 0
+        for s in out.scheduled:
+            n = len(s.token_ids)
+            st = self.states[s.request_id]
+            k = st.params.prompt_logprobs
+            # Logits at position p - 1 score prompt token p, for p in [lo, hi).
+            lo, hi = max(s.start_pos, 1), min(s.start_pos + n, len(st.prompt_token_ids))
+            if k is not None and hi > lo:
+                rows = torch.arange(row + lo - 1 - s.start_pos, row + hi - 1 - s.start_pos, device=hidden.device)
+                targets = torch.tensor(st.prompt_token_ids[lo:hi], device=hidden.device)
+                parts = []
+                for c in range(0, hi - lo, self.PROMPT_LOGITS_CHUNK):
+                    logits = self.model.compute_logits(hidden[rows[c:c + self.PROMPT_LOGITS_CHUNK]]).float()
+                    parts.append(compute_topk_logprobs(torch.log_softmax(logits, -1),
+                                                       targets[c:c + self.PROMPT_LOGITS_CHUNK], k))
+                found.append((s.request_id, lo, [torch.cat([p[i] for p in parts]) for i in range(3)]))
+            row += n
+        return found
 
 

@@ -33,7 +33,7 @@ No tensor crosses Ray on the hot path: hidden states go stage to stage over
 the collective backend, logits are gathered over the TP group, and only the
 sampled ids come back. Only the last stage's TP rank 0 samples: the other
 ranks of that stage hold the same gathered logits but their result would be
-discarded, so they skip the sampler (``ModelRunner.execute`` checks
+discarded, so they skip the sampler (``ModelRunner.launch`` checks
 ``ctx.tp_rank``). A rank's share of a step (receive, run, send on) is
 ``Worker.execute_stage``; the actor only adds the Ray plumbing.
 
@@ -41,7 +41,7 @@ Failure: every wait on the workers is bounded (``step_timeout_s`` per step);
 an actor that died surfaces at once as ``RayActorError`` (``ray.get`` of a
 list raises on the first failed element), a hung collective as a timeout
 (collectives also time out inside the workers, so they unstick). Either
-marks the group failed: ``execute`` raises ``WorkerGroupError`` (now and on
+marks the group failed: a step's ``result()`` raises ``WorkerGroupError`` (now and on
 every later call) and ``check_health`` raises, so the engine fails every
 in-flight request instead of hanging.
 """
@@ -66,10 +66,9 @@ from ray.util.placement_group import (
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from fleetlm.engine.config import EngineConfig
-from fleetlm.engine.scheduler import SchedulerOutput
+from fleetlm.engine.step import ModelRunnerOutput, PendingStep, SchedulerOutput
 from fleetlm.parallel.distributed import create_store, init_distributed, split_rank
 from fleetlm.parallel.placement import PlacementSpec, assign_bundles, check_cluster_fits, stage_bundles
-from fleetlm.workers.model_runner import ModelRunnerOutput
 from fleetlm.workers.worker import Worker
 
 logger = logging.getLogger("fleetlm.ray_group")
@@ -85,6 +84,20 @@ def _estimate_bytes(out: SchedulerOutput) -> int:
     ints = sum(len(s.token_ids) + len(s.block_table) for s in out.scheduled)
     ints += sum(len(n.prompt_token_ids) for n in out.new_requests)
     return 64 * len(out.scheduled) + 5 * ints
+
+
+class RayPendingStep(PendingStep):
+    """The workers' calls of one step; the tokens come from the last stage's TP rank 0."""
+
+    def __init__(self, group: RayWorkerGroup, refs: list) -> None:
+        self.group, self.refs = group, refs
+        self._output: ModelRunnerOutput | None = None
+
+    def result(self) -> ModelRunnerOutput:
+        if self._output is None:
+            results = self.group._gather(self.refs, self.group.step_timeout_s, "step")
+            self._output = results[self.group.output_rank] or ModelRunnerOutput.empty()
+        return self._output
 
 
 class WorkerGroupError(RuntimeError):
@@ -168,9 +181,14 @@ class WorkerActor:
 class RayWorkerGroup:
     """TP x PP worker actors of one replica, in one placement group the replica owns.
 
-    Same interface as ``LocalWorkerGroup``: ``num_blocks``, ``execute``,
-    ``check_health``, ``shutdown``.
+    Same interface as ``LocalWorkerGroup`` (``workers/worker_group.py``).
+    Its launches are not asynchronous to the host (each returns once the
+    calls are sent; the engine's async mode needs device-side placeholders
+    the Ray path does not have yet); with pipeline stages, one micro-batch
+    per stage may be in flight.
     """
+
+    supports_async = False
 
     def __init__(
         self,
@@ -197,6 +215,7 @@ class RayWorkerGroup:
         self._closed = False
         # The worker whose step result carries the tokens: last stage, TP rank 0.
         self.output_rank = (self.pp_size - 1) * self.tp_size
+        self.pipeline_depth = self.pp_size
         if not ray.is_initialized():
             ray.init()
         try:
@@ -228,7 +247,6 @@ class RayWorkerGroup:
             "process group setup",
         )
         loaded = self._gather([w.load.remote() for w in self.workers], self.init_timeout_s, "weight loading")
-        self.load_seconds = max(s for s, _ in loaded)
         self.num_blocks = min(n for _, n in loaded)
         if self.num_blocks < 1:
             raise RuntimeError("not enough memory for a single KV cache block; lower max_num_seqs or free memory")
@@ -281,25 +299,17 @@ class RayWorkerGroup:
         return assign_bundles(self.spec, self.tp_size, self.pp_size, free, nodes)
 
     # -- the step -----------------------------------------------------------------
-    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
-        return self.collect(self.submit(out))
-
-    def submit(self, out: SchedulerOutput) -> list:
-        """Start a step without waiting for it; ``collect`` its result later.
+    def launch(self, out: SchedulerOutput) -> RayPendingStep:
+        """Start a step without waiting for it; ``.result()`` waits (bounded by ``step_timeout_s``).
 
         Each actor runs its steps in submission order, so with pipeline
-        parallelism several submitted steps (over disjoint requests) overlap:
+        parallelism several launched steps (over disjoint requests) overlap:
         stage 0 runs step k+1 while stage 1 runs step k.
         """
         self._raise_if_failed()
         # One Ray call per worker (see the module docstring for sizes).
         arg = ray.put(out) if _estimate_bytes(out) > _PUT_THRESHOLD_BYTES else out
-        return [w.execute_step.remote(arg) for w in self.workers]
-
-    def collect(self, refs: list) -> ModelRunnerOutput:
-        results = self._gather(refs, self.step_timeout_s, "step")
-        result = results[self.output_rank]
-        return result if result is not None else ModelRunnerOutput([], [])
+        return RayPendingStep(self, [w.execute_step.remote(arg) for w in self.workers])
 
     def _gather(self, refs: list, timeout_s: float, what: str) -> list:
         """``ray.get`` with a bound; any failure marks the group failed and raises ``WorkerGroupError``."""

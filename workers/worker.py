@@ -76,9 +76,6 @@ class Worker:
         sc = self.config.scheduler
         return self.runner.capture_cuda_graphs(sc.max_num_seqs, sc.max_model_len)
 
-    def execute(self, scheduler_output, hidden=None, residual=None):
-        return self.runner.execute(scheduler_output, hidden, residual)
-
     def launch(self, scheduler_output):
         """Queue a step without waiting for it (single-stage worker); returns a ``PendingOutput``."""
         return self.runner.launch(scheduler_output)
@@ -107,6 +104,3 @@ class Worker:
                 send_to_next_stage(ctx, *result)
             return None
         return result if ctx.tp_rank == 0 else None
-
-    def ping(self) -> bool:
-        return True

@@ -1,28 +1,37 @@
-"""The workers of one replica, seen by the engine as one thing that runs steps."""
+"""The workers of one replica, seen by the engine as one thing that runs steps.
+
+Every worker group has the same interface: ``num_blocks`` (KV blocks each
+worker holds), ``launch(out) -> PendingStep`` (``.result()`` waits for the
+step's ``ModelRunnerOutput``), ``check_health()``, ``shutdown()``, and what
+it can do, from which the engine picks its step mode once
+(``engine/llm_engine.py``): ``supports_async`` (a launch returns before
+the device finishes, so the next step may be launched behind it) and
+``pipeline_depth`` (micro-batches that may be in flight at once).
+"""
 
 from __future__ import annotations
 
 from fleetlm.engine.config import EngineConfig
-from fleetlm.engine.scheduler import SchedulerOutput
-from fleetlm.workers.model_runner import ModelRunnerOutput, PendingOutput
+from fleetlm.engine.step import SchedulerOutput
+from fleetlm.workers.pending import PendingOutput
 from fleetlm.workers.worker import Worker
 
 
 class LocalWorkerGroup:
     """A single worker in the engine's own process (TP = PP = 1): no Ray, no copies."""
 
+    supports_async = True
+    pipeline_depth = 1
+
     def __init__(self, config: EngineConfig) -> None:
         self.worker = Worker(config)
-        self.load_seconds = self.worker.load_model()
+        self.worker.load_model()
         self.num_blocks = self.worker.num_available_blocks()
         if self.num_blocks < 1:
             raise RuntimeError("not enough memory for a single KV cache block; lower max_num_seqs or free memory")
         self.worker.init_kv_cache(self.num_blocks)
         if config.use_cuda_graphs:
             self.worker.capture_cuda_graphs()
-
-    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
-        return self.worker.execute(out)
 
     def launch(self, out: SchedulerOutput) -> PendingOutput:
         """Queue the step on the device; ``.result()`` waits for its ``ModelRunnerOutput``."""
