@@ -48,6 +48,8 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer, prompt_token_ids: list[int], params: SamplingParams) -> None:
         self.tokenizer = tokenizer
         self._skip_special = params.skip_special_tokens
+        # Honoured by slow tokenizers; fast ones join special tokens without spaces either way.
+        self._spaces_between_special = params.spaces_between_special_tokens
         self._detokenize = params.detokenize
         self._stop: list[str] = list(params.stop or [])
         self._include_stop = params.include_stop_str_in_output
@@ -114,7 +116,8 @@ class IncrementalDetokenizer:
     # -- internals -------------------------------------------------------------
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(
-            ids, skip_special_tokens=self._skip_special, clean_up_tokenization_spaces=False
+            ids, skip_special_tokens=self._skip_special, clean_up_tokenization_spaces=False,
+            spaces_between_special_tokens=self._spaces_between_special,
         )
 
     def _decode_new(self, new_token_ids: list[int]) -> str:

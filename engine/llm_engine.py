@@ -1,33 +1,41 @@
 """The synchronous engine: admit requests, run steps, turn tokens into outputs.
 
 One ``step()``: the scheduler picks the work, the worker group runs it, the
-scheduler takes in the sampled tokens (and ends requests on EOS / stop tokens /
-length), and the output processor detokenizes, applies stop strings and
-builds ``RequestOutput`` objects. ``n > 1`` fans a request out into ``n``
-child requests that share the prompt's blocks through the prefix cache.
+scheduler takes in the accepted tokens (and ends requests on EOS / stop
+tokens / length), and the output processor (``output_processor.py``)
+detokenizes, applies stop strings and builds ``RequestOutput`` objects.
+``n > 1`` fans a request out into ``n`` child requests that share the
+prompt's blocks through the prefix cache.
 
-Asynchronous scheduling (one in-process device worker): while step N runs on
-the device, ``step()`` schedules and launches step N+1, whose decodes read
-N's sampled tokens on the device (placeholders on the host); then it waits
-for N and processes its outputs, so the host's work hides behind the device's.
-It falls back to a synchronous step when N+1 would need N's tokens on the host
-(see ``Scheduler.schedule(ahead=True)``).
+How steps overlap is chosen once, when the engine is built (``StepMode``):
+
+- ``sync``: schedule, run, take in; the next step starts from the result.
+- ``async`` (one in-process device worker): while step N runs on the
+  device, ``step()`` schedules and launches step N+1, whose decodes read
+  N's sampled tokens on the device (placeholders on the host); then it waits
+  for N and processes its outputs, so the host's work hides behind the
+  device's. It falls back to a synchronous step when N+1 would need N's
+  tokens on the host (see ``Scheduler.schedule(ahead=True)``).
+- ``pipelined`` (pipeline parallelism): one micro-batch in flight per
+  stage, over disjoint requests.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
+import enum
 from collections import deque
 from dataclasses import dataclass
 
 from fleetlm.engine.config import EngineConfig
 from fleetlm.engine.detokenizer import IncrementalDetokenizer
-from fleetlm.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from fleetlm.engine.output_processor import OutputProcessor, RequestGroup, Sequence
+from fleetlm.engine.outputs import RequestOutput
 from fleetlm.engine.request import Request, RequestStatus
 from fleetlm.engine.sampling_params import SamplingParams
 from fleetlm.engine.scheduler import Scheduler
 from fleetlm.engine.snapshot import EngineSnapshot
+from fleetlm.engine.step import ModelRunnerOutput, SchedulerOutput
 
 
 @dataclass
@@ -35,75 +43,26 @@ class EngineStats:
     num_running: int
     num_waiting: int
     kv_cache_usage: float
-    num_free_blocks: int
-    num_total_blocks: int
     prefix_cache_queried_tokens: int
     prefix_cache_hit_tokens: int
     num_preemptions: int
-    num_steps: int
-    last_step_time: float
 
 
-class _Child:
-    """Output-side state of one of the n sequences of a request."""
-
-    def __init__(self, index: int, req: Request, detok: IncrementalDetokenizer) -> None:
-        self.index, self.req, self.detok = index, req, detok
-        self.logprobs: list[dict[int, Logprob]] | None = [] if req.params.logprobs is not None else None
-        self.cumulative_logprob: float | None = 0.0 if req.params.logprobs is not None else None
-        self.finish_reason: str | None = None
-        self.stop_reason: int | str | None = None
-        # Without stop strings nothing depends on the text until someone reads
-        # it, so tokens wait here and are detokenized in one call per output.
-        self.undecoded: list[int] = []
-        self.text_done = False
-
-    def text(self) -> str:
-        if self.undecoded:
-            self.detok.update(self.undecoded)
-            self.undecoded = []
-        if self.finish_reason is not None and not self.text_done:
-            self.detok.flush()
-            self.text_done = True
-        return self.detok.output_text
+class StepMode(enum.Enum):
+    SYNC = "sync"
+    ASYNC = "async"
+    PIPELINED = "pipelined"
 
 
-class _Group:
-    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int]) -> None:
-        self.request_id, self.prompt, self.prompt_token_ids = request_id, prompt, prompt_token_ids
-        self.children: list[_Child] = []
-
-    @property
-    def finished(self) -> bool:
-        return all(c.finish_reason is not None for c in self.children)
-
-    def output(self) -> RequestOutput:
-        first = self.children[0].req
-        return RequestOutput(
-            request_id=self.request_id,
-            prompt=self.prompt,
-            prompt_token_ids=self.prompt_token_ids,
-            outputs=[
-                CompletionOutput(
-                    index=c.index,
-                    text=c.text(),
-                    token_ids=c.req.output_token_ids[c.req.num_prior_output_tokens :],
-                    cumulative_logprob=c.cumulative_logprob,
-                    logprobs=c.logprobs,
-                    finish_reason=c.finish_reason,
-                    stop_reason=c.stop_reason,
-                )
-                for c in self.children
-            ],
-            finished=self.finished,
-            num_cached_tokens=max(0, first.num_cached_tokens),
-            metrics=RequestMetrics(
-                arrival_time=first.times.arrival,
-                first_scheduled_time=first.times.first_scheduled,
-                first_token_time=min((c.req.times.first_token for c in self.children if c.req.times.first_token), default=None),
-                finished_time=max((c.req.times.finished or 0 for c in self.children), default=None) if self.finished else None,
-            ),
-        )
+def choose_step_mode(async_scheduling: bool, workers) -> StepMode:
+    """From what the worker group can do (``pipeline_depth``, ``supports_async``) and the setting."""
+    if workers.pipeline_depth > 1:
+        return StepMode.PIPELINED
+    if async_scheduling:
+        if not workers.supports_async:
+            raise ValueError("async_scheduling needs a single in-process worker")
+        return StepMode.ASYNC
+    return StepMode.SYNC
 
 
 class LLMEngine:
@@ -126,16 +85,10 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.workers = worker_group or create_worker_group(config)
         self.scheduler = Scheduler(config.scheduler, config.cache, self.workers.num_blocks)
-        self.groups: dict[str, _Group] = {}
-        self._child_to_group: dict[str, tuple[_Group, _Child]] = {}
+        self.outputs = OutputProcessor(self.scheduler.finish_request)
         self.num_steps = 0
         self.num_steps_ahead = 0  # steps launched while the one before was still in flight
-        self.last_step_time = time.monotonic()
-        # Pipeline parallelism: keep one micro-batch in flight per stage, so
-        # that while stage k runs micro-batch m, stage k-1 already runs m+1.
-        # More would only queue at the first stage; fewer leaves stages idle.
-        self.pipeline_depth = config.parallel.pipeline_parallel_size if hasattr(self.workers, "submit") else 1
-        self.async_scheduling = bool(config.async_scheduling) and hasattr(self.workers, "launch")
+        self.mode = choose_step_mode(bool(config.async_scheduling), self.workers)
         # (SchedulerOutput, pending result) of the steps sent and not yet processed, oldest first.
         self._in_flight: deque = deque()
         # Finished ids of steps that were empty (never sent): told to the workers with the next step.
@@ -143,6 +96,20 @@ class LLMEngine:
         # A step that raised left the scheduler advanced past work that never
         # ran (progress moves at schedule time): nothing may be scheduled after it.
         self._step_failure: BaseException | None = None
+
+    @property
+    def async_scheduling(self) -> bool:
+        return self.mode == StepMode.ASYNC
+
+    @async_scheduling.setter
+    def async_scheduling(self, on: bool) -> None:
+        """Switch between sync and async steps (for A/B runs on one engine); only between steps."""
+        assert not self._in_flight, "switch step modes only between requests"
+        self.mode = choose_step_mode(on, self.workers)
+
+    @property
+    def groups(self) -> dict[str, RequestGroup]:
+        return self.outputs.groups
 
     # -- requests ------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
@@ -160,7 +127,7 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         prior_output_token_ids: list[int] | None = None,
-    ) -> _Group:
+    ) -> RequestGroup:
         """Tokenize and validate without touching the scheduler (safe from any thread).
 
         ``prior_output_token_ids`` resumes a request that already produced
@@ -181,7 +148,7 @@ class LLMEngine:
         if params.max_tokens is None:
             params = dataclasses.replace(params, max_tokens=self.model_config.max_model_len - len(ids))
         self.scheduler.check_fits(len(ids), params.max_tokens)
-        group = _Group(request_id, text, ids)
+        group = RequestGroup(request_id, text, ids)
         bs = self.config.cache.block_size
         eos = self.model_config.eos_token_ids
         for i in range(params.n):
@@ -189,18 +156,17 @@ class LLMEngine:
             child_id = request_id if params.n == 1 else f"{request_id}#{i}"
             req = Request(child_id, ids, child_params, bs, eos, prior_output_token_ids=prior)
             detok = IncrementalDetokenizer(self.tokenizer, ids + prior, req.params)
-            group.children.append(_Child(i, req, detok))
+            group.children.append(Sequence(i, req, detok))
         return group
 
-    def add_group(self, group: _Group) -> None:
+    def add_group(self, group: RequestGroup) -> None:
         if group.request_id in self.groups:
             raise ValueError(f"request id {group.request_id!r} is already in use")
         leader = None
         for child in group.children:
             self.scheduler.add_request(child.req, leader)
             leader = leader or child.req
-            self._child_to_group[child.req.request_id] = (group, child)
-        self.groups[group.request_id] = group
+        self.outputs.add(group)
 
     def _validate(self, ids: list[int], params: SamplingParams) -> None:
         mc = self.model_config
@@ -218,14 +184,12 @@ class LLMEngine:
         params.validate_for_model(vocab, max_logprobs=self.config.max_logprobs, max_n=self.config.max_n)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
-        group = self.groups.pop(request_id, None)
+        group = self.outputs.pop(request_id)
         if group is None:
             return None
         for child in group.children:
             self.scheduler.finish_request(child.req.request_id, RequestStatus.FINISHED_ABORTED)
-            self._child_to_group.pop(child.req.request_id, None)
-            if child.finish_reason is None:
-                child.finish_reason = "abort"
+        group.abort()
         self._drain_if_idle()
         return group.output()
 
@@ -245,20 +209,20 @@ class LLMEngine:
             self.workers.check_health()
             raise RuntimeError(f"an earlier step failed, the engine cannot continue: {self._step_failure!r}")
         try:
-            return self._step(emit_unfinished)
+            if self.mode == StepMode.PIPELINED:
+                return self._pipelined_step(emit_unfinished)
+            if self.mode == StepMode.ASYNC:
+                return self._async_step(emit_unfinished)
+            return self._sync_step(emit_unfinished)
         except BaseException as e:
             self._step_failure = e
             raise
 
-    def _step(self, emit_unfinished: bool) -> list[RequestOutput]:
-        if self.pipeline_depth > 1:
-            return self._pipelined_step(emit_unfinished)
-        if self.async_scheduling:
-            return self._async_step(emit_unfinished)
+    def _sync_step(self, emit_unfinished: bool) -> list[RequestOutput]:
         out = self._schedule()
         if out is None:
             return []
-        return self._process_step(out, self.workers.execute(out), emit_unfinished)
+        return self._process_step(out, self.workers.launch(out).result(), emit_unfinished)
 
     def _async_step(self, emit_unfinished: bool) -> list[RequestOutput]:
         """Launch the step after the one in flight, then wait for and process the one in flight.
@@ -277,6 +241,26 @@ class LLMEngine:
         if ahead is not None:
             self._in_flight.append((ahead, self.workers.launch(ahead)))
             self.num_steps_ahead += 1
+        return self._finish_oldest(emit_unfinished)
+
+    def _pipelined_step(self, emit_unfinished: bool) -> list[RequestOutput]:
+        """Fill the pipeline with micro-batches over disjoint requests, then finish the oldest.
+
+        One micro-batch in flight per stage: while stage k runs micro-batch m,
+        stage k-1 already runs m+1. More would only queue at the first stage;
+        fewer leaves stages idle.
+        """
+        while len(self._in_flight) < self.workers.pipeline_depth:
+            busy = {s.request_id for out, _ in self._in_flight for s in out.scheduled}
+            out = self._schedule(busy)
+            if out is None:
+                break
+            self._in_flight.append((out, self.workers.launch(out)))
+        if not self._in_flight:
+            return []
+        return self._finish_oldest(emit_unfinished)
+
+    def _finish_oldest(self, emit_unfinished: bool) -> list[RequestOutput]:
         out, pending = self._in_flight.popleft()
         outputs = self._process_step(out, pending.result(), emit_unfinished)
         self._drain_if_idle()
@@ -287,10 +271,9 @@ class LLMEngine:
         that ended: wait for them, so that an idle engine has nothing in flight."""
         while self._in_flight and not self.groups:
             out, pending = self._in_flight.popleft()
-            result = self.workers.collect(pending) if self.pipeline_depth > 1 else pending.result()
-            self._process_step(out, result, emit_unfinished=False)
+            self._process_step(out, pending.result(), emit_unfinished=False)
 
-    def _schedule(self, exclude=frozenset(), ahead: bool = False):
+    def _schedule(self, exclude=frozenset(), ahead: bool = False) -> SchedulerOutput | None:
         out = self.scheduler.schedule(exclude, ahead)
         if out.is_empty:
             self._unsent_finished += out.finished_request_ids
@@ -300,80 +283,21 @@ class LLMEngine:
             self._unsent_finished = []
         return out
 
-    def _pipelined_step(self, emit_unfinished: bool) -> list[RequestOutput]:
-        """Fill the pipeline with micro-batches over disjoint requests, then finish the oldest."""
-        while len(self._in_flight) < self.pipeline_depth:
-            busy = {s.request_id for out, _ in self._in_flight for s in out.scheduled}
-            out = self._schedule(busy)
-            if out is None:
-                break
-            self._in_flight.append((out, self.workers.submit(out)))
-        if not self._in_flight:
-            return []
-        out, pending = self._in_flight.popleft()
-        outputs = self._process_step(out, self.workers.collect(pending), emit_unfinished)
-        self._drain_if_idle()
-        return outputs
-
-    def _process_step(self, out, result, emit_unfinished: bool) -> list[RequestOutput]:
+    def _process_step(self, out: SchedulerOutput, result: ModelRunnerOutput, emit_unfinished: bool) -> list[RequestOutput]:
         self.num_steps += 1
-        self.last_step_time = time.monotonic()
-        sampled = dict(zip(result.request_ids, result.sampled_token_ids))
-        logprobs = dict(zip(result.request_ids, result.logprobs)) if result.logprobs else {}
-        touched: dict[str, _Group] = {}
-        for req, token in self.scheduler.update_from_output(out, sampled):
-            if token is None:
-                continue
-            group, child = self._child_to_group[req.request_id]
-            self._process_token(child, req, token, logprobs.get(req.request_id))
-            touched[group.request_id] = group
-        outputs = []
-        for group in touched.values():
-            if emit_unfinished or group.finished:
-                outputs.append(group.output())
-            if group.finished:
-                self.groups.pop(group.request_id, None)
-                for c in group.children:
-                    self._child_to_group.pop(c.req.request_id, None)
-        return outputs
+        results = self.scheduler.update_from_output(out, result.by_request())
+        return self.outputs.process(results, result.logprobs_by_request(), emit_unfinished, result.prompt_logprobs)
 
-    def _process_token(self, child: _Child, req: Request, token: int, lps) -> None:
-        if lps is not None and child.logprobs is not None:
-            entry = {}
-            for tid, lp, rank in lps:
-                if tid not in entry:
-                    entry[tid] = Logprob(lp, rank, child.detok.decode_token(tid))
-            child.logprobs.append(entry)
-            child.cumulative_logprob += lps[0][1]
-        # A request that stopped on EOS or a stop token id leaves that token out of its text.
-        stopped_on_token = req.status == RequestStatus.FINISHED_STOPPED
-        if not (stopped_on_token and not req.params.include_stop_str_in_output):
-            child.undecoded.append(token)
-        if req.params.stop and not req.is_finished:
-            # Stop strings are matched as text arrives, so decode now.
-            stop_str = child.detok.update(child.undecoded)
-            child.undecoded = []
-            if stop_str is not None:
-                self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
-                req.stop_reason = stop_str
-                child.text_done = True  # the detokenizer already cut the text at the stop string
-        if req.is_finished:
-            child.finish_reason = req.status.finish_reason
-            child.stop_reason = req.stop_reason
-
+    # -- state -----------------------------------------------------------------
     def stats(self) -> EngineStats:
         bm = self.scheduler.blocks
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
             kv_cache_usage=bm.usage,
-            num_free_blocks=bm.num_free_blocks,
-            num_total_blocks=bm.num_blocks,
             prefix_cache_queried_tokens=bm.queried_tokens,
             prefix_cache_hit_tokens=bm.hit_tokens,
             num_preemptions=self.scheduler.num_preemptions,
-            num_steps=self.num_steps,
-            last_step_time=self.last_step_time,
         )
 
     def snapshot(self) -> EngineSnapshot:

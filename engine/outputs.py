@@ -44,4 +44,7 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
+    # SamplingParams(prompt_logprobs=k): per prompt position, None for the first,
+    # then {token id: Logprob} holding the prompt's own token and the top k.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     error: str | None = field(default=None)

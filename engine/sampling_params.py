@@ -26,6 +26,12 @@ from dataclasses import dataclass
 SAMPLING_EPS = 1e-5
 
 
+def needs_output_history(params: SamplingParams) -> bool:
+    """Sampling reads the values of earlier output tokens on the host (penalties),
+    so a step cannot sample this request before the previous step's token is back."""
+    return params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+
+
 class SamplingType(enum.IntEnum):
     GREEDY = 0
     RANDOM = 1
@@ -180,7 +186,9 @@ class SamplingParams:
         if not _is_int(i) or not 0 <= i < self.n:
             _fail("i", f"an integer in [0, n={self.n})", i)
         seed = None if self.seed is None else self.seed + i
-        return dataclasses.replace(self, n=1, best_of=None, seed=seed)
+        # The prompt's logprobs are the request's, not each child's: the first child computes them.
+        prompt_logprobs = self.prompt_logprobs if i == 0 else None
+        return dataclasses.replace(self, n=1, best_of=None, seed=seed, prompt_logprobs=prompt_logprobs)
 
     def validate_for_model(self, vocab_size: int, max_logprobs: int = 20, max_n: int | None = None) -> None:
         """Checks that need the model; raises ValueError naming the parameter."""

@@ -127,16 +127,89 @@ def test_a_failed_step_stops_the_engine(embedded_model):
     engine = small.engine
     engine.add_request("r", PROMPT, SamplingParams(max_tokens=8, ignore_eos=True))
     engine.step()
-    real_execute = engine.workers.execute
+    real_launch = engine.workers.launch
 
     def broken(*a, **kw):
         raise OSError("device lost")
 
-    engine.workers.execute = broken
-    if hasattr(engine.workers, "launch"):
-        engine.workers.launch = broken
+    engine.workers.launch = broken
     with pytest.raises(OSError, match="device lost"):
         engine.step()
-    engine.workers.execute = real_execute
+    engine.workers.launch = real_launch
     with pytest.raises(RuntimeError, match="an earlier step failed.*device lost"):
         engine.step()
+
+
+def test_chat_template_and_tokenizer_overrides(embedded_model, tmp_path):
+    # vLLM's --chat-template (a file or the template itself) replaces the model's own.
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}")
+    llm = LLM(model=embedded_model, max_model_len=128, cpu_kv_cache_bytes=32 << 20, chat_template=str(template))
+    tok = llm.get_tokenizer()
+    ids = llm.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert tok.decode(ids) == "<<hi>>"
+    out = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(temperature=0, max_tokens=2))[0]
+    assert out.prompt_token_ids == ids
+    # --tokenizer: another tokenizer directory (here the embedded one, saved).
+    tok.save_pretrained(tmp_path / "tok")
+    other = LLM(model=embedded_model, max_model_len=128, cpu_kv_cache_bytes=32 << 20, tokenizer=str(tmp_path / "tok"))
+    assert other.get_tokenizer().encode("hello world") == tok.encode("hello world")
+
+
+def _with_proposals(llm, params, propose, k=3):
+    """Generate with ``propose(output so far)`` setting each step's proposals, as a proposer will."""
+    engine = llm.engine
+    engine.add_request("spec", PROMPT, params)
+    steps, done = 0, None
+    while done is None:
+        for req in engine.scheduler.running:
+            if not req.num_pending_tokens and req.num_output_tokens:
+                req.spec_token_ids = propose(list(req.output_token_ids))[:k]
+        for out in engine.step():
+            if out.finished:
+                done = out.outputs[0]
+        steps += 1
+    assert engine.idle_invariants()["ok"], engine.idle_invariants()
+    return done, steps
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=2),
+        SamplingParams(temperature=0.9, top_p=0.9, seed=7, max_tokens=24, ignore_eos=True),
+        SamplingParams(temperature=0.8, seed=3, frequency_penalty=0.5, presence_penalty=0.3, max_tokens=24,
+                       ignore_eos=True),
+    ],
+    ids=["greedy-logprobs", "seeded", "seeded-penalties"],
+)
+def test_verified_proposals_change_no_token(llm, params):
+    """The multi-token step contract through the real runner: proposals that are right,
+    wrong, or right then wrong leave the tokens (and logprobs) as without them."""
+    ref = llm.generate([PROMPT], params)[0].outputs[0]
+    right = lambda out: list(ref.token_ids[len(out):])  # noqa: E731
+    wrong = lambda out: [1, 1, 1]  # noqa: E731
+    half = lambda out: list(ref.token_ids[len(out):len(out) + 1]) + [1, 1]  # noqa: E731
+    results = {}
+    for name, propose in (("right", right), ("wrong", wrong), ("half", half)):
+        out, steps = _with_proposals(llm, params, propose)
+        assert out.token_ids == ref.token_ids, name
+        assert out.text == ref.text, name
+        if params.logprobs is not None:
+            for got, want in zip(out.logprobs, ref.logprobs):
+                assert got.keys() == want.keys()
+                assert all(abs(got[t].logprob - want[t].logprob) < 1e-4 for t in got)
+        results[name] = steps
+    # Right proposals save steps (4 tokens a step); wrong ones cost none.
+    assert results["right"] < results["half"] < results["wrong"] <= 25
+
+
+def test_a_stop_string_inside_accepted_tokens_cuts_there(llm):
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    ref = llm.generate([PROMPT], params)[0].outputs[0]
+    stop = ref.text[len(ref.text) // 2:][:3]  # text somewhere in the middle
+    cut = llm.generate([PROMPT], SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, stop=[stop]))[0]
+    out, _ = _with_proposals(llm, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, stop=[stop]),
+                             lambda o: list(ref.token_ids[len(o):]), k=6)
+    assert (out.text, out.token_ids, out.finish_reason, out.stop_reason) == (
+        cut.outputs[0].text, cut.outputs[0].token_ids, "stop", stop)

@@ -71,12 +71,16 @@ def prompts(llm):
 
 
 @pytest.fixture(scope="module")
-def reference(llm, prompts):
+def hf_model(llm):
     from fleetlm.workers.loader import resolve_model
 
-    model = hf_model_from_source(resolve_model(llm.engine.model_config.model))
+    return hf_model_from_source(resolve_model(llm.engine.model_config.model))
+
+
+@pytest.fixture(scope="module")
+def reference(llm, prompts, hf_model):
     eos = list(llm.engine.model_config.eos_token_ids)
-    return [hf_greedy(model, p, MAX_TOKENS, eos) for p in prompts]
+    return [hf_greedy(hf_model, p, MAX_TOKENS, eos) for p in prompts]
 
 
 def _check(outputs, reference, prompts):
@@ -157,3 +161,35 @@ def test_n3_seeded_greedy_children_share_prompt_blocks(llm, prompts, reference):
     # child 0 misses (cache reset); children 1 and 2 reuse its full prompt blocks
     full = (len(prompts[i]) - 1) // 16 * 16
     assert llm.engine.stats().prefix_cache_hit_tokens - before == 2 * full
+
+
+def _check_prompt_logprobs(outputs, hf_model, prompts, k):
+    import torch
+
+    for out, ids in zip(outputs, prompts):
+        plp = out.prompt_logprobs
+        assert plp is not None and len(plp) == len(ids) and plp[0] is None
+        with torch.inference_mode():
+            ref = torch.log_softmax(hf_model(torch.tensor([ids])).logits[0].float(), -1)
+        for p in range(1, len(ids)):
+            entry, row = plp[p], ref[p - 1]
+            want = row[ids[p]].item()
+            assert abs(entry[ids[p]].logprob - want) < 1e-4, (p, entry[ids[p]].logprob, want)
+            assert entry[ids[p]].rank == int((row > row[ids[p]]).sum()) + 1
+            top = row.topk(k).indices.tolist()
+            assert {t for t, lp in entry.items() if lp.rank <= k} == set(top)
+
+
+def test_prompt_logprobs_match_transformers_chunked_and_cached(llm, embedded_model, prompts, hf_model):
+    """vLLM's prompt_logprobs: every prompt position's logprob (its own token's, plus the top k),
+    through prefill chunks and with the prompt already in the prefix cache (which it must not skip)."""
+    params = SamplingParams(temperature=0.0, max_tokens=2, prompt_logprobs=3)
+    picked = [prompts[i] for i in (0, 3, 12, 13)]
+    first = llm.generate(picked, params)
+    _check_prompt_logprobs(first, hf_model, picked, 3)
+    again = llm.generate(picked, params)  # their blocks are cached now
+    _check_prompt_logprobs(again, hf_model, picked, 3)
+    chunked = LLM(model=embedded_model, max_num_batched_tokens=96, cpu_kv_cache_bytes=64 << 20)
+    out = chunked.generate(picked[2:], params)  # 200-420 tokens: several chunks each
+    _check_prompt_logprobs(out, hf_model, picked[2:], 3)
+    assert llm.generate(picked[:1], SamplingParams(max_tokens=1))[0].prompt_logprobs is None
