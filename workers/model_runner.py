@@ -244,8 +244,9 @@ class ModelRunner:
             n = len(s.token_ids)
             st = self.states[s.request_id]
             k = st.params.prompt_logprobs
-            # Logits at position p - 1 score prompt token p, for p in [lo, hi).
-            lo, hi = max(s.start_pos, 1), min(s.start_pos + n, len(st.prompt_token_ids))
+            # Logits at position p - 1 score prompt token p: this chunk's positions
+            # [start, start + n) score tokens [start + 1, start + n + 1) of the prompt.
+            lo, hi = s.start_pos + 1, min(s.start_pos + n + 1, len(st.prompt_token_ids))
             if k is not None and hi > lo:
                 rows = torch.arange(row + lo - 1 - s.start_pos, row + hi - 1 - s.start_pos, device=hidden.device)
                 targets = torch.tensor(st.prompt_token_ids[lo:hi], device=hidden.device)
