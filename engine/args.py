@@ -9,6 +9,7 @@ from pathlib import Path
 from fleetlm.engine.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_COMPILE_CACHE = Path.home() / ".cache" / "fleetlm" / "compile"
 TRUST_REMOTE_CODE_REFUSED = (
     "trust_remote_code is not supported: FleetLM runs only its own implementations of the Llama, "
     "Mistral and Qwen2 architectures, never code shipped with a checkpoint"
@@ -58,6 +59,12 @@ class EngineArgs:
     async_scheduling: bool | None = None
     max_n: int = 64
     max_logprobs: int = 20
+    # None: on GPU (Triton compiles each kernel variant on first use), off on
+    # CPU (plain torch: nothing to compile); True forces it (tests).
+    warmup: bool | None = None
+    # Compiled kernels kept across starts, under a key of versions and device;
+    # None: ~/.cache/fleetlm/compile on GPU, none on CPU (nothing compiles there).
+    compile_cache_dir: str | None = None
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> EngineArgs:
@@ -119,6 +126,8 @@ class EngineArgs:
         )
         parallel = ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size, device)
         validate_parallel(model, parallel)
+        if self.warmup not in (None, True, False):
+            raise ValueError(f"warmup must be None, true or false, got {self.warmup!r}")
         if self.async_scheduling not in (None, True, False):
             raise ValueError(f"async_scheduling must be None, true or false, got {self.async_scheduling!r}")
         if self.async_scheduling and parallel.world_size > 1:
@@ -153,6 +162,8 @@ class EngineArgs:
             async_scheduling=async_scheduling,
             max_n=self.max_n,
             max_logprobs=self.max_logprobs,
+            warmup=gpu if self.warmup is None else self.warmup,
+            compile_cache_dir=self.compile_cache_dir or (str(DEFAULT_COMPILE_CACHE) if gpu else None),
         )
 
 

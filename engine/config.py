@@ -103,3 +103,8 @@ class EngineConfig:
     async_scheduling: bool = False
     max_n: int = 64
     max_logprobs: int = 20
+    # Before the engine is handed out, take every serving path once
+    # (engine/warmup.py) so no request pays for a kernel's compilation.
+    warmup: bool = False
+    # Where Triton's compiled kernels persist across starts (workers/compile_cache.py); None: Triton's default.
+    compile_cache_dir: str | None = None

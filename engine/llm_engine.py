@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import logging
 from collections import deque
 from dataclasses import dataclass
 
@@ -36,6 +37,9 @@ from fleetlm.engine.sampling_params import SamplingParams
 from fleetlm.engine.scheduler import Scheduler
 from fleetlm.engine.snapshot import EngineSnapshot
 from fleetlm.engine.step import ModelRunnerOutput, SchedulerOutput
+from fleetlm.engine.warmup import WarmupReport, warm_up
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -96,6 +100,15 @@ class LLMEngine:
         # A step that raised left the scheduler advanced past work that never
         # ran (progress moves at schedule time): nothing may be scheduled after it.
         self._step_failure: BaseException | None = None
+        # Seconds per start-up phase: the workers' (start, weights, KV, graphs), then the warm-up.
+        self.startup_seconds: dict[str, float] = dict(self.workers.startup_seconds)
+        self.warmup_report: WarmupReport | None = None
+        if config.warmup:
+            self.warmup_report = warm_up(self)
+            self.startup_seconds["warmup"] = self.warmup_report.seconds
+        cache = self.workers.compile_cache  # None for Ray workers: each logs its own
+        logger.info("engine up: %s%s", ", ".join(f"{k} {v:.2f} s" for k, v in self.startup_seconds.items()),
+                    f"; compile cache {cache.dir} ({cache.entries_at_start} entries at start)" if cache else "")
 
     @property
     def async_scheduling(self) -> bool:
@@ -299,6 +312,14 @@ class LLMEngine:
             prefix_cache_hit_tokens=bm.hit_tokens,
             num_preemptions=self.scheduler.num_preemptions,
         )
+
+    def reset_after_warmup(self) -> None:
+        """Forget what synthetic requests left: cached prefixes and the counters metrics read."""
+        assert not self.has_unfinished_requests() and not self._in_flight
+        bm = self.scheduler.blocks
+        bm.reset_prefix_cache()
+        bm.queried_tokens = bm.hit_tokens = 0
+        self.scheduler.num_preemptions = 0
 
     def snapshot(self) -> EngineSnapshot:
         """Requests and KV blocks as they are now (see ``engine/snapshot.py``)."""

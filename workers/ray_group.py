@@ -163,6 +163,9 @@ class WorkerActor:
     def load(self) -> tuple[float, int]:
         """Build the worker and load its shard; returns (seconds, KV blocks it can hold)."""
         self.worker = Worker(self.config, self.ctx, self._device())
+        if self.worker.compile_cache is not None:
+            logger.info("rank %d: compile cache %s (%d entries at start)", self.rank,
+                        self.worker.compile_cache.dir, self.worker.compile_cache.entries_at_start)
         seconds = self.worker.load_model()
         return seconds, self.worker.num_available_blocks()
 
@@ -189,6 +192,7 @@ class RayWorkerGroup:
     """
 
     supports_async = False
+    compile_cache = None  # each worker points its Triton at the cache itself and logs it
 
     def __init__(
         self,
@@ -246,15 +250,18 @@ class RayWorkerGroup:
             self.init_timeout_s,
             "process group setup",
         )
+        t1 = time.perf_counter()
         loaded = self._gather([w.load.remote() for w in self.workers], self.init_timeout_s, "weight loading")
         self.num_blocks = min(n for _, n in loaded)
         if self.num_blocks < 1:
             raise RuntimeError("not enough memory for a single KV cache block; lower max_num_seqs or free memory")
+        t2 = time.perf_counter()
         self._gather([w.init_kv_cache.remote(self.num_blocks) for w in self.workers], self.init_timeout_s, "KV cache")
-        self.startup_seconds = time.perf_counter() - t0
+        # Seconds per start-up phase (the engine adds its warm-up): the slowest worker's.
+        self.startup_seconds = {"workers": t1 - t0, "load_weights": t2 - t1, "kv_cache": time.perf_counter() - t2}
         logger.info(
             "replica of %d workers (tp %d x pp %d) up in %.1f s on nodes %s, %d KV blocks",
-            self.world_size, self.tp_size, self.pp_size, self.startup_seconds,
+            self.world_size, self.tp_size, self.pp_size, time.perf_counter() - t0,
             sorted({i.node_id[:8] for i in self.infos}), self.num_blocks,
         )
 

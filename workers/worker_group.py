@@ -1,8 +1,10 @@
 """The workers of one replica, seen by the engine as one thing that runs steps.
 
 Every worker group has the same interface: ``num_blocks`` (KV blocks each
-worker holds), ``launch(out) -> PendingStep`` (``.result()`` waits for the
-step's ``ModelRunnerOutput``), ``check_health()``, ``shutdown()``, and what
+worker holds), ``startup_seconds`` (seconds per start-up phase),
+``compile_cache`` (where an in-process worker's compiled kernels live),
+``launch(out) -> PendingStep`` (``.result()`` waits for the step's
+``ModelRunnerOutput``), ``check_health()``, ``shutdown()``, and what
 it can do, from which the engine picks its step mode once
 (``engine/llm_engine.py``): ``supports_async`` (a launch returns before
 the device finishes, so the next step may be launched behind it) and
@@ -10,6 +12,8 @@ the device finishes, so the next step may be launched behind it) and
 """
 
 from __future__ import annotations
+
+import time
 
 from fleetlm.engine.config import EngineConfig
 from fleetlm.engine.step import SchedulerOutput
@@ -24,14 +28,18 @@ class LocalWorkerGroup:
     pipeline_depth = 1
 
     def __init__(self, config: EngineConfig) -> None:
+        t0 = time.perf_counter()
         self.worker = Worker(config)
-        self.worker.load_model()
+        self.startup_seconds = {"workers": time.perf_counter() - t0, "load_weights": self.worker.load_model()}
+        t1 = time.perf_counter()
         self.num_blocks = self.worker.num_available_blocks()
         if self.num_blocks < 1:
             raise RuntimeError("not enough memory for a single KV cache block; lower max_num_seqs or free memory")
         self.worker.init_kv_cache(self.num_blocks)
+        self.startup_seconds["kv_cache"] = time.perf_counter() - t1
         if config.use_cuda_graphs:
-            self.worker.capture_cuda_graphs()
+            self.startup_seconds["cuda_graphs"] = self.worker.capture_cuda_graphs()
+        self.compile_cache = self.worker.compile_cache
 
     def launch(self, out: SchedulerOutput) -> PendingOutput:
         """Queue the step on the device; ``.result()`` waits for its ``ModelRunnerOutput``."""
