@@ -163,6 +163,9 @@ class ModelDeploymentConfig:
     # Launch step N+1 while step N runs (engine/llm_engine.py); None: the
     # engine decides (on for one in-process CUDA worker).
     async_scheduling: bool | None = None
+    # Take every serving path once before the replica is ready (engine/warmup.py); None: on GPU.
+    warmup: bool | None = None
+    compile_cache_dir: str | None = None  # compiled kernels kept across starts; None: ~/.cache/fleetlm on GPU
     load_format: str = "auto"
     num_replicas: int | None = None
     autoscaling: AutoscalingConfig | None = None
@@ -210,6 +213,10 @@ class ModelDeploymentConfig:
         _bool(self.enforce_eager, f"{w}: enforce_eager")
         if self.async_scheduling is not None:
             _bool(self.async_scheduling, f"{w}: async_scheduling")
+        if self.warmup is not None:
+            _bool(self.warmup, f"{w}: warmup")
+        if self.compile_cache_dir is not None:
+            _str(self.compile_cache_dir, f"{w}: compile_cache_dir")
         _opt_int(self.max_waiting_requests, f"{w}: max_waiting_requests", 0)
         _opt_int(self.max_waiting_tokens, f"{w}: max_waiting_tokens", 1)
         _set(self, "stream_chunks_per_s", _float(self.stream_chunks_per_s, f"{w}: stream_chunks_per_s",

@@ -14,6 +14,7 @@ import torch
 
 from fleetlm.engine.config import EngineConfig
 from fleetlm.parallel.context import SINGLE, ParallelContext
+from fleetlm.workers.compile_cache import use_compile_cache
 from fleetlm.workers.loader import iter_weights, resolve_model
 from fleetlm.workers.model_runner import DTYPES, ModelRunner
 
@@ -26,6 +27,9 @@ class Worker:
         self.device = torch.device(dev)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+        self.compile_cache = None
+        if config.compile_cache_dir is not None:  # before anything compiles
+            self.compile_cache = use_compile_cache(config.compile_cache_dir, self.device)
         torch.manual_seed(config.model.seed)
         self.runner = ModelRunner(config.model, config.cache, ctx, self.device)
 
