@@ -7,7 +7,18 @@ Offline use mirrors vLLM's API::
     print(llm.generate(["Hello"], SamplingParams(max_tokens=16))[0].outputs[0].text)
 """
 
+import os as _os
+import sys as _sys
+
 __version__ = "0.1.0"
+
+# This package's folder is the repository root. Put on sys.path (`python -m
+# pytest` or `python -c` run in a checkout; a Ray worker, which gets its
+# driver's working directory) it would make engine/, kernels/, workers/ ...
+# importable as top-level modules, and `kernels` then shadows Hugging Face's
+# package of that name, which transformers imports. Nothing may import them so.
+_HERE = _os.path.dirname(_os.path.abspath(__file__))
+_sys.path[:] = [p for p in _sys.path if _os.path.abspath(p or _os.curdir) != _HERE]
 
 
 def __getattr__(name):

@@ -4,6 +4,8 @@ import os
 
 import pytest
 
+import fleetlm  # noqa: F401  first: it takes the checkout off sys.path (see fleetlm/__init__.py)
+
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Triton picks interpreted vs compiled mode at first import, which may come
