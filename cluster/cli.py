@@ -103,6 +103,9 @@ MODEL_FLAGS: tuple[ModelFlag, ...] = (
     ModelFlag("seed", {"type": int}, "seed of dummy weights and of the engine's random state"),
     ModelFlag("tensor_parallel_size", {"type": int}, "GPUs (Ray workers) per pipeline stage"),
     ModelFlag("pipeline_parallel_size", {"type": int}, "pipeline stages (may span nodes)"),
+    ModelFlag("distributed_executor_backend", {"choices": ("mp", "uni", "ray")},
+              "where workers run: the replica's process (one device only) or Ray actors "
+              "(default: the process for one device, Ray for more)"),
     ModelFlag("max_model_len", {"type": int}, "prompt + output tokens of one sequence"),
     ModelFlag("max_num_seqs", {"type": int}, "sequences in one running batch"),
     ModelFlag("max_num_batched_tokens", {"type": int}, "tokens in one step (the chunked prefill budget)"),

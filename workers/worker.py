@@ -32,6 +32,8 @@ class Worker:
             self.compile_cache = use_compile_cache(config.compile_cache_dir, self.device)
         torch.manual_seed(config.model.seed)
         self.runner = ModelRunner(config.model, config.cache, ctx, self.device)
+        # One stage of several TP ranks may get steps launched ahead: see ModelRunner.share_samples.
+        self.runner.share_samples = ctx.tp_size > 1 and ctx.pp_size == 1
 
     def load_model(self) -> float:
         """Load this worker's shard of the weights; returns seconds taken."""
