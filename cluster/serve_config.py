@@ -243,6 +243,11 @@ class ModelDeploymentConfig:
         """Devices (Ray worker actors) one replica of this model needs."""
         return self.tensor_parallel_size * self.pipeline_parallel_size
 
+    @property
+    def uses_worker_actors(self) -> bool:
+        """Whether the replica's engine runs its devices as Ray worker actors (else in its own process)."""
+        return self.world_size > 1 or self.distributed_executor_backend == "ray"
+
     def engine_kwargs(self) -> dict[str, Any]:
         """The engine's settings (EngineArgs / LLM keyword names, as in
         DESIGN.md); None values are left out so the engine's defaults apply."""
