@@ -48,6 +48,9 @@ class EngineArgs:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     load_format: str = "auto"
+    # vLLM's `quantization`: None reads the checkpoint's quantization_config (or
+    # runs dense); "fp8" / "int8" also quantize a float checkpoint as it loads.
+    quantization: str | None = None
     seed: int = 0
     block_size: int = 16
     num_kv_blocks: int | None = None
@@ -84,6 +87,7 @@ class EngineArgs:
         return self.device
 
     def create_engine_config(self) -> EngineConfig:
+        from fleetlm.parallel.formats import resolve_quantization
         from fleetlm.workers.loader import resolve_model
 
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "block_size", "seed"):
@@ -108,6 +112,7 @@ class EngineArgs:
             dtype = "float32"
         if dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        quantization = resolve_quantization(self.quantization, hf, repr(self.model))
         model_max = int(hf.get("max_position_embeddings") or 2048)
         max_len = self.max_model_len or min(model_max, 32768)
         if max_len > model_max and not hf.get("rope_scaling"):
@@ -123,6 +128,7 @@ class EngineArgs:
             seed=self.seed,
             tokenizer=self.tokenizer,
             chat_template=resolve_chat_template(self.chat_template),
+            quantization=quantization,
         )
         parallel = ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size, device)
         validate_parallel(model, parallel)

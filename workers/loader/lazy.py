@@ -30,14 +30,18 @@ class LazyTensor:
     device: torch.device
     read: Reader = field(repr=False)
 
-    def load(self, rows: slice | None = None, cols: slice | None = None) -> torch.Tensor:
+    def load(self, rows: slice | None = None, cols: slice | None = None,
+             dtype: torch.dtype | None = ...) -> torch.Tensor:  # type: ignore[assignment]
         """Read `self[rows, cols]`. Slices must be contiguous (step 1); `cols`
         needs a 2-D tensor. Only the requested block is read where the source
-        allows it."""
+        allows it. `dtype`: the result's (default: this tensor's `dtype`;
+        None: as the source stores it, for quantized tensors)."""
+        if dtype is ...:
+            dtype = self.dtype
         if not self.shape:  # a scalar (e.g. a quantization scale)
             if rows is not None or cols is not None:
                 raise ValueError("a 0-D tensor cannot be sliced")
-            return self.read(None, None).to(device=self.device, dtype=self.dtype)
+            return self.read(None, None).to(device=self.device, dtype=dtype)
         row_slice = _normalize(rows, self.shape[0], "rows")
         col_slice = None
         if cols is not None:
@@ -50,7 +54,7 @@ class LazyTensor:
         )
         if tuple(out.shape) != expected:
             raise RuntimeError(f"reader returned shape {tuple(out.shape)}, expected {expected}")
-        return out.to(device=self.device, dtype=self.dtype).contiguous()
+        return out.to(device=self.device, dtype=dtype).contiguous()
 
 
 def _normalize(s: slice | None, size: int, what: str) -> slice:
