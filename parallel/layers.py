@@ -66,6 +66,8 @@ _CASTABLE = {torch.float32: True, torch.float16: True, torch.bfloat16: True}
 class LinearBase(nn.Module):
     """A linear layer of this rank's ``in_features x out_features``, its tensors owned by ``method``."""
 
+    input_is_parallel = False  # whether the input features are split over the TP ranks (row-parallel)
+
     def __init__(self, in_features: int, out_features: int, bias: bool, ctx: ParallelContext, dtype, device,
                  method: LinearMethod) -> None:
         super().__init__()
@@ -174,6 +176,8 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 class RowParallelLinear(LinearBase):
     """y = all_reduce(x_shard W_shard^T) (+ b): W's columns (input features) split."""
+
+    input_is_parallel = True
 
     def __init__(self, in_features, out_features, bias, ctx: ParallelContext, dtype, device, method: LinearMethod):
         super().__init__(_split(in_features, ctx.tp_size, "input features"), out_features, bias, ctx, dtype, device,

@@ -46,5 +46,8 @@ def linear_methods(ops, weight_format: str = "dense",
                      f"{', '.join([*FORMATS, *quantization_methods()])}")
 
 
+# Quantized formats: importing each registers it (one line per format).
+from fleetlm.parallel.formats import awq, gptq  # noqa: E402,F401  (after linear_methods: they import this package)
+
 __all__ = ["FORMATS", "QUANTIZATIONS", "DenseMethod", "LinearMethod", "ParamSpec", "Quantization",
            "checkpoint_names", "linear_methods", "quantization_methods", "register_quantization", "resolve_quantization"]
