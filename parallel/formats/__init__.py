@@ -47,7 +47,7 @@ def linear_methods(ops, weight_format: str = "dense",
 
 
 # Quantized formats: importing each registers it (one line per format).
-from fleetlm.parallel.formats import awq, gptq  # noqa: E402,F401  (after linear_methods: they import this package)
+from fleetlm.parallel.formats import awq, gguf, gptq  # noqa: E402,F401  (after linear_methods: they import this package)
 
 __all__ = ["FORMATS", "QUANTIZATIONS", "DenseMethod", "LinearMethod", "ParamSpec", "Quantization",
            "checkpoint_names", "linear_methods", "quantization_methods", "register_quantization", "resolve_quantization"]

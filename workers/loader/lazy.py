@@ -45,12 +45,12 @@ class LazyTensor:
         row_slice = _normalize(rows, self.shape[0], "rows")
         col_slice = None
         if cols is not None:
-            if len(self.shape) != 2:
-                raise ValueError(f"cols= needs a 2-D tensor, this one has shape {self.shape}")
+            if len(self.shape) < 2:
+                raise ValueError(f"cols= needs a tensor of 2 or more dims, this one has shape {self.shape}")
             col_slice = _normalize(cols, self.shape[1], "cols")
         out = self.read(row_slice, col_slice)
         expected = (row_slice.stop - row_slice.start,) + (
-            (col_slice.stop - col_slice.start,) if col_slice is not None else tuple(self.shape[1:])
+            (col_slice.stop - col_slice.start, *self.shape[2:]) if col_slice is not None else tuple(self.shape[1:])
         )
         if tuple(out.shape) != expected:
             raise RuntimeError(f"reader returned shape {tuple(out.shape)}, expected {expected}")
