@@ -165,3 +165,39 @@ def hf_model_from_weights(hf_config: dict, weights: dict[str, torch.Tensor]):
     if cfg.get("tie_word_embeddings"):
         model.tie_weights()
     return model.eval()
+
+
+def write_gguf(out_path: Path, types: dict[str, str], model: str = "smollm2-135m-instruct") -> None:
+    """Copy the embedded GGUF file with gguf-py's writer, re-encoding projections as ``types``.
+
+    ``types`` maps a GGUF projection stem (``attn_q``, ``ffn_down``, ...) to a
+    block type; a tensor whose row length is not a whole number of that
+    type's blocks keeps its own type (as llama.cpp falls back). Re-encoding
+    starts from gguf-py's dequantization of the file's rows (GGUF row order).
+    """
+    import gguf
+    from gguf.quants import dequantize
+
+    from fleetlm.parallel.formats.gguf_blocks import BLOCKS, encode
+
+    reader = gguf.GGUFReader(resolve_model(model).path)
+    writer = gguf.GGUFWriter(str(out_path), arch=str(reader.fields["general.architecture"].contents()))
+    for field in reader.fields.values():
+        if field.name == "general.architecture" or field.name.startswith("GGUF."):
+            continue
+        sub = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub)
+    for t in reader.tensors:
+        stem = t.name.split(".")[-2] if t.name.startswith("blk.") else ""
+        qtype = types.get(stem)
+        rows, k = int(t.shape[1]) if len(t.shape) > 1 else 1, int(t.shape[0])
+        if qtype is not None and k % BLOCKS[qtype][0] == 0:
+            floats = dequantize(np.asarray(t.data).reshape(rows, -1), t.tensor_type).reshape(rows, k)
+            raw = encode(torch.from_numpy(floats.copy()), qtype).reshape(rows, -1).numpy()
+            writer.add_tensor(t.name, raw, raw_dtype=gguf.GGMLQuantizationType[qtype])
+        else:
+            writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
