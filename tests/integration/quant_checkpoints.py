@@ -116,15 +116,16 @@ def write_checkpoint(out_dir: Path, method: str, *, bits: int = 4, group: int = 
             continue
         wn = w.numpy()
         n, k = wn.shape
-        num_groups = k // group
+        group_k = k if group == -1 else group  # -1: one group per output row
+        num_groups = k // group_k
         if desc_act:
             key = (int(stem.split(".")[2]), 0 if stem.endswith(("q_proj", "k_proj", "v_proj")) else
                    1 if stem.endswith(("gate_proj", "up_proj")) else 2 + stem.endswith("down_proj"))
             perm = perms.setdefault(key, rng.permutation(k))
             groups = np.empty(k, np.int64)
-            groups[perm] = np.arange(k) // group  # g_idx[perm[i]] = i // group, as GPTQ's act order writes
+            groups[perm] = np.arange(k) // group_k  # g_idx[perm[i]] = i // group, as GPTQ's act order writes
         else:
-            groups = np.arange(k) // group
+            groups = np.arange(k) // group_k
         q, scales, zeros = _rtn(wn, groups, num_groups, bits, sym)
         reference[name] = _dequant(q, scales, zeros, groups)
         if method == "awq":

@@ -46,7 +46,7 @@ class LazyTensor:
         col_slice = None
         if cols is not None:
             if len(self.shape) < 2:
-                raise ValueError(f"cols= needs a tensor of 2 or more dims, this one has shape {self.shape}")
+                raise ValueError(f"cols= needs a 2-D (or higher) tensor, this one has shape {self.shape}")
             col_slice = _normalize(cols, self.shape[1], "cols")
         out = self.read(row_slice, col_slice)
         expected = (row_slice.stop - row_slice.start,) + (
