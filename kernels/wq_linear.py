@@ -94,7 +94,8 @@ class QuantWeight:
             raise ValueError(f"scales {tuple(self.scales.shape)} != [{n}, {k // self.group}]")
         for name in ("scales", "zeros", "mins"):
             t = getattr(self, name)
-            if t is not None and (tuple(t.shape) != (n, groups) or t.stride(1) != 1 or t.stride(0) != groups):
+            if t is not None and (tuple(t.shape) != (n, groups) or (groups > 1 and t.stride(1) != 1)
+                                  or (n > 1 and t.stride(0) != groups)):
                 raise ValueError(f"{name} must be contiguous [{n}, {groups}], got {tuple(t.shape)}")
         if self.super_scales is not None:
             s = self.super_group
