@@ -170,6 +170,7 @@ class ModelDeploymentConfig:
     warmup: bool | None = None
     compile_cache_dir: str | None = None  # compiled kernels kept across starts; None: ~/.cache/fleetlm on GPU
     load_format: str = "auto"
+    quantization: str | None = None  # vLLM's names (fp8, int8, ...); None: the checkpoint's own (the engine checks)
     num_replicas: int | None = None
     autoscaling: AutoscalingConfig | None = None
     # Admission at the ingress (cluster/admission.py): sequences allowed to wait
@@ -229,6 +230,8 @@ class ModelDeploymentConfig:
         _set(self, "stream_max_interval_s", _float(self.stream_max_interval_s, f"{w}: stream_max_interval_s",
                                                    low=0.0))
         _choice(self.load_format, f"{w}: load_format", LOAD_FORMATS)
+        if self.quantization is not None:
+            _str(self.quantization, f"{w}: quantization")
         if self.autoscaling is not None:
             if not isinstance(self.autoscaling, AutoscalingConfig):
                 raise ValueError(f"{w}: autoscaling must be an AutoscalingConfig")
