@@ -44,7 +44,8 @@ from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
-logger = logging.getLogger("fleetlm.scale_down")
+# A child of Serve's logger: in the controller its records go to Serve's controller log.
+logger = logging.getLogger("ray.serve.fleetlm_scale_down")
 
 _INSTALLED_FLAG = "_fleetlm_cache_aware_scale_down"
 _PENDING_ATTR = "_fleetlm_routing_stats_for_downscale"
