@@ -96,7 +96,10 @@ class LocalAutoscalingCluster:
                "--include-dashboard=false", f"--num-cpus={head['CPU']}", "--num-gpus=0", "--disable-usage-stats"]
         full_env = {**os.environ, **env, "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_FAKE_CLUSTER": "1",
                     # Ray's single-machine mode: every node (the launched ones too) on 127.0.0.1.
-                    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "FLEETLM_TEST_SESSION": self.marker}
+                    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "FLEETLM_TEST_SESSION": self.marker,
+                    # Loopback only and torn down by the test: no token (else `ray start` turns token
+                    # auth on when ~/.ray/auth_token exists, and the driver must carry it).
+                    "RAY_AUTH_MODE": "disabled"}
         full_env.pop("RAY_ADDRESS", None)
         subprocess.run(cmd, env=full_env, check=True, capture_output=True, timeout=120)
 
@@ -186,6 +189,7 @@ def test_ray_autoscaler_adds_and_removes_gpu_nodes_for_serve_replicas(monkeypatc
     try:
         cluster.start(SERVE_ENV)
         monkeypatch.delenv("RAY_ADDRESS", raising=False)
+        monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
         # This driver in Ray's single-machine mode too (its node address 127.0.0.1, as the cluster's).
         monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
         ray.init(address=cluster.gcs_address, logging_level="WARNING", log_to_driver=False)
@@ -198,14 +202,12 @@ def test_ray_autoscaler_adds_and_removes_gpu_nodes_for_serve_replicas(monkeypatc
         args = {"models": [{"model": MODEL, "max_num_seqs": 4, "autoscaling": {
             "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": TARGET_ONGOING,
             "upscale_delay_s": 1, "downscale_delay_s": 5}}]}
+        # 1. The first replica needs a GPU node: serve.run returns once it runs, on a launched node.
         serve.run(app_module.build_app(args), name=APP, route_prefix="/", blocking=False)
         url = f"http://127.0.0.1:{port}"
-
-        # 1. The first replica needs a GPU node.
-        tl.wait("replica 1 pending, no GPU node", lambda: _replicas().get("STARTING", 0) + _replicas().get(
-            "PENDING_ALLOCATION", 0) >= 1 or _gpu_nodes() == 0, 60)
-        tl.wait("autoscaler launched GPU node 1", lambda: _gpu_nodes() == 1, 180)
         tl.wait("replica 1 running", lambda: _replicas().get("RUNNING", 0) == 1, 240)
+        assert _gpu_nodes() == 1, "the autoscaler launched no GPU node for replica 1"
+        tl.note("on GPU node 1, launched by the autoscaler")
         deadline = time.monotonic() + 60
         while httpx.get(url + "/health", timeout=10).status_code != 200:
             assert time.monotonic() < deadline
@@ -235,6 +237,8 @@ def test_ray_autoscaler_adds_and_removes_gpu_nodes_for_serve_replicas(monkeypatc
         tl.note(f"load: {len(loaders)} concurrent streams")
         tl.wait("Serve wants replica 2", lambda: sum(_replicas().values()) - _replicas().get("STOPPING", 0) >= 2,
                 120)
+        # It cannot run yet: no node has a free GPU until the autoscaler adds one.
+        assert _replicas().get("RUNNING", 0) == 1 and _gpu_nodes() == 1, (_replicas(), _gpu_nodes())
         tl.wait("autoscaler launched GPU node 2", lambda: _gpu_nodes() == 2, 180)
         tl.wait("replica 2 running", lambda: _replicas().get("RUNNING", 0) == 2, 240)
         time.sleep(3)  # both replicas serve some of the load
@@ -256,7 +260,8 @@ def test_ray_autoscaler_adds_and_removes_gpu_nodes_for_serve_replicas(monkeypatc
             [t for t, w in tl.events if w == "Serve removed replica 2"][0]
         assert scale_down >= IDLE_TIMEOUT_S * 0.5, scale_down  # not before it was idle for a while
     finally:
-        with contextlib.suppress(Exception):
-            serve.shutdown()
-        ray.shutdown()
+        if ray.is_initialized():
+            with contextlib.suppress(Exception):
+                serve.shutdown()
+            ray.shutdown()
         cluster.shutdown()
