@@ -774,6 +774,10 @@ def create_app(server: OpenAIServer) -> FastAPI:
     async def debug_invariants(request: Request) -> Response:
         return await server.debug_invariants(request)
 
+    from fleetlm.cluster.dashboard import add_dashboard_routes
+
+    add_dashboard_routes(app, server)  # /dashboard: the live page (cluster/dashboard.py)
+
     @app.exception_handler(OpenAIError)
     async def _openai_error(request: Request, exc: OpenAIError) -> Response:
         return error_response(exc)
