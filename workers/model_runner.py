@@ -23,7 +23,7 @@ from fleetlm.kernels import select_ops
 from fleetlm.parallel.context import ParallelContext
 from fleetlm.workers.attention import AttentionMetadata
 from fleetlm.workers.models import model_class
-from fleetlm.workers.pending import PendingOutput, ReqState
+from fleetlm.workers.pending import DeferredSampling, PendingOutput, ReqState
 from fleetlm.workers.sampler import Sampler, SamplingBatch, SamplingRow, compute_topk_logprobs, min_tokens_banned_ids
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -38,13 +38,14 @@ class ModelRunner:
         self.block_size = cache_cfg.block_size
         self.ops = select_ops(device)
         self.model = model_class(model_cfg.hf_config)(model_cfg, ctx, self.ops, self.dtype, device)
-        self.sampler = Sampler()
+        self.sampler = Sampler(self.ops.apply_token_bitmask)
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.states: dict[str, ReqState] = {}
         self.graphs = None  # DecodeGraphs, once captured (CUDA only)
         # The previous launch's sampled tokens (still on the device) and each request's row in them.
         self._last_sampled: torch.Tensor | None = None
         self._last_rows: dict[str, int] = {}
+        self._deferred: DeferredSampling | None = None  # a launched step waiting for its grammar
         eos = model_cfg.eos_token_ids
         self.eos_token_ids = list(eos)
 
@@ -191,6 +192,8 @@ class ModelRunner:
         Placeholder tokens are filled on the device from the sampled tokens of
         the previous launch. The last stage returns a ``PendingOutput``.
         """
+        if self._deferred is not None and not self._deferred.sampled:
+            raise RuntimeError("launch before the previous step got its grammar (its samples feed this step)")
         self._update_states(out)
         if out.is_empty:
             return PendingOutput.ready(ModelRunnerOutput.empty())
@@ -217,7 +220,20 @@ class ModelRunner:
         req_ids = [s.request_id for s in sampling]
         states = [self.states[rid] for rid in req_ids]
         proposals = [s.spec_token_ids for s in sampling]
-        sampled = self.sampler(logits, self._sampling_batch(states, proposals))
+        batch = self._sampling_batch(states, proposals)
+
+        def sample(grammar):
+            return self._sample(logits, batch, grammar, req_ids, states, proposals, prompt)
+
+        if out.grammar_later:  # the bitmask is built from the step in flight, while this forward runs
+            self._deferred = DeferredSampling(sample)
+            return self._deferred
+        return sample(out.grammar)
+
+    def _sample(self, logits, batch, grammar, req_ids, states, proposals, prompt) -> PendingOutput:
+        if grammar is not None and grammar.request_ids:
+            self._attach_grammar(batch, grammar, req_ids, proposals)
+        sampled = self.sampler(logits, batch)
         # Placeholders of the next launch read these rows (requests that verified
         # proposals are never scheduled ahead: their token count is unknown).
         self._last_sampled = sampled.sampled_token_ids
@@ -230,6 +246,20 @@ class ModelRunner:
         if sampled.logprobs is not None:
             tensors += [sampled.logprob_token_ids, sampled.logprobs, sampled.sampled_ranks]
         return PendingOutput(req_ids, states, proposals, tensors, prompt)
+
+    def _attach_grammar(self, batch: SamplingBatch, grammar, req_ids: list[str], proposals: list[list[int]]) -> None:
+        """Point the batch's constrained rows at their bitmask rows (on the device, without waiting)."""
+        first, row = {}, 0
+        for rid, props in zip(req_ids, proposals):
+            first[rid] = (row, 1 + len(props))
+            row += 1 + len(props)
+        rows = [first[rid][0] + j for rid in grammar.request_ids for j in range(first[rid][1])]
+        if len(rows) != grammar.bitmask.shape[0]:
+            raise RuntimeError(f"grammar bitmask has {grammar.bitmask.shape[0]} rows for {len(rows)} constrained rows")
+        (rows_d,) = self._upload(torch.int64, np.asarray(rows, dtype=np.int64))
+        batch.guided_rows = rows
+        batch.bitmask_rows = rows_d
+        batch.token_bitmask = grammar.bitmask.to(self.device, non_blocking=True)
 
     # Prompt positions whose logits are computed at once for prompt logprobs (bounds the
     # float32 [rows, vocab] scratch: 512 x 128k vocab = 256 MiB).
