@@ -59,8 +59,11 @@ def _clean(err: Exception) -> str:
 
 
 def _xgr():
-    import xgrammar
-
+    try:
+        import xgrammar
+    except ImportError:  # a declared dependency: only a broken install lacks it
+        raise InvalidGuidedDecoding("guided_decoding", "structured output needs the xgrammar package, "
+                                                       "which this installation lacks") from None
     return xgrammar
 
 

@@ -177,16 +177,17 @@ class StructuredOutput:
         return GrammarBitmask([req.request_id for req, _ in rows], mask)
 
     @staticmethod
+    @staticmethod
     def _fill_with_proposals(matcher, proposals: list[int], mask, first: int) -> None:
-        """Row j: the mask after proposals[:j]. After a proposal the grammar refuses, rows are
-        all-allowed: the refused proposal is rejected at its own row, so later samples are discarded."""
+        """Row j: the mask after proposals[:j]. Rows past a proposal the grammar refuses, or
+        past its end (a proposed EOS), are all-allowed: their samples are discarded anyway."""
         walked = 0
         for j in range(1 + len(proposals)):
-            if j > walked:
+            if j > walked or matcher.is_terminated():
                 mask[first + j] = -1
                 continue
             matcher.fill_next_token_bitmask(mask, first + j)
-            if j < len(proposals) and not matcher.is_terminated() and matcher.accept_token(proposals[j]):
+            if j < len(proposals) and matcher.accept_token(proposals[j]):
                 walked += 1
         if walked:
             matcher.rollback(walked)

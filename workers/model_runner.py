@@ -22,6 +22,7 @@ from fleetlm.engine.step import PLACEHOLDER, ModelRunnerOutput, SchedulerOutput
 from fleetlm.kernels import select_ops
 from fleetlm.parallel.context import ParallelContext
 from fleetlm.workers.attention import AttentionMetadata
+from fleetlm.workers.guided_logits import constrain_logits
 from fleetlm.workers.models import model_class
 from fleetlm.workers.pending import DeferredSampling, PendingOutput, ReqState
 from fleetlm.workers.sampler import Sampler, SamplingBatch, SamplingRow, compute_topk_logprobs, min_tokens_banned_ids
@@ -38,7 +39,7 @@ class ModelRunner:
         self.block_size = cache_cfg.block_size
         self.ops = select_ops(device)
         self.model = model_class(model_cfg.hf_config)(model_cfg, ctx, self.ops, self.dtype, device)
-        self.sampler = Sampler(self.ops.apply_token_bitmask)
+        self.sampler = Sampler()
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.states: dict[str, ReqState] = {}
         self.graphs = None  # DecodeGraphs, once captured (CUDA only)
@@ -232,7 +233,7 @@ class ModelRunner:
 
     def _sample(self, logits, batch, grammar, req_ids, states, proposals, prompt) -> PendingOutput:
         if grammar is not None and grammar.request_ids:
-            self._attach_grammar(batch, grammar, req_ids, proposals)
+            logits = self._constrain(logits, batch, grammar, req_ids, proposals)
         sampled = self.sampler(logits, batch)
         # Placeholders of the next launch read these rows (requests that verified
         # proposals are never scheduled ahead: their token count is unknown).
@@ -247,8 +248,9 @@ class ModelRunner:
             tensors += [sampled.logprob_token_ids, sampled.logprobs, sampled.sampled_ranks]
         return PendingOutput(req_ids, states, proposals, tensors, prompt)
 
-    def _attach_grammar(self, batch: SamplingBatch, grammar, req_ids: list[str], proposals: list[list[int]]) -> None:
-        """Point the batch's constrained rows at their bitmask rows (on the device, without waiting)."""
+    def _constrain(self, logits, batch: SamplingBatch, grammar, req_ids: list[str], proposals: list[list[int]]):
+        """Mask the constrained rows (``workers/guided_logits.py``); their bitmask rows reach the
+        device without a wait."""
         first, row = {}, 0
         for rid, props in zip(req_ids, proposals):
             first[rid] = (row, 1 + len(props))
@@ -257,9 +259,8 @@ class ModelRunner:
         if len(rows) != grammar.bitmask.shape[0]:
             raise RuntimeError(f"grammar bitmask has {grammar.bitmask.shape[0]} rows for {len(rows)} constrained rows")
         (rows_d,) = self._upload(torch.int64, np.asarray(rows, dtype=np.int64))
-        batch.guided_rows = rows
-        batch.bitmask_rows = rows_d
-        batch.token_bitmask = grammar.bitmask.to(self.device, non_blocking=True)
+        bitmask = grammar.bitmask.to(self.device, non_blocking=True)
+        return constrain_logits(logits, batch, rows, rows_d, bitmask, self.ops.apply_token_bitmask)
 
     # Prompt positions whose logits are computed at once for prompt logprobs (bounds the
     # float32 [rows, vocab] scratch: 512 x 128k vocab = 256 MiB).

@@ -28,7 +28,6 @@ reads the sampled ids.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,7 +35,6 @@ from dataclasses import dataclass
 import torch
 
 from fleetlm.engine.sampling_params import SamplingParams
-from fleetlm.kernels.token_bitmask import apply_token_bitmask_ref
 
 _MASK64 = (1 << 64) - 1
 # Smallest Exp(1) draw used; a draw of exactly 0 would turn a masked token's
@@ -120,11 +118,6 @@ class SamplingBatch:
     no_top_k: bool = False
     no_top_p: bool = False
     no_min_p: bool = False
-    # Structured output: the rows under a grammar and their token bitmask
-    # ([len(guided_rows), ceil(V / 32)] int32, on the device); None: no row is.
-    guided_rows: list[int] = dataclasses.field(default_factory=list)
-    bitmask_rows: torch.Tensor | None = None
-    token_bitmask: torch.Tensor | None = None
 
     @property
     def num_rows(self) -> int:
@@ -309,42 +302,19 @@ def _sample_random(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return probs.div_(_exponential_noise(probs, batch)).argmax(dim=-1)
 
 
-def _apply_bans_keeping_grammar(logits: torch.Tensor, batch: SamplingBatch) -> None:
-    """Bias and bans, except where bans would leave a constrained row nothing (min_tokens
-    banning the EOS its grammar ends with): there the grammar wins, and the output ends."""
-    both = [r for r in batch.guided_rows if batch.banned_token_ids[r]]
-    if not both:
-        apply_logit_bias_and_bans(logits, batch)
-        return
-    rows = _to_device(both, torch.int64, logits.device)
-    before = logits.index_select(0, rows)
-    apply_logit_bias_and_bans(logits, batch)
-    after = logits.index_select(0, rows)
-    empty = torch.isneginf(after).all(dim=-1, keepdim=True)
-    logits.index_copy_(0, rows, torch.where(empty, before, after))
-
-
 class Sampler:
-    """Stateless; one instance per model runner. ``apply_token_bitmask`` is the
-    kernel chosen for the device (``kernels/token_bitmask.py``)."""
-
-    def __init__(self, apply_token_bitmask=apply_token_bitmask_ref) -> None:
-        self.apply_token_bitmask = apply_token_bitmask
+    """Stateless; one instance per model runner."""
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """Sample one token per row of ``logits [B, V]``; ``logits`` is not modified."""
-        guided = batch.token_bitmask is not None
+        want = [k for k in batch.num_logprobs if k is not None]
+        raw_logprobs = torch.log_softmax(logits.float(), dim=-1) if want else None
+
         edits = any(batch.logit_bias) or any(batch.banned_token_ids) or not batch.no_penalties
         # Copy only when editing in place: the caller's tensor stays intact.
-        logits = logits.to(torch.float32, copy=edits or guided)
-        if guided:
-            # First, as vLLM does: logprobs are those of the distribution the grammar leaves.
-            self.apply_token_bitmask(logits, batch.bitmask_rows, batch.token_bitmask)
-        want = [k for k in batch.num_logprobs if k is not None]
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if want else None
-
+        logits = logits.to(torch.float32, copy=edits)
         if edits:
-            _apply_bans_keeping_grammar(logits, batch)
+            apply_logit_bias_and_bans(logits, batch)
         if not batch.no_penalties:
             logits = apply_penalties(logits, batch)
 

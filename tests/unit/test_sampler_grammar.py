@@ -1,15 +1,25 @@
-"""The sampler under a grammar's token bitmask: constrained rows sample only allowed tokens,
-others are untouched, logprobs are those of the masked distribution, and min_tokens bans
-never leave a constrained row with nothing."""
+"""The sampler behind the grammar step (workers/guided_logits.py): constrained rows sample only
+allowed tokens, others are untouched, logprobs are those of the masked distribution, and
+min_tokens bans never leave a constrained row with nothing."""
 
 import torch
 
 from fleetlm.engine.sampling_params import SamplingParams
 from fleetlm.kernels.token_bitmask import apply_token_bitmask_ref
+from fleetlm.workers.guided_logits import constrain_logits
 from fleetlm.workers.sampler import Sampler, SamplingBatch, SamplingRow
 
 V = 70  # three mask words, the last one partial
-sampler = Sampler(apply_token_bitmask_ref)
+
+
+def sampler(logits: torch.Tensor, batch: SamplingBatch):
+    """What the runner does for a step with constrained rows: the grammar step, then the sampler."""
+    if batch.guided:
+        rows = sorted(batch.guided)
+        bitmask = mask_of([batch.guided[r] for r in rows])
+        logits = constrain_logits(logits, batch, rows, torch.tensor(rows, dtype=torch.int64), bitmask,
+                                  apply_token_bitmask_ref)
+    return Sampler()(logits, batch)
 
 
 def mask_of(allowed_per_row: list[list[int]]) -> torch.Tensor:
@@ -22,9 +32,7 @@ def mask_of(allowed_per_row: list[list[int]]) -> torch.Tensor:
 
 def guided_batch(rows: list[SamplingRow], guided: dict[int, list[int]]) -> SamplingBatch:
     b = SamplingBatch.build(rows, "cpu")
-    b.guided_rows = sorted(guided)
-    b.bitmask_rows = torch.tensor(b.guided_rows, dtype=torch.int64)
-    b.token_bitmask = mask_of([guided[r] for r in b.guided_rows])
+    b.guided = guided  # row -> allowed tokens (read by sampler() above)
     return b
 
 
@@ -81,6 +89,16 @@ def test_min_tokens_bans_apply_unless_they_empty_a_constrained_row():
 def test_unconstrained_batch_is_unchanged_by_the_grammar_path():
     x = logits(4, seed=3)
     rows = [row(temperature=0.8, seed=11 + i) for i in range(4)]
-    plain = sampler(x, SamplingBatch.build(rows, "cpu")).sampled_token_ids
-    empty = guided_batch(rows, {})  # a grammar over no row
-    assert torch.equal(sampler(x, empty).sampled_token_ids, plain)
+    plain = Sampler()(x, SamplingBatch.build(rows, "cpu")).sampled_token_ids
+    b = SamplingBatch.build(rows, "cpu")
+    everything = mask_of([list(range(V))])
+    masked = constrain_logits(x, b, [2], torch.tensor([2]), everything, apply_token_bitmask_ref)
+    assert torch.equal(Sampler()(masked, b).sampled_token_ids, plain)  # an all-allowed mask changes nothing
+
+
+def test_bans_of_free_rows_stay_with_the_sampler():
+    x = logits(2)
+    b = guided_batch([row(banned=[3], temperature=0), row(banned=[4], temperature=0)], {1: list(range(V))})
+    masked = constrain_logits(x, b, [1], torch.tensor([1]), mask_of([list(range(V))]), apply_token_bitmask_ref)
+    assert b.banned_token_ids == [[3], []]  # row 1's ban was applied by the grammar step
+    assert torch.isneginf(masked[1, 4]) and torch.isfinite(masked[0, 3])
