@@ -33,7 +33,7 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
-from fleetlm.engine.grammars import build_grammar
+from fleetlm.engine.grammars import build_grammar, grammar_key
 from fleetlm.engine.request import Request, RequestStatus
 from fleetlm.engine.sampling_params import SamplingParams
 from fleetlm.engine.step import GrammarBitmask, SchedulerOutput
@@ -67,11 +67,12 @@ class StructuredOutput:
     # -- arrival -----------------------------------------------------------------
     def prepare(self, params: SamplingParams) -> Future:
         """Check the request's grammar (raises ``InvalidGuidedDecoding``) and start its compile."""
-        key, grammar = build_grammar(params.guided_decoding)
+        key = grammar_key(params.guided_decoding)
         fut = self._cache.get(key)
-        if fut is not None:
+        if fut is not None:  # checked and compiled (or compiling) already
             self._cache.move_to_end(key)
             return fut
+        _, grammar = build_grammar(params.guided_decoding)
         fut = self._pool.submit(self._compile, grammar)
         self._cache[key] = fut
         if len(self._cache) > MAX_CACHED_GRAMMARS:
