@@ -243,3 +243,57 @@ def render_messages(messages: list[dict], tools: ToolRequest | None, template: s
 
 def parser_for(name: str | None) -> ToolParser | None:
     return get_tool_parser(name) if name else None
+
+
+class ToolStreamState:
+    """One streamed choice's tool calls as OpenAI deltas: ``feed(text, finish_reason)`` ->
+    (the ``delta`` object, the finish_reason to send). A named call streams its arguments as
+    they come; ``required`` sends its calls at the end (the array must close to parse);
+    ``auto`` shows content at once and each call when the parser completes it."""
+
+    def __init__(self, tools: ToolRequest, parser: ToolParser | None) -> None:
+        self.tools, self.parser = tools, parser
+        self.stream = parser.stream() if tools.choice == "auto" and parser is not None else None
+        self.buf: list[str] = []
+        self.sent = 0  # tool calls sent so far
+        self.call_id = new_call_id()
+
+    def feed(self, text: str, finish_reason: str | None) -> tuple[dict, str | None]:
+        t = self.tools
+        if t.choice == "named":
+            first, self.sent = self.sent == 0, 1
+            if not text and not first:
+                return {}, finish_reason
+            call = {"index": 0, "function": {"arguments": text}}
+            if first:
+                call = {"index": 0, "id": self.call_id, "type": "function",
+                        "function": {"name": t.named, "arguments": text}}
+            return {"tool_calls": [call]}, finish_reason
+        if t.choice == "required":
+            self.buf.append(text)
+            if finish_reason is None:
+                return {}, None
+            content, calls, finish_reason = t.read("".join(self.buf), finish_reason, None)
+            return self._delta(content, calls), finish_reason
+        if self.stream is None:  # "none": plain text
+            return ({"content": text} if text else {}), finish_reason
+        content, calls = self.stream.feed(text)
+        if finish_reason is not None:
+            more_content, more_calls = self.stream.finish()
+            content, calls = content + more_content, calls + more_calls
+        calls = [c for c in calls if c.name in t.by_name]
+        if not t.parallel:
+            calls = calls[: max(0, 1 - self.sent)]
+        delta = self._delta(content, calls)
+        if finish_reason == "stop" and self.sent:
+            finish_reason = "tool_calls"
+        return delta, finish_reason
+
+    def _delta(self, content: str | None, calls: list[ToolCall]) -> dict:
+        delta: dict = {}
+        if content:
+            delta["content"] = content
+        if calls:
+            delta["tool_calls"] = [c.to_openai(self.sent + i) for i, c in enumerate(calls)]
+            self.sent += len(calls)
+        return delta

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import re
+from functools import lru_cache
 
 from fleetlm.engine.sampling_params import GuidedDecodingParams
 
@@ -41,6 +42,10 @@ _ONE = ("items", "additionalProperties", "contains", "propertyNames", "unevaluat
         "unevaluatedItems", "additionalItems")
 _LIST = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
 _DICT = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+# Counted repetitions in a schema's patterns cost xgrammar quadratic time (a{1000}: 0.2 s,
+# a{20000}: 39 s on one core): larger counts are refused rather than stalling a compile.
+MAX_PATTERN_REPEAT = 1000
+_COUNT = re.compile(r"(?<!\\)\{(\d+)(?:,(\d*))?\}")
 _XGR_PREFIX = re.compile(r"^(\[[\d:]+\] )?\S+\.cc:\d+: (Check failed: \(.*?\) is false: )?")
 
 
@@ -86,30 +91,48 @@ def grammar_key(guided: GuidedDecodingParams) -> tuple:
 
 def build_grammar(guided: GuidedDecodingParams):
     """(cache key, xgrammar Grammar) for a guided request; raises ``InvalidGuidedDecoding``."""
-    xgr = _xgr()
-    kind = guided.kind
-    param = f"guided_decoding.{kind}"
     key = grammar_key(guided)
-    text = key[1]
-    any_ws = key[2]
+    return key, grammar_from_key(key)
+
+
+def grammar_from_key(key: tuple):
+    """The checked xgrammar Grammar of a ``grammar_key``; raises ``InvalidGuidedDecoding``."""
+    xgr = _xgr()
+    kind, text, any_ws = key
+    param = f"guided_decoding.{kind}"
     try:
         if kind in ("json", "json_object"):
             if kind == "json":
                 check_json_schema(json.loads(text), param)
-            return key, xgr.Grammar.from_json_schema(text, any_whitespace=any_ws, strict_mode=True)
+            return xgr.Grammar.from_json_schema(text, any_whitespace=any_ws, strict_mode=True)
         if kind == "regex":
-            return key, xgr.Grammar.from_regex(text)
-        if kind == "grammar":
-            if "::=" in text:  # EBNF / GBNF (llama.cpp's dialect, as vLLM takes it)
-                return key, xgr.Grammar.from_ebnf(text)
-            return key, xgr.Grammar.from_lark(text)
-        return key, xgr.Grammar.from_ebnf(text)  # choice
+            return xgr.Grammar.from_regex(text)
+        if kind == "grammar" and "::=" not in text:
+            return xgr.Grammar.from_lark(text)
+        return xgr.Grammar.from_ebnf(text)  # EBNF / GBNF (llama.cpp's dialect, as vLLM takes it), or a choice
     except InvalidGuidedDecoding:
         raise
     except Exception as e:  # noqa: BLE001 - xgrammar raises RuntimeError for every parse error
         what = {"json": "JSON schema", "json_object": "JSON schema", "regex": "regex",
                 "grammar": "grammar", "choice": "choice"}[kind]
         raise InvalidGuidedDecoding(param, f"invalid {what}: {_clean(e)}") from None
+
+
+@lru_cache(maxsize=1024)
+def _problem(key: tuple) -> InvalidGuidedDecoding | None:
+    try:
+        grammar_from_key(key)
+    except InvalidGuidedDecoding as e:
+        return e
+    return None
+
+
+def check_guided(guided: GuidedDecodingParams) -> None:
+    """Raise ``InvalidGuidedDecoding`` for a bad grammar; remembers the verdict per grammar
+    (the JSON Schema meta-check takes 20-200 ms, and clients resend the same schemas)."""
+    problem = _problem(grammar_key(guided))
+    if problem is not None:
+        raise InvalidGuidedDecoding(problem.param, problem.reason)
 
 
 def _schema_text(schema: str | dict) -> str:
@@ -151,6 +174,14 @@ def check_json_schema(schema: dict, param: str = "guided_decoding.json") -> None
             raise InvalidGuidedDecoding(
                 param, f"unsupported JSON schema keyword 'allOf' with several schemas at {path or '(root)'} "
                 "(merge them into one)")
+        patterns = [node["pattern"]] if isinstance(node.get("pattern"), str) else []
+        if isinstance(node.get("patternProperties"), dict):
+            patterns += list(node["patternProperties"])
+        for pattern in patterns:
+            counts = [int(n) for m in _COUNT.finditer(pattern) for n in m.groups() if n]
+            if counts and max(counts) > MAX_PATTERN_REPEAT:
+                raise InvalidGuidedDecoding(param, f"pattern {pattern[:60]!r} at {path or '(root)'} repeats "
+                                                   f"{max(counts)} times; at most {MAX_PATTERN_REPEAT} are supported")
         ref = node.get("$ref")
         if isinstance(ref, str) and not ref.startswith("#"):
             raise InvalidGuidedDecoding(param, f"unsupported remote $ref {ref!r} at {path or '(root)'} "

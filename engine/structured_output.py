@@ -33,7 +33,7 @@ import threading
 from collections import OrderedDict
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
-from fleetlm.engine.grammars import build_grammar, grammar_key
+from fleetlm.engine.grammars import grammar_from_key, grammar_key
 from fleetlm.engine.request import Request, RequestStatus
 from fleetlm.engine.sampling_params import SamplingParams
 from fleetlm.engine.step import GrammarBitmask, SchedulerOutput
@@ -72,8 +72,7 @@ class StructuredOutput:
         if fut is not None:  # checked and compiled (or compiling) already
             self._cache.move_to_end(key)
             return fut
-        _, grammar = build_grammar(params.guided_decoding)
-        fut = self._pool.submit(self._compile, grammar)
+        fut = self._pool.submit(self._compile, grammar_from_key(key))
         self._cache[key] = fut
         if len(self._cache) > MAX_CACHED_GRAMMARS:
             self._cache.popitem(last=False)

@@ -53,6 +53,8 @@ BAD = [
     ({"json": {"enum": []}}, "invalid JSON schema|enum"),
     ({"json": {"type": "integer", "minimum": 5, "maximum": 1}}, "minimum greater than maximum"),
     ({"json": {"type": "string", "pattern": "a(b"}}, "at pattern: 'a\\(b' is not a 'regex'"),
+    ({"json": {"type": "string", "pattern": "^a{2,5000}$"}}, "repeats 5000 times; at most 1000"),
+    ({"json": {"type": "object", "patternProperties": {"^k{1001}$": {}}}}, "repeats 1001 times"),
     ({"regex": "a(b"}, "invalid regex: Regex parsing error"),
     ({"regex": "(?=a)a"}, "Lookahead is not supported"),
     ({"regex": r"(a)\1"}, "Backreference is not supported"),

@@ -95,3 +95,10 @@ def test_ids_are_unique_and_parsers_are_named():
     assert isinstance(get_tool_parser("hermes"), HermesParser)
     with pytest.raises(ValueError, match="hermes, llama3_json"):
         get_tool_parser("mistral")
+
+
+def test_the_serve_config_knows_every_parser():
+    from fleetlm.cluster.serve_config import TOOL_CALL_PARSERS
+    from fleetlm.cluster.tool_parsers import PARSERS
+
+    assert set(TOOL_CALL_PARSERS) == set(PARSERS)
