@@ -1,6 +1,7 @@
 """Structured output on one GPU: what issue 21 asks, checked and measured in one process.
 
-    pip install --no-index --no-deps .whl/*.whl   # xgrammar + jsonschema wheels, when the machine lacks them
+    bash benchmarks/gpu_wheels.sh                  # here: the wheels the GPU machine lacks, into .whl/ (carried)
+    pip install --no-index --no-deps .whl/*.whl    # there
     python benchmarks/gpu_structured.py --out $OUT
 
 Llama-3.1-8B shape, ``dummy`` bf16 weights, CUDA graphs and async scheduling on

@@ -3,7 +3,7 @@ graphs and asynchronous scheduling on (masks of an ahead step built while its fo
 
 A tiny dummy Llama (``configs/models/tiny-llama-8h4kv.json``, byte-level vocabulary of 512) in
 float32. Run on the device machine: ``pytest -m gpu tests/gpu/test_structured_gpu.py -s``
-(needs xgrammar: ``pip install --no-index --no-deps .whl/*.whl`` where the machine lacks it).
+(needs xgrammar: ``bash benchmarks/gpu_wheels.sh`` here, carry ``.whl``, ``pip install --no-index --no-deps .whl/*.whl`` there).
 """
 
 from __future__ import annotations
