@@ -54,7 +54,9 @@ SERVE_APP_KEYS = frozenset({"name", "route_prefix", "import_path", "args", "runt
 
 # Routes the API key guards: every one but the load balancer's and Prometheus'.
 GUARDED_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/version", "/openapi.json",
-                  "/debug/invariants")
+                  "/debug/invariants", "/dashboard", "/dashboard/data", "/dashboard/static/dashboard.js",
+                  "/dashboard/static/dashboard.css", "/dashboard/static/uPlot.iife.min.js",
+                  "/dashboard/static/uPlot.min.css")
 OPEN_ROUTES = ("/health", "/ping", "/metrics")
 
 

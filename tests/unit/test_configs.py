@@ -84,6 +84,7 @@ DESIGN_METRICS = frozenset({
     "fleetlm_generation_tokens_total",
     "fleetlm_prefix_cache_queried_tokens_total",
     "fleetlm_prefix_cache_hit_tokens_total",
+    "fleetlm_num_preemptions_total",
     "fleetlm_request_success_total",
     "fleetlm_request_errors_total",
     "fleetlm_requests_accepted_total",
