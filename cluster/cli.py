@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fleetlm.cluster.lifecycle import SUPERVISED_ENV, Signals, drain, log, supervise
-from fleetlm.cluster.serve_config import EMBEDDED_MODEL, ModelDeploymentConfig, parse_app_args
+from fleetlm.cluster.serve_config import EMBEDDED_MODEL, TOOL_CALL_PARSERS, ModelDeploymentConfig, parse_app_args
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -133,6 +133,11 @@ MODEL_FLAGS: tuple[ModelFlag, ...] = (
     ModelFlag("max_waiting_tokens", {"type": int}, "prompt tokens of the model allowed to wait (then 429)"),
     ModelFlag("stream_chunks_per_s", {"type": float}, "SSE chunks a replica sends a second over all its streams"),
     ModelFlag("stream_max_interval_s", {"type": float}, "most seconds between two chunks of one stream"),
+    ModelFlag("tool_call_parser", {"choices": TOOL_CALL_PARSERS},
+              "how the model writes tool calls (llama3_json: Llama 3.1+; hermes: Hermes, Qwen 2.5, and models "
+              "whose template does not render tools)"),
+    ModelFlag("enable_auto_tool_choice", {"action": "store_true", "default": None},
+              "serve tool_choice 'auto' (needs --tool-call-parser)"),
 )
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fleetlm.kernels import activation, attention, gemv, kv_cache, rmsnorm, rotary, wq_linear
+from fleetlm.kernels import activation, attention, gemv, kv_cache, rmsnorm, rotary, token_bitmask, wq_linear
 
 try:
     import triton  # noqa: F401
@@ -39,6 +39,7 @@ class Ops:
     paged_attention: Callable[..., torch.Tensor]
     # Weights kept quantized (AWQ, GPTQ, GGUF blocks): kernels/wq_linear.py.
     wq_linear: Callable[..., torch.Tensor]
+    apply_token_bitmask: Callable[..., None]
 
 
 def select_ops(device: torch.device | str, use_triton: bool | None = None) -> Ops:
@@ -64,6 +65,7 @@ def select_ops(device: torch.device | str, use_triton: bool | None = None) -> Op
             store_kv_cache=kv_cache.store_kv_cache,
             paged_attention=attention.paged_attention,
             wq_linear=wq_linear.wq_linear,
+            apply_token_bitmask=token_bitmask.apply_token_bitmask,
         )
     return Ops(
         backend="torch",
@@ -76,6 +78,7 @@ def select_ops(device: torch.device | str, use_triton: bool | None = None) -> Op
         store_kv_cache=kv_cache.store_kv_cache_ref,
         paged_attention=attention.paged_attention_ref,
         wq_linear=wq_linear.wq_linear_ref,
+        apply_token_bitmask=token_bitmask.apply_token_bitmask_ref,
     )
 
 
