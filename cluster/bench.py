@@ -851,7 +851,7 @@ async def run_serve(*, base_url: str, model: str, num_prompts: int, input_len: i
 ENGINE_FLAGS = (
     "model", "load_format", "dtype", "device", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
     "gpu_memory_utilization", "tensor_parallel_size", "pipeline_parallel_size", "enforce_eager",
-    "enable_prefix_caching", "num_kv_blocks", "block_size",
+    "enable_prefix_caching", "num_kv_blocks", "block_size", "quantization",
 )
 
 
@@ -860,6 +860,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default="smollm2-135m-instruct")
     g.add_argument("--load-format", choices=("auto", "safetensors", "gguf", "dummy"))
     g.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"))
+    g.add_argument("--quantization", help="weight format: fp8, int8 (quantized at load), or a checkpoint's own")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"))
     g.add_argument("--max-num-seqs", type=int)
     g.add_argument("--max-num-batched-tokens", type=int)
