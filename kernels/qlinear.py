@@ -198,7 +198,10 @@ def scaled_mm_ref(xq: QuantizedActivation, w: torch.Tensor, s_w: torch.Tensor,
     """Torch reference of :func:`scaled_mm`: the same matmuls, the INT8 epilogue in torch ops."""
     _check_mm(xq, w, s_w)
     if xq.data.dtype == torch.float8_e4m3fn:
-        y = torch._scaled_mm(xq.data, w.t(), scale_a=xq.scale, scale_b=s_w.view(1, -1), out_dtype=xq.dtype)
-        return y if bias is None else y + bias
+        # Row-wise scales on CUDA write bf16 only: an fp16 model gets the bf16 result cast.
+        out_dtype = torch.bfloat16 if xq.data.is_cuda else xq.dtype
+        y = torch._scaled_mm(xq.data, w.t(), scale_a=xq.scale, scale_b=s_w.view(1, -1), out_dtype=out_dtype)
+        y = y if bias is None else y + bias
+        return y.to(xq.dtype)
     y = _int_mm(xq.data, w).float() * xq.scale * s_w
     return (y if bias is None else y + bias.float()).to(xq.dtype)

@@ -9,9 +9,9 @@
   ``W8A8``, ``FP8``..., or ``FP8_W8A16``: FP8 channel weights alone) applied to every Linear but ``lm_head``;
   scales from ``calculate_qparams`` over each output channel (``[out, 1]``),
   weights compressed by the package's compressor for the format, the config
-  written by ``ModelCompressor.update_config``. ``smooth=True`` first folds
-  SmoothQuant's per-channel smoothing (strength 0.5, llm-compressor's Llama
-  mappings) into the norms and weights, from activation maxima on a
+  written by ``ModelCompressor.update_config``. ``smooth=alpha`` first folds
+  SmoothQuant's per-channel smoothing (migration strength alpha;
+  llm-compressor's default is 0.5; its Llama mappings) into the norms and weights, from activation maxima on a
   calibration text: the model is the same function in float, its
   activations easier to quantize.
 """
@@ -78,7 +78,7 @@ def fp8_checkpoint(path: Path, source, *, per_channel: bool, static: bool = Fals
     return _write(path, source, state, qc)
 
 
-def compressed_tensors_checkpoint(path: Path, source, preset: str, *, smooth: bool = False,
+def compressed_tensors_checkpoint(path: Path, source, preset: str, *, smooth: float | None = None,
                                   calibration: dict | None = None) -> Path:
     from compressed_tensors.compressors.base import BaseCompressor
     from compressed_tensors.compressors.model_compressors import ModelCompressor
@@ -100,8 +100,8 @@ def compressed_tensors_checkpoint(path: Path, source, preset: str, *, smooth: bo
     fmt = CompressionFormat.float_quantized if scheme.weights.type == "float" else CompressionFormat.int_quantized
     compressor = BaseCompressor.get_value_from_registry(fmt.value)
     state = float_state(source)
-    if smooth:
-        smooth_quant(state, calibration, source.hf_config["num_hidden_layers"])
+    if smooth is not None:
+        smooth_quant(state, calibration, source.hf_config["num_hidden_layers"], alpha=smooth)
     out = {}
     for name, w in state.items():
         if not is_linear(name):
