@@ -29,6 +29,8 @@ _KERNEL_MODULES = (
     "fleetlm.kernels.kv_cache",
     "fleetlm.kernels.attention",
     "fleetlm.kernels.token_bitmask",
+    "fleetlm.kernels.quant",
+    "fleetlm.kernels.qlinear",
 )
 
 _CUDA = torch.cuda.is_available()
