@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 from fleetlm.engine.config import EngineConfig
 from fleetlm.engine.detokenizer import IncrementalDetokenizer
+from fleetlm.engine.lora import LoRARegistry, LoRARequest
 from fleetlm.engine.output_processor import OutputProcessor, RequestGroup, Sequence
 from fleetlm.engine.outputs import RequestOutput
 from fleetlm.engine.request import Request, RequestStatus
@@ -88,7 +89,8 @@ class LLMEngine:
                 tokenizer.chat_template = mc.chat_template
         self.tokenizer = tokenizer
         self.workers = worker_group or create_worker_group(config)
-        self.scheduler = Scheduler(config.scheduler, config.cache, self.workers.num_blocks)
+        self.scheduler = Scheduler(config.scheduler, config.cache, self.workers.num_blocks, config.lora)
+        self.loras = LoRARegistry(config.model, config.lora) if config.lora is not None else None
         self.outputs = OutputProcessor(self.scheduler.finish_request)
         self.num_steps = 0
         self.num_steps_ahead = 0  # steps launched while the one before was still in flight
@@ -130,9 +132,10 @@ class LLMEngine:
             return prompt, self.tokenizer.encode(prompt, add_special_tokens=False)
         return None, list(prompt)
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    lora_request: LoRARequest | None = None) -> None:
         """Validate and queue a request; raises ValueError (naming the problem) if it can never run."""
-        self.add_group(self.make_group(request_id, prompt, params))
+        self.add_group(self.make_group(request_id, prompt, params, lora_request=lora_request))
 
     def make_group(
         self,
@@ -140,15 +143,19 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         prior_output_token_ids: list[int] | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> RequestGroup:
         """Tokenize and validate without touching the scheduler (safe from any thread).
 
         ``prior_output_token_ids`` resumes a request that already produced
         those tokens elsewhere (migration after a replica failure): they count
         toward max_tokens, penalties and seeded sampling, and only the tokens
-        after them are reported.
+        after them are reported. ``lora_request`` runs it with that adapter
+        (checked here: a bad one raises ``LoRAAdapterError``, a ValueError).
         """
         params = params or SamplingParams()
+        if lora_request is not None:
+            self._check_lora(lora_request)
         text, ids = self.tokenize(prompt)
         self._validate(ids, params)
         prior = list(prior_output_token_ids or ())
@@ -167,7 +174,8 @@ class LLMEngine:
         for i in range(params.n):
             child_params = params if params.n == 1 else params.clone_for_child(i)
             child_id = request_id if params.n == 1 else f"{request_id}#{i}"
-            req = Request(child_id, ids, child_params, bs, eos, prior_output_token_ids=prior)
+            req = Request(child_id, ids, child_params, bs, eos, prior_output_token_ids=prior,
+                          lora_request=lora_request)
             detok = IncrementalDetokenizer(self.tokenizer, ids + prior, req.params)
             group.children.append(Sequence(i, req, detok))
         return group
@@ -195,6 +203,37 @@ class LLMEngine:
                 "(prompt + at least one generated token must fit)"
             )
         params.validate_for_model(vocab, max_logprobs=self.config.max_logprobs, max_n=self.config.max_n)
+
+    # -- adapters (vLLM's add_lora / remove_lora / list_loras) ----------------------
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Check an adapter (raises ``LoRAAdapterError``) and have the workers load it into host memory.
+
+        Requests naming it load it anyway; adding it first keeps reading its
+        files out of a step. Returns False if it was already added.
+        """
+        known = lora_request.lora_int_id in self.list_loras()
+        self._check_lora(lora_request)
+        if known:
+            return False
+        self.workers.add_lora(lora_request)
+        return True
+
+    def _check_lora(self, lora_request: LoRARequest) -> None:
+        if self.loras is None:
+            raise ValueError("a LoRA adapter was given but the engine was built without enable_lora=True")
+        self.loras.check(lora_request)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        """Forget an adapter. Requests already running with it finish with it; its
+        device slot is freed once they have."""
+        if self.loras is None or not self.loras.remove(lora_int_id):
+            return False
+        self.scheduler.loras.retire(lora_int_id)
+        self.workers.remove_lora(lora_int_id)
+        return True
+
+    def list_loras(self) -> set[int]:
+        return self.loras.ids() if self.loras is not None else set()
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         group = self.outputs.pop(request_id)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from fleetlm.engine.lora import LoRARequest
 from fleetlm.engine.sampling_params import SamplingParams
 
 # Token id of a pending token in a scheduled step (never a real vocabulary id):
@@ -58,6 +59,7 @@ class NewRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     prior_output_token_ids: list[int] = field(default_factory=list)  # migrated requests only
+    lora_request: LoRARequest | None = None  # its adapter: it runs in that adapter's device slot
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,9 @@ class SchedulerOutput:
     finished_request_ids: list[str] = field(default_factory=list)  # workers drop their state
     preempted_request_ids: list[str] = field(default_factory=list)
     step_id: int = 0  # matches the step's result to the requests it scheduled
+    # Device LoRA slots (re)assigned since the last step: slot -> adapter to load
+    # there before this step runs (engine/lora_slots.py).
+    lora_loads: dict[int, LoRARequest] = field(default_factory=dict)
 
     @property
     def num_batched_tokens(self) -> int:

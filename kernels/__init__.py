@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fleetlm.kernels import activation, attention, gemv, kv_cache, rmsnorm, rotary
+from fleetlm.kernels import activation, attention, gemv, kv_cache, lora, rmsnorm, rotary
 
 try:
     import triton  # noqa: F401
@@ -37,6 +37,8 @@ class Ops:
     silu_and_mul: Callable[..., torch.Tensor]
     store_kv_cache: Callable[..., None]
     paged_attention: Callable[..., torch.Tensor]
+    lora_shrink: Callable[..., torch.Tensor]
+    lora_expand: Callable[..., torch.Tensor]
 
 
 def select_ops(device: torch.device | str, use_triton: bool | None = None) -> Ops:
@@ -61,6 +63,8 @@ def select_ops(device: torch.device | str, use_triton: bool | None = None) -> Op
             silu_and_mul=activation.silu_and_mul,
             store_kv_cache=kv_cache.store_kv_cache,
             paged_attention=attention.paged_attention,
+            lora_shrink=lora.lora_shrink,
+            lora_expand=lora.lora_expand,
         )
     return Ops(
         backend="torch",
@@ -72,6 +76,8 @@ def select_ops(device: torch.device | str, use_triton: bool | None = None) -> Op
         silu_and_mul=activation.silu_and_mul_ref,
         store_kv_cache=kv_cache.store_kv_cache_ref,
         paged_attention=attention.paged_attention_ref,
+        lora_shrink=lora.lora_shrink_ref,
+        lora_expand=lora.lora_expand_ref,
     )
 
 

@@ -28,6 +28,7 @@ _KERNEL_MODULES = (
     "fleetlm.kernels.gemv",
     "fleetlm.kernels.kv_cache",
     "fleetlm.kernels.attention",
+    "fleetlm.kernels.lora",
 )
 
 _CUDA = torch.cuda.is_available()
