@@ -51,6 +51,10 @@ class EngineStats:
     prefix_cache_queried_tokens: int
     prefix_cache_hit_tokens: int
     num_preemptions: int
+    # Multi-LoRA: adapters in the device slots now, and slot loads / evictions so far.
+    lora_resident: tuple[str, ...] = ()
+    lora_loads: int = 0
+    lora_evictions: int = 0
 
 
 class StepMode(enum.Enum):
@@ -90,7 +94,8 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.workers = worker_group or create_worker_group(config)
         self.scheduler = Scheduler(config.scheduler, config.cache, self.workers.num_blocks, config.lora)
-        self.loras = LoRARegistry(config.model, config.lora) if config.lora is not None else None
+        self.loras = (LoRARegistry(config.model, config.lora, self.scheduler.loras, self.workers)
+                      if config.lora is not None else None)
         self.outputs = OutputProcessor(self.scheduler.finish_request)
         self.num_steps = 0
         self.num_steps_ahead = 0  # steps launched while the one before was still in flight
@@ -155,7 +160,7 @@ class LLMEngine:
         """
         params = params or SamplingParams()
         if lora_request is not None:
-            self._check_lora(lora_request)
+            self._lora_registry().check(lora_request)
         text, ids = self.tokenize(prompt)
         self._validate(ids, params)
         prior = list(prior_output_token_ids or ())
@@ -206,34 +211,21 @@ class LLMEngine:
 
     # -- adapters (vLLM's add_lora / remove_lora / list_loras) ----------------------
     def add_lora(self, lora_request: LoRARequest) -> bool:
-        """Check an adapter (raises ``LoRAAdapterError``) and have the workers load it into host memory.
-
-        Requests naming it load it anyway; adding it first keeps reading its
-        files out of a step. Returns False if it was already added.
-        """
-        known = lora_request.lora_int_id in self.list_loras()
-        self._check_lora(lora_request)
-        if known:
-            return False
-        self.workers.add_lora(lora_request)
-        return True
-
-    def _check_lora(self, lora_request: LoRARequest) -> None:
-        if self.loras is None:
-            raise ValueError("a LoRA adapter was given but the engine was built without enable_lora=True")
-        self.loras.check(lora_request)
+        """Check an adapter (raises ``LoRAAdapterError``) and have the workers read it into host
+        memory, so no step reads its files; False if it was added before."""
+        return self._lora_registry().add(lora_request)
 
     def remove_lora(self, lora_int_id: int) -> bool:
-        """Forget an adapter. Requests already running with it finish with it; its
-        device slot is freed once they have."""
-        if self.loras is None or not self.loras.remove(lora_int_id):
-            return False
-        self.scheduler.loras.retire(lora_int_id)
-        self.workers.remove_lora(lora_int_id)
-        return True
+        """Forget an adapter; requests running with it finish with it, then its slot is freed."""
+        return self.loras is not None and self.loras.remove(lora_int_id)
 
     def list_loras(self) -> set[int]:
         return self.loras.ids() if self.loras is not None else set()
+
+    def _lora_registry(self) -> LoRARegistry:
+        if self.loras is None:
+            raise ValueError("a LoRA adapter was given but the engine was built without enable_lora=True")
+        return self.loras
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         group = self.outputs.pop(request_id)
@@ -350,6 +342,7 @@ class LLMEngine:
             prefix_cache_queried_tokens=bm.queried_tokens,
             prefix_cache_hit_tokens=bm.hit_tokens,
             num_preemptions=self.scheduler.num_preemptions,
+            **(self.loras.stats() if self.loras is not None else {}),
         )
 
     def reset_after_warmup(self) -> None:

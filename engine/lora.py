@@ -150,6 +150,15 @@ def _config(directory: Path, name: str) -> dict:
     return cfg
 
 
+def _module_of(key: str) -> str:
+    """The module a PEFT tensor belongs to: ``...lm_head.base_layer.weight`` -> ``lm_head``."""
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if part.startswith(("lora_", "base_layer")) or part in ("weight", "bias"):
+            return parts[i - 1] if i else key
+    return key
+
+
 def _check_config(cfg: dict, name: str) -> tuple[int, float]:
     """(r, scaling) of a PEFT LoRA config; refuses what would not run exactly."""
     if cfg.get("peft_type", "LORA") != "LORA":
@@ -167,6 +176,12 @@ def _check_config(cfg: dict, name: str) -> tuple[int, float]:
     for key in ("rank_pattern", "alpha_pattern", "modules_to_save", "target_parameters", "trainable_token_indices"):
         if cfg.get(key):
             raise LoRAAdapterError(f"adapter {name!r}: {key} is not supported (one r and lora_alpha for every module)")
+    targets = cfg.get("target_modules")
+    if isinstance(targets, list):
+        unknown = [t for t in targets if t.rsplit(".", 1)[-1] not in TARGET_MODULES]
+        if unknown:
+            raise LoRAAdapterError(f"adapter {name!r} targets {', '.join(map(repr, unknown))}, which FleetLM cannot "
+                                   f"apply: target modules must be among {', '.join(TARGET_MODULES)}")
     scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
     return r, float(scaling)
 
@@ -189,9 +204,8 @@ def read_adapter(lora_request: LoRARequest, model: ModelConfig, config: LoRAConf
     for key, meta in header.items():
         m = _TENSOR.match(key)
         if m is None:
-            module = key.split(".lora_")[0].rsplit(".", 1)[-1] if ".lora_" in key else key
-            raise LoRAAdapterError(f"adapter {name!r} adapts {module!r} ({key}), which FleetLM cannot apply: "
-                                   f"target modules must be among {', '.join(TARGET_MODULES)}")
+            raise LoRAAdapterError(f"adapter {name!r} adapts {_module_of(key)!r} ({key}), which FleetLM cannot "
+                                   f"apply: target modules must be among {', '.join(TARGET_MODULES)}")
         layer, block, module, ab = int(m.group(1)), m.group(2), m.group(3), m.group(4)
         if module not in shapes or (block == "self_attn") != (module in _ATTN):
             raise LoRAAdapterError(f"adapter {name!r} targets {block}.{module}, which the model lacks: "
@@ -216,10 +230,12 @@ def read_adapter(lora_request: LoRARequest, model: ModelConfig, config: LoRAConf
 
 
 class LoRARegistry:
-    """The adapters an engine has checked, by ``lora_int_id`` (each checked once)."""
+    """An engine's adapters, by ``lora_int_id``: each checked once, read by the workers when added,
+    its device slot freed when removed (``slots``: the scheduler's ``LoRASlots``)."""
 
-    def __init__(self, model: ModelConfig, config: LoRAConfig) -> None:
+    def __init__(self, model: ModelConfig, config: LoRAConfig, slots=None, workers=None) -> None:
         self.model, self.config = model, config
+        self.slots, self.workers = slots, workers
         self.specs: dict[int, AdapterSpec] = {}
 
     def check(self, lora_request: LoRARequest) -> AdapterSpec:
@@ -236,8 +252,27 @@ class LoRARegistry:
         self.specs[lora_request.lora_int_id] = spec
         return spec
 
+    def add(self, lora_request: LoRARequest) -> bool:
+        """Check it and have the workers read it into host memory; False if it was added before."""
+        known = lora_request.lora_int_id in self.specs
+        self.check(lora_request)
+        if not known:
+            self.workers.add_lora(lora_request)
+        return not known
+
     def remove(self, lora_int_id: int) -> bool:
-        return self.specs.pop(lora_int_id, None) is not None
+        """Forget it: requests running with it finish with it, then its slot is freed (engine thread only)."""
+        if self.specs.pop(lora_int_id, None) is None:
+            return False
+        if self.slots is not None:
+            self.slots.retire(lora_int_id)
+            self.workers.remove_lora(lora_int_id)
+        return True
+
+    def stats(self) -> dict:
+        s = self.slots
+        return dict(lora_resident=tuple(a.lora_name for a in s.resident), lora_loads=s.num_loads,
+                    lora_evictions=s.num_evictions)
 
     def ids(self) -> set[int]:
         return set(self.specs)

@@ -92,7 +92,7 @@ class Request:
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.times = RequestTimes(arrival=time.monotonic() if arrival_time is None else arrival_time)
-        self.block_hashes: list[bytes] = hash_prompt_blocks(self.token_ids, block_size, cache_key)
+        self.block_hashes: list[bytes] = hash_prompt_blocks(self.token_ids, block_size, self.cache_key)
 
     @property
     def num_tokens(self) -> int:

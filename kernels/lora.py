@@ -61,6 +61,11 @@ def num_tiles(rows: int, num_slots: int) -> int:
     return -(-rows // block_m(rows)) + num_slots
 
 
+def tile_capacity(max_rows: int, num_slots: int) -> int:
+    """Tiles a table must hold for any step of up to ``max_rows`` rows (tiles grow 4x at 257 rows)."""
+    return max(num_tiles(min(max_rows, 256), num_slots), num_tiles(max_rows, num_slots))
+
+
 def split_k(rows: int, k: int) -> int:
     """Shrink programs along K: ~256 programs in all for small steps, one split for prefills."""
     tiles = max(1, -(-rows // block_m(rows)))
@@ -316,4 +321,4 @@ def lora_expand_ref(y: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor, batc
 
 
 __all__ = ["HAS_TRITON", "LoRABatch", "block_m", "build_tile_table", "lora_expand", "lora_expand_ref",
-           "lora_shrink", "lora_shrink_ref", "num_tiles", "split_k"]
+           "lora_shrink", "lora_shrink_ref", "num_tiles", "split_k", "tile_capacity"]

@@ -105,16 +105,20 @@ def attach_lora(model: torch.nn.Module, ops, num_slots: int, max_rank: int, stat
 
 
 def pack_adapter(layers: list[LoRALayer], tensors: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]],
-                 max_rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """An adapter's (A, B) per layer in slot layout, this rank's shares, on the CPU.
+                 max_rank: int, pin: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """An adapter's (A, B) per layer in slot layout, this rank's shares, on the CPU (one
+    allocation, pinned if ``pin``: a slot load is then asynchronous copies from it).
 
     ``tensors[(layer index, PEFT module)] = (A [r, in], B [out, r])``, unsharded.
     """
+    shapes = [s for lay in layers for s in (lay.module.lora_a.shape[1:], lay.module.lora_b.shape[1:])]
+    dtype = layers[0].module.lora_a.dtype if layers else torch.float32
+    flat = torch.zeros(sum(s.numel() for s in shapes), dtype=dtype, pin_memory=pin)
+    views = iter(t.view(s) for t, s in zip(flat.split([s.numel() for s in shapes]), shapes))
     packed = []
     for lay in layers:
         m = lay.module
-        a = torch.zeros(m.lora_a.shape[1:], dtype=m.lora_a.dtype)
-        b = torch.zeros(m.lora_b.shape[1:], dtype=m.lora_b.dtype)
+        a, b = next(views), next(views)
         row = isinstance(m, RowParallelLinear)
         for c, (module, (lo, size, offset)) in enumerate(zip(lay.modules, m.output_shards())):
             pair = tensors.get((lay.layer_index, module))

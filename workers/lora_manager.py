@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from fleetlm.engine.config import LoRAConfig
-from fleetlm.engine.lora import LoRARequest, read_safetensors_header, resolve_adapter_dir
+from fleetlm.engine.lora import LoRAAdapterError, LoRARequest, read_safetensors_header, resolve_adapter_dir
 from fleetlm.engine.step import SchedulerOutput
-from fleetlm.kernels.lora import LoRABatch, build_tile_table, num_tiles
+from fleetlm.kernels.lora import LoRABatch, build_tile_table, tile_capacity
 from fleetlm.parallel.lora import LoRAState, attach_lora, pack_adapter
 
 _TENSOR = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.\w+\.(\w+)\.lora_([AB])\.weight$")
@@ -45,9 +45,9 @@ class HostAdapter:
 class LoRAManager:
     def __init__(self, model, ops, config: LoRAConfig, dtype: torch.dtype, device: torch.device,
                  max_rows: int) -> None:
-        self.config, self.dtype, self.device = config, dtype, device
+        self.config, self.dtype, self.device, self.ops = config, dtype, device, ops
         self.max_rows = max_rows
-        self.num_tile_cap = num_tiles(max_rows, config.max_loras)
+        self.num_tile_cap = tile_capacity(max_rows, config.max_loras)
         # One int32 buffer holds the whole tile table: one host->device copy per step.
         self._table = torch.full((3 * self.num_tile_cap + max_rows,), -1, dtype=torch.int32, device=device)
         t = self.num_tile_cap
@@ -107,9 +107,7 @@ class LoRAManager:
             pair = pairs.setdefault((int(m.group(1)), m.group(2)), [None, None])
             pair[m.group(3) == "B"] = tensor.to(self.dtype)
         tensors = {k: (a, b) for k, (a, b) in pairs.items()}
-        layers = pack_adapter(self.layers, tensors, self.config.max_lora_rank)
-        if self.device.type == "cuda":
-            layers = [(a.pin_memory(), b.pin_memory()) for a, b in layers]
+        layers = pack_adapter(self.layers, tensors, self.config.max_lora_rank, pin=self.device.type == "cuda")
         self.num_disk_loads += 1
         return HostAdapter(lora, scaling, layers)
 
@@ -133,6 +131,9 @@ class LoRAManager:
         token_slot = np.repeat(np.asarray(per_req, dtype=np.int32), q_lens)
         token_slot = np.concatenate([token_slot, np.full(rows - token_slot.size, -1, dtype=np.int32)])
         self.state.active = bool((token_slot >= 0).any())
+        self._upload(token_slot, rows)
+
+    def _upload(self, token_slot: np.ndarray, rows: int) -> None:
         if rows > self.max_rows:
             raise RuntimeError(f"a step of {rows} rows exceeds the LoRA tile table's {self.max_rows}")
         order, tile_slot, tile_start, tile_end = build_tile_table(token_slot, rows, self.config.max_loras)
@@ -147,6 +148,23 @@ class LoRAManager:
             src = src.pin_memory()
         self._table.copy_(src, non_blocking=True)
 
+    @torch.inference_mode()
+    def warm_up(self, rows: tuple[int, ...] = (1, 256, 257, 2048, 1 << 30)) -> None:
+        """Run every layer shape's kernels at the tile sizes and split classes serving takes, so
+        Triton compiles them now, not in a request's prefill (decode sizes compile at graph capture)."""
+        shapes = {}
+        for lay in self.layers:
+            m = lay.module
+            shapes.setdefault((tuple(m.lora_a.shape), tuple(m.lora_b.shape), m.lora_slices), m)
+        batch = self.state.batch
+        for n in sorted({min(r, self.max_rows) for r in rows}):
+            self._upload(np.zeros(n, dtype=np.int32), n)  # every row in slot 0
+            for m in shapes.values():
+                x = torch.zeros(n, m.in_per_rank, dtype=self.dtype, device=self.device)
+                y = torch.zeros(n, m.out_per_rank, dtype=self.dtype, device=self.device)
+                self.ops.lora_expand(y, self.ops.lora_shrink(x, m.lora_a, batch), m.lora_b, batch, m.lora_slices)
+        self._upload(np.full(1, -1, dtype=np.int32), 1)
+
     def _load_slot(self, slot: int, lora: LoRARequest) -> None:
         entry = self._host(lora)
         for lay, (a, b) in zip(self.layers, entry.layers):
@@ -155,3 +173,19 @@ class LoRAManager:
         self.state.batch.scale[slot] = entry.scaling
         self.slot_adapter[slot] = lora.lora_int_id
         self.num_slot_loads += 1
+
+
+class RayLoRAControl:
+    """``add_lora`` / ``remove_lora`` of the Ray worker group (``workers/ray_group.py``): every worker
+    actor runs it between steps (an actor runs its calls in order); a worker that cannot read the
+    adapter answers with the reason, and the replica stays up."""
+
+    def add_lora(self, lora_request: LoRARequest) -> None:
+        errors = self._gather([w.lora.remote("add_lora", lora_request) for w in self.workers], self.init_timeout_s,
+                              "adapter loading")
+        if any(errors):
+            raise LoRAAdapterError(f"adapter {lora_request.lora_name!r} could not be read: {next(filter(None, errors))}")
+
+    def remove_lora(self, lora_int_id: int) -> None:
+        self._gather([w.lora.remote("remove_lora", lora_int_id) for w in self.workers], self.step_timeout_s,
+                     "adapter removal")

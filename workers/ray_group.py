@@ -69,6 +69,7 @@ from fleetlm.engine.config import EngineConfig
 from fleetlm.engine.step import ModelRunnerOutput, PendingStep, SchedulerOutput
 from fleetlm.parallel.distributed import create_store, init_distributed, split_rank
 from fleetlm.parallel.placement import PlacementSpec, assign_bundles, check_cluster_fits, stage_bundles
+from fleetlm.workers.lora_manager import RayLoRAControl
 from fleetlm.workers.worker import Worker
 
 logger = logging.getLogger("fleetlm.ray_group")
@@ -176,23 +177,20 @@ class WorkerActor:
         """Receive from the previous stage, run, send on; tokens from the last stage's TP rank 0 only."""
         return self.worker.execute_stage(out)
 
-    def add_lora(self, lora_request) -> str | None:
-        """None, or why the adapter could not be read (the replica stays up: it is the adapter's fault)."""
+    def lora(self, op: str, arg) -> str | None:
+        """``add_lora`` / ``remove_lora`` on the worker; an error comes back as text (the adapter's fault)."""
         try:
-            self.worker.add_lora(lora_request)
-        except Exception as e:  # noqa: BLE001 - reported to the caller as a bad adapter
+            getattr(self.worker, op)(arg)
+        except Exception as e:  # noqa: BLE001 - reported to the caller, the replica stays up
             return f"{type(e).__name__}: {e}"
         return None
-
-    def remove_lora(self, lora_int_id: int) -> None:
-        self.worker.remove_lora(lora_int_id)
 
     @ray.method(concurrency_group="control")
     def ping(self) -> bool:
         return True
 
 
-class RayWorkerGroup:
+class RayWorkerGroup(RayLoRAControl):
     """TP x PP worker actors of one replica, in one placement group the replica owns.
 
     Same interface as ``LocalWorkerGroup`` (``workers/worker_group.py``).
@@ -365,21 +363,6 @@ class RayWorkerGroup:
             raise WorkerGroupError(f"worker group failed earlier: {self._failure}")
 
     # -- control --------------------------------------------------------------------
-    def add_lora(self, lora_request) -> None:
-        """Every worker reads the adapter into host memory (between steps: actors run calls in order)."""
-        from fleetlm.engine.lora import LoRAAdapterError
-
-        self._raise_if_failed()
-        errors = self._gather([w.add_lora.remote(lora_request) for w in self.workers], self.init_timeout_s,
-                              "adapter loading")
-        error = next((e for e in errors if e), None)
-        if error is not None:
-            raise LoRAAdapterError(f"adapter {lora_request.lora_name!r} could not be read: {error}")
-
-    def remove_lora(self, lora_int_id: int) -> None:
-        self._raise_if_failed()
-        self._gather([w.remove_lora.remote(lora_int_id) for w in self.workers], self.step_timeout_s, "adapter removal")
-
     def check_health(self) -> None:
         """Raise ``WorkerGroupError`` if a worker is dead or does not answer within ``health_timeout_s``."""
         self._raise_if_failed()

@@ -35,6 +35,8 @@ class Worker:
         # Rows of the largest forward: a full step, or a CUDA graph's padded batch (of up to 8 tokens each).
         max_rows = max(sc.max_num_batched_tokens, 8 * sc.max_num_seqs)
         self.runner = ModelRunner(config.model, config.cache, ctx, self.device, config.lora, max_rows)
+        if config.warmup and self.runner.lora is not None:
+            self.runner.lora.warm_up()
 
     def load_model(self) -> float:
         """Load this worker's shard of the weights; returns seconds taken."""
