@@ -57,8 +57,9 @@ def block_m(rows: int) -> int:
 
 def num_tiles(rows: int, num_slots: int) -> int:
     """Tiles (programs along the token axis) for a step of ``rows`` tokens: enough for any
-    split of them over ``num_slots`` adapters (each run rounds up once)."""
-    return -(-rows // block_m(rows)) + num_slots
+    split of them over ``num_slots`` adapters (a run of ``n`` tokens takes ``n // block_m + 1``
+    tiles at most, and there are at most ``min(rows, num_slots)`` runs)."""
+    return rows // block_m(rows) + min(rows, num_slots)
 
 
 def tile_capacity(max_rows: int, num_slots: int) -> int:
@@ -67,9 +68,19 @@ def tile_capacity(max_rows: int, num_slots: int) -> int:
 
 
 def split_k(rows: int, k: int) -> int:
-    """Shrink programs along K: ~256 programs in all for small steps, one split for prefills."""
+    """Shrink programs along K: ~128 programs in all for small steps, one split for prefills.
+
+    Every expand program re-reads its tile's partials once per split, so only a
+    decode of <= 16 rows (one tile per adapter) takes more than 4.
+    """
     tiles = max(1, -(-rows // block_m(rows)))
-    return max(1, min(16, k // 256, -(-256 // tiles)))
+    return max(1, min(16 if rows <= 16 else 4, k // 256, -(-128 // tiles)))
+
+
+def expand_blocks(rows: int) -> tuple[int, int]:
+    """(BLOCK_N, column blocks per program) of the expand: a program loads its tile's
+    partials once and walks 256 output features with them."""
+    return (64, 4) if rows <= 256 else (128, 2)
 
 
 @dataclass
@@ -82,6 +93,8 @@ class LoRABatch:
     tile_end: torch.Tensor  # [tiles cap] int32: end of the tile's slot run in token_idx (the tile stops at
     #                        min(start + block_m, end))
     scale: torch.Tensor  # [slots] float32: each slot's lora_alpha / r (or / sqrt(r))
+    # The torch references' view of the same table, when the host already has it (else read back).
+    host_runs: list | None = None
 
 
 def build_tile_table(token_slot: np.ndarray, rows: int, num_slots: int):
@@ -156,49 +169,59 @@ if HAS_TRITON:
                      mask=m_mask[:, None] & r_mask[None, :])
 
     @triton.jit
+    def _load_h(h_ptr, tok, m_mask, rr, r_mask, c, RANK, SPLITS, stride_hs, stride_hm):
+        """Slice ``c`` of the tile's shrink output, its split-K partials summed: [BLOCK_M, BLOCK_R] fp32."""
+        h_ptrs = h_ptr + tok[:, None] * stride_hm + c * RANK + rr[None, :]
+        h = tl.load(h_ptrs, mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+        for s in range(1, SPLITS):
+            h += tl.load(h_ptrs + s * stride_hs, mask=m_mask[:, None] & r_mask[None, :], other=0.0)
+        return h
+
+    @triton.jit
     def _expand_kernel(y_ptr, h_ptr, b_ptr, scale_ptr, token_idx_ptr, tile_slot_ptr, tile_start_ptr, tile_end_ptr,
                        N, RANK, SPLITS, S1, S2, stride_ym, stride_hs, stride_hm, stride_bs, stride_bn,
                        N_SLICES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                       BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                       N_CHUNKS: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr,
+                       PRECISION: tl.constexpr):
         tile = tl.program_id(0)
         pid_n = tl.program_id(1)
         slot = tl.load(tile_slot_ptr + tile)
         if slot >= 0:
             tok, m_mask = _tile_tokens(token_idx_ptr, tile_start_ptr, tile_end_ptr, tile, BLOCK_M)
-            n_lo = pid_n * BLOCK_N
-            rn = n_lo + tl.arange(0, BLOCK_N)
-            n_mask = rn < N
             rr = tl.arange(0, BLOCK_R)
             r_mask = rr < RANK
-            b = tl.load(b_ptr + slot.to(tl.int64) * stride_bs + rn[None, :] * stride_bn + rr[:, None],
-                        mask=r_mask[:, None] & n_mask[None, :], other=0.0)  # [BLOCK_R, BLOCK_N]
+            # Rounded to the activations' dtype first, as PEFT's lora_B sees lora_A's output.
+            y_dtype = y_ptr.dtype.element_ty
+            b_dtype = b_ptr.dtype.element_ty
             if UPCAST:
-                b = b.to(tl.float32)
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for c in tl.static_range(N_SLICES):
-                # Output features [lo, hi) belong to slice c (S1, S2: the slices' ends; N for those absent).
-                if c == 0:
-                    lo = 0
-                    hi = S1
-                elif c == 1:
-                    lo = S1
-                    hi = S2
-                else:
-                    lo = S2
-                    hi = N
-                if (n_lo < hi) & (n_lo + BLOCK_N > lo):
-                    h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-                    h_ptrs = h_ptr + tok[:, None] * stride_hm + c * RANK + rr[None, :]
-                    for s in range(SPLITS):
-                        h += tl.load(h_ptrs + s * stride_hs, mask=m_mask[:, None] & r_mask[None, :], other=0.0)
-                    # Rounded to the weights' dtype first, as PEFT's lora_B sees lora_A's output.
-                    part = tl.dot(h.to(y_ptr.dtype.element_ty).to(b.dtype), b, input_precision=PRECISION)
-                    acc += tl.where(((rn >= lo) & (rn < hi))[None, :], part, 0.0)
-            acc *= tl.load(scale_ptr + slot)
-            y_ptrs = y_ptr + tok[:, None] * stride_ym + rn[None, :]
-            mask = m_mask[:, None] & n_mask[None, :]
-            y = tl.load(y_ptrs, mask=mask, other=0.0)
-            tl.store(y_ptrs, (y.to(tl.float32) + acc).to(y.dtype), mask=mask)
+                b_dtype = tl.float32
+            h0 = _load_h(h_ptr, tok, m_mask, rr, r_mask, 0, RANK, SPLITS, stride_hs, stride_hm)
+            h0 = h0.to(y_dtype).to(b_dtype)
+            h1 = h0
+            h2 = h0
+            if N_SLICES > 1:
+                h1 = _load_h(h_ptr, tok, m_mask, rr, r_mask, 1, RANK, SPLITS, stride_hs, stride_hm)
+                h1 = h1.to(y_dtype).to(b_dtype)
+            if N_SLICES > 2:
+                h2 = _load_h(h_ptr, tok, m_mask, rr, r_mask, 2, RANK, SPLITS, stride_hs, stride_hm)
+                h2 = h2.to(y_dtype).to(b_dtype)
+            scale = tl.load(scale_ptr + slot)
+            b_base = b_ptr + slot.to(tl.int64) * stride_bs
+            for chunk in tl.static_range(N_CHUNKS):
+                rn = (pid_n * N_CHUNKS + chunk) * BLOCK_N + tl.arange(0, BLOCK_N)
+                n_mask = rn < N
+                b = tl.load(b_base + rn[None, :] * stride_bn + rr[:, None], mask=r_mask[:, None] & n_mask[None, :],
+                            other=0.0).to(b_dtype)  # [BLOCK_R, BLOCK_N]
+                # Output features [0, S1) are slice 0, [S1, S2) slice 1, [S2, N) slice 2 (S1 = S2 = N when absent).
+                acc = tl.where((rn < S1)[None, :], tl.dot(h0, b, input_precision=PRECISION), 0.0)
+                if N_SLICES > 1:
+                    acc += tl.where(((rn >= S1) & (rn < S2))[None, :], tl.dot(h1, b, input_precision=PRECISION), 0.0)
+                if N_SLICES > 2:
+                    acc += tl.where((rn >= S2)[None, :], tl.dot(h2, b, input_precision=PRECISION), 0.0)
+                y_ptrs = y_ptr + tok[:, None] * stride_ym + rn[None, :]
+                mask = m_mask[:, None] & n_mask[None, :]
+                y = tl.load(y_ptrs, mask=mask, other=0.0)
+                tl.store(y_ptrs, (y.to(tl.float32) + acc * scale).to(y_dtype), mask=mask)
 
 
 def _pow2(n: int) -> int:
@@ -271,36 +294,47 @@ def lora_expand(y: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor, batch: L
     if rows == 0:
         return y
     bounds = list(np.cumsum(slices)[:-1]) + [n, n]
-    bn = 64 if rows <= 256 else 128
+    bn, chunks = expand_blocks(rows)
     upcast, precision = _dot_mode(y.dtype, y.device)
-    _expand_kernel[(num_tiles(rows, slots), triton.cdiv(n, bn))](
+    _expand_kernel[(num_tiles(rows, slots), triton.cdiv(n, bn * chunks))](
         y, h, lora_b, batch.scale, batch.token_idx, batch.tile_slot, batch.tile_start, batch.tile_end,
         n, rank, h.shape[0], int(bounds[0]), int(bounds[1]), y.stride(0), h.stride(0), h.stride(1),
         lora_b.stride(0), lora_b.stride(1),
-        N_SLICES=len(slices), BLOCK_M=block_m(rows), BLOCK_N=bn, BLOCK_R=_pow2(rank),
+        N_SLICES=len(slices), BLOCK_M=block_m(rows), BLOCK_N=bn, N_CHUNKS=chunks, BLOCK_R=_pow2(rank),
         UPCAST=upcast, PRECISION=precision, num_warps=4,
     )
     return y
 
 
-def _segments(batch: LoRABatch, rows: int, slots: int):
-    """(slot, token rows) per adapted run of the tile table (host reads: the references only)."""
-    n = num_tiles(rows, slots)
-    tile_slot = batch.tile_slot[:n].tolist()
-    start, end = batch.tile_start[:n].tolist(), batch.tile_end[:n].tolist()
+def table_runs(order: np.ndarray, tile_slot: np.ndarray, tile_start: np.ndarray, tile_end: np.ndarray) -> list:
+    """(slot, rows) per run of one slot in a tile table; rows a slice where the run's tokens are contiguous."""
     runs: dict[tuple[int, int], int] = {}
-    for s, lo, hi in zip(tile_slot, start, end):
+    for s, lo, hi in zip(tile_slot.tolist(), tile_start.tolist(), tile_end.tolist()):
         if s >= 0:
             runs[s, hi] = min(lo, runs.get((s, hi), lo))
-    return [(s, batch.token_idx[lo:hi].long()) for (s, hi), lo in runs.items()]
+    out = []
+    for (s, hi), lo in runs.items():
+        rows = order[lo:hi]
+        contiguous = int(rows[-1]) - int(rows[0]) == hi - lo - 1
+        out.append((s, slice(int(rows[0]), int(rows[-1]) + 1) if contiguous else torch.from_numpy(rows.astype(np.int64))))
+    return out
+
+
+def _segments(batch: LoRABatch, rows: int, slots: int) -> list:
+    if batch.host_runs is not None:
+        return batch.host_runs
+    n = num_tiles(rows, slots)
+    return table_runs(batch.token_idx.cpu().numpy(), batch.tile_slot[:n].cpu().numpy(),
+                      batch.tile_start[:n].cpu().numpy(), batch.tile_end[:n].cpu().numpy())
 
 
 def lora_shrink_ref(x: torch.Tensor, lora_a: torch.Tensor, batch: LoRABatch) -> torch.Tensor:
     """Torch reference of :func:`lora_shrink` (one split)."""
     _check(x, lora_a, batch)
     out = torch.zeros((1, x.shape[0], lora_a.shape[1]), dtype=torch.float32, device=x.device)
-    for slot, idx in _segments(batch, x.shape[0], lora_a.shape[0]):
-        out[0, idx] = (x[idx] @ lora_a[slot].t()).float()
+    for slot, rows in _segments(batch, x.shape[0], lora_a.shape[0]):
+        rows = rows if isinstance(rows, slice) else rows.to(x.device)
+        out[0, rows] = (x[rows] @ lora_a[slot].t()).float()
     return out
 
 
@@ -308,17 +342,21 @@ def lora_expand_ref(y: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor, batc
                     slices: tuple[int, ...]) -> torch.Tensor:
     """Torch reference of :func:`lora_expand`: PEFT's ``y + (h @ B^T) * scaling`` per slice."""
     rank = lora_b.shape[2]
-    h = h.sum(0)
+    h = h.sum(0) if h.shape[0] > 1 else h[0]
     scales = batch.scale.tolist()
-    for slot, idx in _segments(batch, y.shape[0], lora_b.shape[0]):
-        lo = 0
+    for slot, rows in _segments(batch, y.shape[0], lora_b.shape[0]):
+        rows = rows if isinstance(rows, slice) else rows.to(y.device)
+        hs, lo, parts = h[rows].to(y.dtype).to(lora_b.dtype), 0, []
         for c, width in enumerate(slices):
-            hc = h[idx, c * rank:(c + 1) * rank].to(lora_b.dtype)
-            delta = (hc @ lora_b[slot, lo:lo + width].t()) * scales[slot]
-            y[idx, lo:lo + width] = (y[idx, lo:lo + width] + delta).to(y.dtype)
+            parts.append(hs[:, c * rank:(c + 1) * rank] @ lora_b[slot, lo:lo + width].t())
             lo += width
+        delta = (parts[0] if len(parts) == 1 else torch.cat(parts, 1)) * scales[slot]
+        if isinstance(rows, slice):
+            y[rows] += delta.to(y.dtype)
+        else:
+            y.index_add_(0, rows, delta.to(y.dtype))
     return y
 
 
 __all__ = ["HAS_TRITON", "LoRABatch", "block_m", "build_tile_table", "lora_expand", "lora_expand_ref",
-           "lora_shrink", "lora_shrink_ref", "num_tiles", "split_k", "tile_capacity"]
+           "lora_shrink", "lora_shrink_ref", "num_tiles", "split_k", "table_runs", "tile_capacity"]

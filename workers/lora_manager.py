@@ -29,7 +29,7 @@ import torch
 from fleetlm.engine.config import LoRAConfig
 from fleetlm.engine.lora import LoRAAdapterError, LoRARequest, read_safetensors_header, resolve_adapter_dir
 from fleetlm.engine.step import SchedulerOutput
-from fleetlm.kernels.lora import LoRABatch, build_tile_table, tile_capacity
+from fleetlm.kernels.lora import LoRABatch, build_tile_table, table_runs, tile_capacity
 from fleetlm.parallel.lora import LoRAState, attach_lora, pack_adapter
 
 _TENSOR = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.\w+\.(\w+)\.lora_([AB])\.weight$")
@@ -146,6 +146,8 @@ class LoRAManager:
         src = torch.from_numpy(host)
         if self.device.type == "cuda":
             src = src.pin_memory()
+        else:  # the torch references run here: hand them the runs the host already has
+            self.state.batch.host_runs = table_runs(order, tile_slot, tile_start, tile_end)
         self._table.copy_(src, non_blocking=True)
 
     @torch.inference_mode()
