@@ -150,6 +150,9 @@ class ModelDeploymentConfig:
     seed: int = 0
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    # vLLM's name: None: the replica's own process for one device, Ray worker
+    # actors for more; "ray" runs one device as a worker actor too.
+    distributed_executor_backend: str | None = None
     max_model_len: int | None = None          # None: the model's own limit
     max_num_seqs: int | None = None           # None: the engine's default
     max_num_batched_tokens: int | None = None  # None: the engine's default
@@ -199,6 +202,8 @@ class ModelDeploymentConfig:
         _choice(self.dtype, f"{w}: dtype", DTYPES)
         _int(self.tensor_parallel_size, f"{w}: tensor_parallel_size", 1)
         _int(self.pipeline_parallel_size, f"{w}: pipeline_parallel_size", 1)
+        if self.distributed_executor_backend is not None:
+            _choice(self.distributed_executor_backend, f"{w}: distributed_executor_backend", ("mp", "uni", "ray"))
         _opt_int(self.max_model_len, f"{w}: max_model_len", 1)
         _opt_int(self.max_num_seqs, f"{w}: max_num_seqs", 1)
         _opt_int(self.max_num_batched_tokens, f"{w}: max_num_batched_tokens", 1)

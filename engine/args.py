@@ -40,6 +40,10 @@ class EngineArgs:
     trust_remote_code: bool = False  # refused: only FleetLM's own model code runs
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    # vLLM's name. None: the engine's own process for one device, Ray actors
+    # for more; "ray" also runs a single device as a Ray actor; "mp"/"uni":
+    # the engine's process (one device only).
+    distributed_executor_backend: str | None = None
     device: str = "auto"
     dtype: str = "auto"
     gpu_memory_utilization: float = 0.9
@@ -54,8 +58,8 @@ class EngineArgs:
     cpu_kv_cache_bytes: int = 2 << 30
     long_prefill_token_threshold: int = 0
     enforce_eager: bool = False
-    # None: on for a single in-process CUDA worker, off otherwise; True forces
-    # it (also on CPU, for tests); TP/PP > 1 (Ray workers) always run synchronously.
+    # None: on for CUDA workers of one pipeline stage, off otherwise; True
+    # forces it (also on CPU, for tests); PP > 1 pipelines micro-batches instead.
     async_scheduling: bool | None = None
     max_n: int = 64
     max_logprobs: int = 20
@@ -131,18 +135,20 @@ class EngineArgs:
             tokenizer=self.tokenizer,
             chat_template=resolve_chat_template(self.chat_template),
         )
-        parallel = ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size, device)
+        parallel = ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size, device,
+                                  executor_backend(self.distributed_executor_backend,
+                                                   self.tensor_parallel_size * self.pipeline_parallel_size))
         validate_parallel(model, parallel)
         if self.warmup not in (None, True, False):
             raise ValueError(f"warmup must be None, true or false, got {self.warmup!r}")
         if self.async_scheduling not in (None, True, False):
             raise ValueError(f"async_scheduling must be None, true or false, got {self.async_scheduling!r}")
-        if self.async_scheduling and parallel.world_size > 1:
+        if self.async_scheduling and parallel.pipeline_parallel_size > 1:
             raise ValueError(
-                "async_scheduling needs a single in-process worker (tensor_parallel_size = "
-                "pipeline_parallel_size = 1); Ray worker groups run synchronously"
+                "async_scheduling needs one pipeline stage (pipeline_parallel_size = 1); with several, "
+                "stages run micro-batches of different requests at once instead"
             )
-        async_scheduling = device == "cuda" and parallel.world_size == 1
+        async_scheduling = device == "cuda" and parallel.pipeline_parallel_size == 1
         if self.async_scheduling is not None:
             async_scheduling = self.async_scheduling
         gpu = device == "cuda"
@@ -189,6 +195,22 @@ class EngineArgs:
         if cpu < self.max_loras:
             raise ValueError(f"max_cpu_loras ({cpu}) must be >= max_loras ({self.max_loras})")
         return LoRAConfig(max_loras=self.max_loras, max_lora_rank=self.max_lora_rank, max_cpu_loras=cpu)
+
+
+EXECUTOR_BACKENDS = ("mp", "uni", "ray")
+
+
+def executor_backend(name: str | None, world_size: int) -> str:
+    """vLLM's distributed_executor_backend, as FleetLM runs it: "uni" (this process) or "ray"."""
+    if name is None:
+        return "uni" if world_size == 1 else "ray"
+    if name not in EXECUTOR_BACKENDS:
+        raise ValueError(f"distributed_executor_backend must be one of {', '.join(EXECUTOR_BACKENDS)} "
+                         f"(or None), got {name!r}")
+    if name in ("mp", "uni") and world_size > 1:
+        raise ValueError(f"distributed_executor_backend {name!r} runs one device in the engine's process; "
+                         f"tensor_parallel_size x pipeline_parallel_size = {world_size} needs 'ray'")
+    return "ray" if name == "ray" else "uni"
 
 
 def validate_parallel(model: ModelConfig, parallel: ParallelConfig) -> None:

@@ -76,6 +76,8 @@ class ParallelConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     device: str = "cpu"  # "cpu" | "cuda", resolved from "auto" at the edge
+    # "uni": the one worker in the engine's process; "ray": one Ray actor per device.
+    distributed_executor_backend: str = "uni"
 
     @property
     def world_size(self) -> int:
@@ -108,7 +110,7 @@ class EngineConfig:
     parallel: ParallelConfig
     scheduler: SchedulerConfig
     use_cuda_graphs: bool = True
-    # Schedule and launch step N+1 while step N runs (one in-process worker only).
+    # Schedule and launch step N+1 while step N runs (one pipeline stage only).
     async_scheduling: bool = False
     max_n: int = 64
     max_logprobs: int = 20

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from fleetlm.engine.config import LoRAConfig
-from fleetlm.engine.lora import LoRAAdapterError, LoRARequest, read_safetensors_header, resolve_adapter_dir
+from fleetlm.engine.lora import LoRARequest, read_safetensors_header, resolve_adapter_dir
 from fleetlm.engine.step import SchedulerOutput
 from fleetlm.kernels.lora import LoRABatch, build_tile_table, table_runs, tile_capacity
 from fleetlm.parallel.lora import LoRAState, attach_lora, pack_adapter
@@ -176,18 +176,3 @@ class LoRAManager:
         self.slot_adapter[slot] = lora.lora_int_id
         self.num_slot_loads += 1
 
-
-class RayLoRAControl:
-    """``add_lora`` / ``remove_lora`` of the Ray worker group (``workers/ray_group.py``): every worker
-    actor runs it between steps (an actor runs its calls in order); a worker that cannot read the
-    adapter answers with the reason, and the replica stays up."""
-
-    def add_lora(self, lora_request: LoRARequest) -> None:
-        errors = self._gather([w.lora.remote("add_lora", lora_request) for w in self.workers], self.init_timeout_s,
-                              "adapter loading")
-        if any(errors):
-            raise LoRAAdapterError(f"adapter {lora_request.lora_name!r} could not be read: {next(filter(None, errors))}")
-
-    def remove_lora(self, lora_int_id: int) -> None:
-        self._gather([w.lora.remote("remove_lora", lora_int_id) for w in self.workers], self.step_timeout_s,
-                     "adapter removal")

@@ -37,6 +37,8 @@ class Worker:
         self.runner = ModelRunner(config.model, config.cache, ctx, self.device, config.lora, max_rows)
         if config.warmup and self.runner.lora is not None:
             self.runner.lora.warm_up()
+        # One stage of several TP ranks may get steps launched ahead: see ModelRunner.share_samples.
+        self.runner.share_samples = ctx.tp_size > 1 and ctx.pp_size == 1
 
     def load_model(self) -> float:
         """Load this worker's shard of the weights; returns seconds taken."""
