@@ -55,6 +55,7 @@ SERVE_APP_KEYS = frozenset({"name", "route_prefix", "import_path", "args", "runt
 # Routes the API key guards: every one but the load balancer's and Prometheus'.
 GUARDED_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/version", "/openapi.json",
                   "/debug/invariants")
+LORA_ROUTES = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")  # guarded too; only with --enable-lora
 OPEN_ROUTES = ("/health", "/ping", "/metrics")
 
 
@@ -85,6 +86,10 @@ ENGINE_DECIDES = {
     "tokenizer": "the model's own",
     "chat_template": "the model's own",
     "max_waiting_tokens": "off",
+    "max_cpu_loras": "max_loras",
+    "enable_lora": "off",
+    "max_loras": "1",
+    "max_lora_rank": "16",
 }
 
 # vLLM's names where vLLM has the flag; the others are FleetLM's model entry keys.
@@ -128,6 +133,13 @@ MODEL_FLAGS: tuple[ModelFlag, ...] = (
     ModelFlag("max_waiting_tokens", {"type": int}, "prompt tokens of the model allowed to wait (then 429)"),
     ModelFlag("stream_chunks_per_s", {"type": float}, "SSE chunks a replica sends a second over all its streams"),
     ModelFlag("stream_max_interval_s", {"type": float}, "most seconds between two chunks of one stream"),
+    ModelFlag("enable_lora", {"action": "store_true", "default": None},
+              "serve LoRA adapters, each request choosing one by sending its name as `model`"),
+    ModelFlag("max_loras", {"type": int}, "adapters one step may use (device slots per replica)"),
+    ModelFlag("max_lora_rank", {"type": int}, "largest adapter rank (it sizes every slot)"),
+    ModelFlag("max_cpu_loras", {"type": int}, "adapters each worker keeps in host memory"),
+    ModelFlag("lora_modules", {"nargs": "+", "metavar": "NAME=PATH"},
+              "PEFT adapters every replica reads at start (more: POST /v1/load_lora_adapter)"),
 )
 
 
@@ -158,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", help=f"HTTP host (default: {DEFAULT_HOST})")
     srv.add_argument("--port", type=int, help=f"HTTP port (default: {DEFAULT_PORT})")
     srv.add_argument("--api-key", help="require `Authorization: Bearer <key>` on " + ", ".join(GUARDED_ROUTES)
+                     + " (with --enable-lora also " + ", ".join(LORA_ROUTES) + ")"
                      + " (" + ", ".join(OPEN_ROUTES) + " stay open for load balancers and Prometheus; "
                      "they carry no prompts or outputs) (default: FLEETLM_API_KEY, else no key)")
     srv.add_argument("--config", help="Serve config YAML (configs/serve/*.yaml) or a YAML mapping of app args")
@@ -177,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     eng = s.add_argument_group("model and engine (one model; several need --config)")
     for flag in MODEL_FLAGS:
         text = flag.help
-        if flag.dest not in ("model", "served_model_name", "trust_remote_code"):
+        if flag.dest not in ("model", "served_model_name", "trust_remote_code", "lora_modules"):
             text += f" (default: {_flag_default(flag.entry_key)})"
         eng.add_argument("--" + flag.dest.replace("_", "-"), dest=flag.dest, help=text, **flag.kwargs)
     sub.add_parser("bench", help="run benchmarks (fleetlm bench --help)", add_help=False)

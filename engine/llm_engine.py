@@ -53,8 +53,14 @@ class EngineStats:
     num_preemptions: int
     # Multi-LoRA: adapters in the device slots now, and slot loads / evictions so far.
     lora_resident: tuple[str, ...] = ()
+    lora_resident_ids: tuple[int, ...] = ()
+    lora_known_ids: tuple[int, ...] = ()  # checked and read into the workers' host memory
     lora_loads: int = 0
     lora_evictions: int = 0
+
+    @property
+    def num_lora_resident(self) -> int:
+        return len(self.lora_resident)
 
 
 class StepMode(enum.Enum):

@@ -270,9 +270,17 @@ class LoRARegistry:
         return True
 
     def stats(self) -> dict:
+        """For ``EngineStats``; read from other threads too (the slot table is a fixed-size list)."""
         s = self.slots
-        return dict(lora_resident=tuple(a.lora_name for a in s.resident), lora_loads=s.num_loads,
-                    lora_evictions=s.num_evictions)
+        resident = [a for a in list(s.adapter) if a is not None]
+        return dict(lora_resident=tuple(a.lora_name for a in resident),
+                    lora_resident_ids=tuple(a.lora_int_id for a in resident),
+                    lora_known_ids=tuple(sorted(self.ids())), lora_loads=s.num_loads, lora_evictions=s.num_evictions)
 
     def ids(self) -> set[int]:
-        return set(self.specs)
+        for _ in range(5):  # read from other threads while the engine thread adds or removes
+            try:
+                return set(self.specs)
+            except RuntimeError:
+                continue
+        return set()
