@@ -224,3 +224,44 @@ def test_cli_flags_reach_the_model_entry():
                             "--max-cpu-loras", "100", "--lora-modules", "a=/p/a", "b=/p/b"])
     assert (ns.enable_lora, ns.max_loras, ns.max_lora_rank, ns.max_cpu_loras) == (True, 8, 16, 100)
     assert ns.lora_modules == ["a=/p/a", "b=/p/b"]
+
+
+def test_the_adapter_travels_with_a_migrated_request_into_the_engine():
+    """A sequence moved to another replica continues with its adapter (and the replica passes it on)."""
+    from types import SimpleNamespace
+
+    from fleetlm.cluster.messages import GenerateRequest
+    from fleetlm.cluster.migration import SequenceProgress, continuation
+    from fleetlm.cluster.replica import LLMReplica
+    from fleetlm.engine.lora import LoRARequest
+    from fleetlm.engine.outputs import CompletionOutput, RequestOutput
+    from fleetlm.engine.sampling_params import SamplingParams
+
+    lora = LoRARequest("sql", 7, "/adapters/sql")
+    req = GenerateRequest("cmpl-1-0", [9, 8], SamplingParams(max_tokens=4), lora_request=lora)
+    moved = continuation(req, SequenceProgress(0, 0, token_ids=[4], text_len=1), 1, 1)
+    assert moved.lora_request is lora and moved.resume_token_ids == (4,)
+
+    class Engine:
+        config = SimpleNamespace(scheduler=SimpleNamespace(max_num_seqs=2), cache=SimpleNamespace(block_size=4))
+        model_config = SimpleNamespace(max_model_len=64, vocab_size=100)
+        tokenizer = SimpleNamespace(decode=lambda ids, **kw: "x" * len(ids))
+        calls = []
+
+        def stats(self):
+            return SimpleNamespace(num_running=0, num_waiting=0, kv_cache_usage=0.0)
+
+        async def generate(self, prompt, params, request_id, prior_output_token_ids=None, coalesce_s=None,
+                           lora_request=None):
+            self.calls.append((request_id, prior_output_token_ids, lora_request))
+            yield RequestOutput(request_id, None, list(prompt),
+                                [CompletionOutput(0, "z", [42], finish_reason="length")], finished=True)
+
+    engine = Engine()
+    replica = LLMReplica(ModelDeploymentConfig(model="m"), max_queued_requests=4, engine=engine)
+
+    async def go():
+        return [c async for c in replica.generate(moved)]
+
+    chunks = run(go())
+    assert chunks[-1].finished and engine.calls == [("cmpl-1-0.m1", [4], lora)]
