@@ -77,6 +77,39 @@ def test_kernels_match_torch_at_8b_shapes(gl, rows):
         assert torch.equal(got[base], y[base])
 
 
+def test_no_recompile_per_length():
+    """Lengths are no kernel argument: after one call per tile class, every other length runs at once
+    (vLLM's first LoRA TTFT was 10x base for recompiles per length)."""
+    import time
+
+    import numpy as np
+
+    from fleetlm.kernels.lora import LoRABatch, build_tile_table, lora_expand, lora_shrink
+
+    slots, rank, k, slices = 8, 16, 4096, (4096, 1024, 1024)
+    a = torch.randn(slots, 3 * rank, k, device="cuda").bfloat16()
+    b = torch.randn(slots, sum(slices), rank, device="cuda").bfloat16()
+
+    def call(rows):
+        token_slot = (np.arange(rows) % slots).astype("int32")
+        order, ts, tst, te = build_tile_table(token_slot, rows, slots)
+        dev = lambda v: torch.from_numpy(v).cuda()  # noqa: E731
+        batch = LoRABatch(dev(order), dev(ts), dev(tst), dev(te), torch.ones(slots, device="cuda"))
+        x = torch.randn(rows, k, device="cuda").bfloat16()
+        y = torch.zeros(rows, sum(slices), device="cuda").bfloat16()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        lora_expand(y, lora_shrink(x, a, batch), b, batch, slices)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    for rows in (1, 8, 16, 64, 256, 300, 1000, 4096):  # every tile size and split class once
+        call(rows)
+    slowest = max((call(rows), rows) for rows in [2, 3, 5, 7, 9, 13, 17, 33, 65, 127, 129, 255, 257, 301, 333, 517,
+                                                  999, 1001, 2047, 3001])
+    assert slowest[0] < 0.05, f"{slowest[1]} rows took {slowest[0]:.3f} s: a compile"
+
+
 @pytest.fixture(scope="module")
 def adapters(gl, tmp_path_factory):
     from fleetlm.workers.loader import resolve_model
