@@ -32,6 +32,7 @@ class EngineSnapshot:
     block_tables: tuple[str, ...]  # request ids that still own a block table
     num_hashed_counters: int  # requests with a "blocks already hashed" counter
     structure_error: str | None  # BlockManager.check_invariants' complaint (idle snapshots only)
+    num_lora_pins: int = 0  # device LoRA slots held by running requests (engine/lora_slots.py)
 
     @property
     def busy_counts(self) -> dict[str, int]:
@@ -59,6 +60,7 @@ class EngineSnapshot:
                 tables = tuple(sorted(bm.req_blocks))
                 hashed = len(bm.req_num_hashed)
                 running, waiting, requests = len(scheduler.running), len(scheduler.waiting), len(scheduler.requests)
+                pins = sum(scheduler.loras.pins) if scheduler.loras is not None else 0
                 break
             except RuntimeError:  # "dictionary changed size during iteration": it settles within a step
                 if attempt == 4:
@@ -69,7 +71,7 @@ class EngineSnapshot:
             num_steps_in_flight=num_steps_in_flight, num_blocks=bm.num_blocks, num_free_blocks=len(free),
             num_cached_free_blocks=sum(1 for b in set(free) if hashes[b] is not None),
             referenced_blocks=tuple(b for b, c in enumerate(ref_cnt) if c > 0), block_tables=tables,
-            num_hashed_counters=hashed, structure_error=None,
+            num_hashed_counters=hashed, structure_error=None, num_lora_pins=pins,
         )
         if not snap.idle:
             return snap
@@ -95,5 +97,7 @@ class EngineSnapshot:
             out.append(f"hashed-block counters left for {self.num_hashed_counters} requests")
         if self.structure_error is not None:
             out.append(f"block manager: {self.structure_error}")
+        if self.num_lora_pins:
+            out.append(f"{self.num_lora_pins} LoRA slot pins left with no request running")
         return out
 

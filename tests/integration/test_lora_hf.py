@@ -112,6 +112,7 @@ def test_preemption_and_small_chunks_keep_tokens(embedded_model, prompts, cases,
     assert small.engine.scheduler.num_preemptions > 0
     _check(got, reference, cases)
     assert all(p == 0 for p in small.engine.scheduler.loras.pins)
+    assert small.engine.idle_invariants()["ok"], small.engine.idle_invariants()
 
 
 def test_bad_adapters_are_refused_with_their_reason(llm, peft_setup, tmp_path, prompts):
