@@ -160,11 +160,36 @@ def _base_model(server: Any, name: str | None) -> str:
     return name
 
 
+def _op(summary: str, props: dict[str, Any], required: list[str], codes: dict[str, str]) -> dict[str, Any]:
+    body = {"type": "object", "properties": props, "required": required, "additionalProperties": False}
+    responses = {"200": {"description": "Done.", "content": {"text/plain": {"schema": {"type": "string"}}}}}
+    error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    responses.update({code: {"description": text, **error} for code, text in codes.items()})
+    return {"post": {"summary": summary, "responses": responses,
+                     "requestBody": {"required": True, "content": {"application/json": {"schema": body}}}}}
+
+
+_NAME = {"type": "string", "minLength": 1}
+# The two routes in /openapi.json (where LoRA is on).
+LORA_PATHS: dict[str, Any] = {
+    "/v1/load_lora_adapter": _op(
+        "Check and read a PEFT LoRA adapter on every replica of its base model",
+        {"lora_name": _NAME, "lora_path": _NAME, "base_model_name": {"type": ["string", "null"]}},
+        ["lora_name", "lora_path"],
+        {"400": "Name taken, or the adapter refused (missing, bad, rank too high, module the model lacks).",
+         "401": "Missing or invalid API key.", "503": "No replica answered."}),
+    "/v1/unload_lora_adapter": _op(
+        "Forget an adapter; requests running with it finish",
+        {"lora_name": _NAME, "lora_int_id": {"type": ["integer", "null"]}}, ["lora_name"],
+        {"400": "Invalid body.", "401": "Missing or invalid API key.", "404": "No such adapter."}),
+}
+
+
 def adapter_card(adapter: Adapter, created: int) -> dict[str, Any]:
     """An adapter in ``/v1/models``: vLLM's card, its base model as ``parent``."""
     return {"id": adapter.name, "object": "model", "created": created, "owned_by": "fleetlm",
             "root": adapter.request.lora_path, "parent": adapter.base}
 
 
-__all__ = ["Adapter", "AdapterRegistry", "adapter_card", "adapter_id", "load_lora_adapter", "lora_request",
+__all__ = ["LORA_PATHS", "Adapter", "AdapterRegistry", "adapter_card", "adapter_id", "load_lora_adapter", "lora_request",
            "unload_lora_adapter"]

@@ -34,7 +34,13 @@ from fleetlm.cluster.completions import CompletionsEndpoint
 from fleetlm.cluster.errors import OpenAIError
 from fleetlm.cluster.http_plumbing import authenticate, error_response, install_error_handlers, read_json
 from fleetlm.cluster.ledger import Ledger
-from fleetlm.cluster.lora_adapters import AdapterRegistry, adapter_card, load_lora_adapter, unload_lora_adapter
+from fleetlm.cluster.lora_adapters import (
+    LORA_PATHS,
+    AdapterRegistry,
+    adapter_card,
+    load_lora_adapter,
+    unload_lora_adapter,
+)
 from fleetlm.cluster.messages import ModelInfo
 from fleetlm.cluster.metrics import CONTENT_TYPE_LATEST, ServeMetrics, render
 from fleetlm.cluster.migration import MigratingJob
@@ -214,7 +220,7 @@ class OpenAIServer:
         vocab = {info.vocab_size for b in self.backends.values() if (info := b.cached_info()) is not None}
         return JSONResponse(openapi_document(
             self.config, vocab_size=vocab.pop() if len(vocab) == 1 and len(self.backends) == 1 else None,
-            extra_paths=DEBUG_PATHS))
+            extra_paths={**DEBUG_PATHS, **(LORA_PATHS if self.lora_models else {})}))
 
     async def debug_invariants(self, request: Request) -> Response:
         """Per model: every replica's engine invariants, the ingress ledger and admission.

@@ -74,7 +74,20 @@ def split_k(rows: int, k: int) -> int:
     decode of <= 16 rows (one tile per adapter) takes more than 4.
     """
     tiles = max(1, -(-rows // block_m(rows)))
-    return max(1, min(16 if rows <= 16 else 4, k // 256, -(-128 // tiles)))
+    want = max(1, min(16 if rows <= 16 else 4, k // 256, -(-128 // tiles)))
+    return -(-k // _k_per_split(k, want))  # splits of whole K blocks (fewer when they round up)
+
+
+_BLOCK_K = 64
+
+
+def _k_per_split(k: int, splits: int) -> int:
+    return -(-k // (splits * _BLOCK_K)) * _BLOCK_K
+
+
+def shrink_shape(rows: int, k: int, r: int) -> tuple[int, int, int]:
+    """Shape of :func:`lora_shrink`'s output, for a caller that allocates it (``out=``)."""
+    return split_k(rows, k), rows, r
 
 
 def expand_blocks(rows: int) -> tuple[int, int]:
@@ -255,20 +268,23 @@ def _check(x: torch.Tensor, lora_a: torch.Tensor, batch: LoRABatch) -> None:
                          f"a step of {rows} rows needs {num_tiles(rows, slots)} / {rows}")
 
 
-def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, batch: LoRABatch) -> torch.Tensor:
-    """fp32 partials ``[splits, T, n_slices * r]`` of ``x @ lora_a[slot]^T`` (rows of base tokens: undefined)."""
+def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, batch: LoRABatch, out: torch.Tensor | None = None
+                ) -> torch.Tensor:
+    """fp32 partials ``[splits, T, n_slices * r]`` of ``x @ lora_a[slot]^T`` (rows of base tokens: undefined),
+    into ``out`` if given (of :func:`shrink_shape`)."""
     _check(x, lora_a, batch)
     rows, k = x.shape
     slots, r = lora_a.shape[0], lora_a.shape[1]
-    splits = split_k(rows, k)
-    out = torch.empty((splits, rows, r), dtype=torch.float32, device=x.device)
+    shape = shrink_shape(rows, k, r)
+    if out is None:
+        out = torch.empty(shape, dtype=torch.float32, device=x.device)
+    elif tuple(out.shape) != shape or out.dtype != torch.float32 or out.stride(2) != 1:
+        raise ValueError(f"out must be float32 {shape} with unit last stride, got {out.dtype} {tuple(out.shape)}")
     if rows == 0:
         return out
-    bk = 64
+    bk, splits = _BLOCK_K, shape[0]
     upcast, precision = _dot_mode(x.dtype, x.device)
-    k_per = -(-k // (splits * bk)) * bk
-    splits = -(-k // k_per)
-    out = out[:splits]
+    k_per = _k_per_split(k, splits)
     _shrink_kernel[(num_tiles(rows, slots), splits)](
         x, lora_a, out, batch.token_idx, batch.tile_slot, batch.tile_start, batch.tile_end,
         k, r, k_per, x.stride(0), lora_a.stride(0), lora_a.stride(1), out.stride(0), out.stride(1),
@@ -328,10 +344,14 @@ def _segments(batch: LoRABatch, rows: int, slots: int) -> list:
                       batch.tile_start[:n].cpu().numpy(), batch.tile_end[:n].cpu().numpy())
 
 
-def lora_shrink_ref(x: torch.Tensor, lora_a: torch.Tensor, batch: LoRABatch) -> torch.Tensor:
-    """Torch reference of :func:`lora_shrink` (one split)."""
+def lora_shrink_ref(x: torch.Tensor, lora_a: torch.Tensor, batch: LoRABatch, out: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+    """Torch reference of :func:`lora_shrink` (the whole sum in the first split, the others zero)."""
     _check(x, lora_a, batch)
-    out = torch.zeros((1, x.shape[0], lora_a.shape[1]), dtype=torch.float32, device=x.device)
+    if out is None:
+        out = torch.zeros((1, x.shape[0], lora_a.shape[1]), dtype=torch.float32, device=x.device)
+    else:
+        out.zero_()
     for slot, rows in _segments(batch, x.shape[0], lora_a.shape[0]):
         rows = rows if isinstance(rows, slice) else rows.to(x.device)
         out[0, rows] = (x[rows] @ lora_a[slot].t()).float()
@@ -359,4 +379,4 @@ def lora_expand_ref(y: torch.Tensor, h: torch.Tensor, lora_b: torch.Tensor, batc
 
 
 __all__ = ["HAS_TRITON", "LoRABatch", "block_m", "build_tile_table", "lora_expand", "lora_expand_ref",
-           "lora_shrink", "lora_shrink_ref", "num_tiles", "split_k", "table_runs", "tile_capacity"]
+           "lora_shrink", "lora_shrink_ref", "num_tiles", "shrink_shape", "split_k", "table_runs", "tile_capacity"]

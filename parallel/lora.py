@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fleetlm.kernels.lora import LoRABatch
+from fleetlm.kernels.lora import LoRABatch, shrink_shape
 from fleetlm.parallel.formats.base import LinearMethod
 from fleetlm.parallel.layers import LinearBase, RowParallelLinear
 
@@ -40,11 +40,14 @@ ADAPTABLE = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 class LoRAState:
     """What every wrapped layer reads in a forward: the step's tile table, and whether any token is adapted."""
 
-    def __init__(self, batch: LoRABatch) -> None:
+    def __init__(self, batch: LoRABatch, side_stream=None) -> None:
         self.batch = batch
         # False: no token of this step has an adapter; eager forwards skip the kernels.
         # CUDA graphs are captured with it True (the kernels are then in the graph).
         self.active = True
+        # CUDA: in a captured graph the shrink runs on this stream beside the base
+        # projection (both read only x), hiding its latency in batch-1 decode.
+        self.side_stream = side_stream
 
 
 class LoRALinearMethod(LinearMethod):
@@ -62,11 +65,26 @@ class LoRALinearMethod(LinearMethod):
         self.base.process_weights_after_loading(layer)
 
     def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        y = self.base.apply(layer, x, bias)
-        if self.state.active:
-            x2, y2 = x.reshape(-1, x.shape[-1]), y.view(-1, y.shape[-1])
-            h = self.shrink(x2, layer.lora_a, self.state.batch)
-            self.expand(y2, h, layer.lora_b, self.state.batch, layer.lora_slices)
+        state = self.state
+        if not state.active:
+            return self.base.apply(layer, x, bias)
+        x2 = x.reshape(-1, x.shape[-1])
+        side = state.side_stream
+        if side is None or not torch.cuda.is_current_stream_capturing():
+            y = self.base.apply(layer, x, bias)
+            h = self.shrink(x2, layer.lora_a, state.batch)
+        else:
+            # Fork and join inside the capture: h lives on the main stream (allocated
+            # there, freed there after the expand), the side stream only writes it.
+            h = torch.empty(shrink_shape(x2.shape[0], x2.shape[1], layer.lora_a.shape[1]), dtype=torch.float32,
+                            device=x.device)
+            main = torch.cuda.current_stream()
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                self.shrink(x2, layer.lora_a, state.batch, out=h)
+            y = self.base.apply(layer, x, bias)
+            main.wait_stream(side)
+        self.expand(y.view(-1, y.shape[-1]), h, layer.lora_b, state.batch, layer.lora_slices)
         return y
 
     def apply_silu_mul(self, layer, x, bias, silu_and_mul):

@@ -54,7 +54,7 @@ class LoRAManager:
         batch = LoRABatch(token_idx=self._table[3 * t:], tile_slot=self._table[:t], tile_start=self._table[t:2 * t],
                           tile_end=self._table[2 * t:3 * t],
                           scale=torch.zeros(config.max_loras, dtype=torch.float32, device=device))
-        self.state = LoRAState(batch)
+        self.state = LoRAState(batch, torch.cuda.Stream(device) if device.type == "cuda" else None)
         self.layers = attach_lora(model, ops, config.max_loras, config.max_lora_rank, self.state, dtype, device)
         self.host: OrderedDict[int, HostAdapter] = OrderedDict()
         self._lock = threading.Lock()  # add/remove may come from another thread than the steps

@@ -129,3 +129,20 @@ def test_launcher_refuses_mismatched_operands():
     small.tile_slot = small.tile_slot[:1]
     with pytest.raises(ValueError, match="tile table"):
         lora_shrink_ref(x, a, small)
+
+
+@requires_triton
+def test_shrink_into_a_callers_buffer(device):
+    # The layer allocates the partials itself when the shrink runs on a side stream (CUDA graphs).
+    from fleetlm.kernels.lora import shrink_shape
+
+    x, a, b, y, token_slot, scale = _case(9, 600, (16,), 8, 2, torch.float32, device)
+    batch = _batch(token_slot, 9, 2, scale, device)
+    h = torch.full(shrink_shape(9, 600, 8), float("nan"), device=device)
+    assert lora_shrink(x, a, batch, out=h) is h
+    adapted = [t for t, s in enumerate(token_slot) if s >= 0]
+    torch.testing.assert_close(h.sum(0)[adapted], lora_shrink_ref(x, a, batch)[0][adapted], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="out must be float32"):
+        lora_shrink(x, a, batch, out=torch.empty(1, 9, 8, device=device))
+    ref_out = torch.full((1, 9, 8), float("nan"), device=device)
+    assert lora_shrink_ref(x, a, batch, out=ref_out) is ref_out and not ref_out.isnan().any()

@@ -265,3 +265,15 @@ def test_the_adapter_travels_with_a_migrated_request_into_the_engine():
 
     chunks = run(go())
     assert chunks[-1].finished and engine.calls == [("cmpl-1-0.m1", [4], lora)]
+
+
+def test_openapi_documents_the_lora_routes_where_lora_is_on():
+    async def go():
+        _, c = make([Backend()], enable_lora=True)
+        paths = (await c.get("/openapi.json", headers=AUTH)).json()["paths"]
+        assert {"/v1/load_lora_adapter", "/v1/unload_lora_adapter"} <= set(paths)
+        body = paths["/v1/load_lora_adapter"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert body["required"] == ["lora_name", "lora_path"]
+        _, c = make([Backend()])
+        assert "/v1/load_lora_adapter" not in (await c.get("/openapi.json", headers=AUTH)).json()["paths"]
+    run(go())
