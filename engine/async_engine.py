@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -110,12 +111,12 @@ class AsyncEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         # An adapter seen for the first time is checked on disk: off the loop too.
         new_lora = lora_request is not None and lora_request.lora_int_id not in self.engine.list_loras()
+        make = functools.partial(self.engine.make_group, request_id, prompt, params, prior_output_token_ids,
+                                 **({"lora_request": lora_request} if lora_request is not None else {}))
         if new_lora or (isinstance(prompt, str) and len(prompt) > TOKENIZE_OFF_LOOP_CHARS):
-            group = await asyncio.get_running_loop().run_in_executor(
-                None, self.engine.make_group, request_id, prompt, params, prior_output_token_ids, lora_request
-            )
+            group = await asyncio.get_running_loop().run_in_executor(None, make)
         else:
-            group = self.engine.make_group(request_id, prompt, params, prior_output_token_ids, lora_request)
+            group = make()
         stream = _Stream(asyncio.get_running_loop())
         self._streams[request_id] = stream
         with self._lock:

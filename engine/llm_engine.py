@@ -165,8 +165,7 @@ class LLMEngine:
         (checked here: a bad one raises ``LoRAAdapterError``, a ValueError).
         """
         params = params or SamplingParams()
-        if lora_request is not None:
-            self._lora_registry().check(lora_request)
+        lora = self._lora_registry().check(lora_request).adapter if lora_request is not None else None
         text, ids = self.tokenize(prompt)
         self._validate(ids, params)
         prior = list(prior_output_token_ids or ())
@@ -185,8 +184,7 @@ class LLMEngine:
         for i in range(params.n):
             child_params = params if params.n == 1 else params.clone_for_child(i)
             child_id = request_id if params.n == 1 else f"{request_id}#{i}"
-            req = Request(child_id, ids, child_params, bs, eos, prior_output_token_ids=prior,
-                          lora_request=lora_request)
+            req = Request(child_id, ids, child_params, bs, eos, prior_output_token_ids=prior, lora=lora)
             detok = IncrementalDetokenizer(self.tokenizer, ids + prior, req.params)
             group.children.append(Sequence(i, req, detok))
         return group

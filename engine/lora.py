@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fleetlm.engine.config import LoRAConfig, ModelConfig
+from fleetlm.engine.step import LoRAAdapter
 
 # The projections an adapter may target, by PEFT's module names (Llama family).
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -88,6 +89,12 @@ class AdapterSpec:
     scaling: float  # lora_alpha / r (or / sqrt(r) with use_rslora)
     targets: frozenset[str]  # PEFT module names it adapts
     num_tensors: int
+
+    @property
+    def adapter(self) -> LoRAAdapter:
+        """What the scheduler and the workers carry of it."""
+        r = self.request
+        return LoRAAdapter(r.lora_int_id, r.lora_name, self.dir, self.scaling)
 
 
 def module_shapes(model: ModelConfig) -> dict[str, tuple[int, int]]:
@@ -255,9 +262,13 @@ class LoRARegistry:
     def add(self, lora_request: LoRARequest) -> bool:
         """Check it and have the workers read it into host memory; False if it was added before."""
         known = lora_request.lora_int_id in self.specs
-        self.check(lora_request)
+        spec = self.check(lora_request)
         if not known:
-            self.workers.add_lora(lora_request)
+            try:
+                self.workers.add_lora(spec.adapter)
+            except ValueError as e:  # a worker could not read it after all (a file gone, unreadable)
+                self.specs.pop(lora_request.lora_int_id, None)
+                raise LoRAAdapterError(f"adapter {lora_request.lora_name!r} could not be read: {e}") from None
         return not known
 
     def remove(self, lora_int_id: int) -> bool:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from fleetlm.engine.lora import LoRARequest
+from fleetlm.engine.step import LoRAAdapter
 
 # Steps a request may wait for a slot before resident adapters stop admitting.
 SLOT_WAIT_STEPS = 64
@@ -35,14 +35,14 @@ class LoRASlots:
         if num_slots < 1:
             raise ValueError(f"max_loras must be >= 1, got {num_slots}")
         self.num_slots = num_slots
-        self.adapter: list[LoRARequest | None] = [None] * num_slots
+        self.adapter: list[LoRAAdapter | None] = [None] * num_slots
         self.pins = [0] * num_slots
         self.slot_of: dict[int, int] = {}  # lora_int_id -> slot
         # Resident slots nobody pins, least recently unpinned first (eviction order).
         self.idle: OrderedDict[int, None] = OrderedDict()
         self.free = list(range(num_slots - 1, -1, -1))  # never used (or retired) slots; pop() takes the lowest
         self.retired: set[int] = set()  # adapters removed while pinned: their slot empties when unpinned
-        self.loads: dict[int, LoRARequest] = {}  # slot -> adapter to load, since the last step
+        self.loads: dict[int, LoRAAdapter] = {}  # slot -> adapter to load, since the last step
         self.num_loads = 0
         self.num_evictions = 0
         # Fairness: request id -> scheduler step at which it first found no slot (oldest first).
@@ -59,7 +59,7 @@ class LoRASlots:
         first = next(iter(self.waiters.values()), None)
         return first is not None and self.step - first >= SLOT_WAIT_STEPS
 
-    def can_acquire(self, request_id: str, lora: LoRARequest | None) -> bool:
+    def can_acquire(self, request_id: str, lora: LoRAAdapter | None) -> bool:
         """Whether a request of ``lora`` may be admitted now (a base request always may).
 
         A request that needs a slot and finds none starts waiting for one (see ``draining``).
@@ -78,7 +78,7 @@ class LoRASlots:
         """The request left the queue without a slot (aborted) or got one."""
         self.waiters.pop(request_id, None)
 
-    def acquire(self, request_id: str, lora: LoRARequest | None) -> int:
+    def acquire(self, request_id: str, lora: LoRAAdapter | None) -> int:
         """Pin ``lora``'s slot for a request admitted now (placing it first if needed); -1 for the base model."""
         self.waiters.pop(request_id, None)
         if lora is None:
@@ -91,7 +91,7 @@ class LoRASlots:
         self.pins[slot] += 1
         return slot
 
-    def release(self, lora: LoRARequest | None) -> None:
+    def release(self, lora: LoRAAdapter | None) -> None:
         """A request of ``lora`` left the running batch (finished or preempted)."""
         if lora is None:
             return
@@ -116,15 +116,15 @@ class LoRASlots:
             del self.idle[slot]
             self._empty(slot)
 
-    def take_loads(self) -> dict[int, LoRARequest]:
+    def take_loads(self) -> dict[int, LoRAAdapter]:
         loads, self.loads = self.loads, {}
         return loads
 
-    def slot(self, lora: LoRARequest | None) -> int:
+    def slot(self, lora: LoRAAdapter | None) -> int:
         return -1 if lora is None else self.slot_of[lora.lora_int_id]
 
     @property
-    def resident(self) -> list[LoRARequest]:
+    def resident(self) -> list[LoRAAdapter]:
         return [a for a in self.adapter if a is not None]
 
     def check_invariants(self) -> None:
@@ -137,7 +137,7 @@ class LoRASlots:
         assert len(self.slot_of) == sum(a is not None for a in self.adapter)
 
     # -- internals ------------------------------------------------------------------
-    def _place(self, lora: LoRARequest) -> int:
+    def _place(self, lora: LoRAAdapter) -> int:
         if self.free:
             slot = self.free.pop()
         else:

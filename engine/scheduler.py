@@ -75,7 +75,7 @@ class Scheduler:
         if req.status == RequestStatus.RUNNING:
             self.running.remove(req)
             if self.loras:
-                self.loras.release(req.lora_request)
+                self.loras.release(req.lora)
         elif req in self.waiting:
             self.waiting.remove(req)
             if self.loras:
@@ -171,7 +171,7 @@ class Scheduler:
             while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
                 req = self.waiting[0]
                 if self._must_wait_for_leader(req) or (
-                        self.loras and not self.loras.can_acquire(req.request_id, req.lora_request)):
+                        self.loras and not self.loras.can_acquire(req.request_id, req.lora)):
                     skipped.append(self.waiting.popleft())
                     continue
                 hits = self.blocks.get_computed_blocks(req)
@@ -181,7 +181,7 @@ class Scheduler:
                     break
                 self.waiting.popleft()
                 if self.loras:
-                    self.loras.acquire(req.request_id, req.lora_request)
+                    self.loras.acquire(req.request_id, req.lora)
                 req.num_computed_tokens = num_cached
                 if req.num_cached_tokens < 0:
                     req.num_cached_tokens = num_cached
@@ -200,7 +200,7 @@ class Scheduler:
                 self._seen_by_workers.add(req.request_id)
                 prior = req.token_ids[req.num_prompt_tokens : req.num_prompt_tokens + req.num_prior_output_tokens]
                 new_requests.append(NewRequest(req.request_id, req.prompt_token_ids, req.params, prior,
-                                               req.lora_request))
+                                               req.lora.lora_int_id if req.lora else None))
             start = req.num_computed_tokens
             num_spec = max(0, start + n - req.num_tokens)  # proposals past the newest token
             n_real = n - num_spec
@@ -302,7 +302,7 @@ class Scheduler:
         assert not req.num_pending_tokens, f"{req} preempted while a step computes it"
         self.blocks.free_request(req.request_id)
         if self.loras:
-            self.loras.release(req.lora_request)
+            self.loras.release(req.lora)
         req.spec_token_ids = []
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fleetlm.engine.lora import LoRARequest
 from fleetlm.engine.sampling_params import SamplingParams
 
 # Token id of a pending token in a scheduled step (never a real vocabulary id):
@@ -52,6 +51,21 @@ class ScheduledRequest:
 
 
 @dataclass(frozen=True)
+class LoRAAdapter:
+    """A LoRA adapter the engine has checked (``engine/lora.py``): what a worker needs to load it."""
+
+    lora_int_id: int
+    lora_name: str
+    path: str  # the local PEFT directory (adapter_config.json + adapter_model.safetensors)
+    scaling: float  # lora_alpha / r (or / sqrt(r) with use_rslora)
+
+    @property
+    def cache_key(self) -> str:
+        """The prefix cache's extra key: blocks computed under one adapter never serve another."""
+        return f"lora:{self.lora_int_id}"
+
+
+@dataclass(frozen=True)
 class NewRequest:
     """Sent to the workers once, the first time a request is scheduled."""
 
@@ -59,7 +73,7 @@ class NewRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     prior_output_token_ids: list[int] = field(default_factory=list)  # migrated requests only
-    lora_request: LoRARequest | None = None  # its adapter: it runs in that adapter's device slot
+    lora_int_id: int | None = None  # its adapter: it runs in that adapter's device slot
 
 
 @dataclass(frozen=True)
@@ -73,7 +87,7 @@ class SchedulerOutput:
     step_id: int = 0  # matches the step's result to the requests it scheduled
     # Device LoRA slots (re)assigned since the last step: slot -> adapter to load
     # there before this step runs (engine/lora_slots.py).
-    lora_loads: dict[int, LoRARequest] = field(default_factory=dict)
+    lora_loads: dict[int, LoRAAdapter] = field(default_factory=dict)
 
     @property
     def num_batched_tokens(self) -> int:

@@ -27,8 +27,7 @@ import numpy as np
 import torch
 
 from fleetlm.engine.config import LoRAConfig
-from fleetlm.engine.lora import LoRARequest, read_safetensors_header, resolve_adapter_dir
-from fleetlm.engine.step import SchedulerOutput
+from fleetlm.engine.step import LoRAAdapter, SchedulerOutput
 from fleetlm.kernels.lora import LoRABatch, build_tile_table, table_runs, tile_capacity
 from fleetlm.parallel.lora import LoRAState, attach_lora, pack_adapter
 
@@ -37,8 +36,7 @@ _TENSOR = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.\w+\.(\w+)\.lor
 
 @dataclass
 class HostAdapter:
-    request: LoRARequest
-    scaling: float
+    adapter: LoRAAdapter
     layers: list[tuple[torch.Tensor, torch.Tensor]]  # per LoRA layer: (A, B) in slot layout
 
 
@@ -64,7 +62,7 @@ class LoRAManager:
         self.num_slot_loads = 0
 
     # -- adapters in host memory ----------------------------------------------------
-    def add(self, lora: LoRARequest) -> None:
+    def add(self, lora: LoRAAdapter) -> None:
         """Have ``lora`` in host memory (read from its directory unless already there)."""
         self._host(lora)
 
@@ -72,10 +70,10 @@ class LoRAManager:
         with self._lock:
             self.host.pop(lora_int_id, None)
 
-    def _host(self, lora: LoRARequest) -> HostAdapter:
+    def _host(self, lora: LoRAAdapter) -> HostAdapter:
         with self._lock:
             entry = self.host.get(lora.lora_int_id)
-            if entry is not None and entry.request == lora:
+            if entry is not None and entry.adapter == lora:
                 self.host.move_to_end(lora.lora_int_id)
                 return entry
         entry = self._read(lora)
@@ -86,19 +84,11 @@ class LoRAManager:
                 self.host.popitem(last=False)
         return entry
 
-    def _read(self, lora: LoRARequest) -> HostAdapter:
-        """Read a PEFT adapter (checked by the engine already) and cut it into this rank's slot layout."""
-        import json
-
+    def _read(self, lora: LoRAAdapter) -> HostAdapter:
+        """Read a PEFT adapter's tensors (the engine checked its files) and cut them into this rank's slot layout."""
         from safetensors.torch import load_file
 
-        directory = resolve_adapter_dir(lora)
-        cfg = json.loads((Path(directory) / "adapter_config.json").read_text())
-        r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
-        scaling = alpha / r ** 0.5 if cfg.get("use_rslora") else alpha / r
-        file = Path(directory) / "adapter_model.safetensors"
-        read_safetensors_header(file)  # a clear error for a file that is not safetensors
-        raw = load_file(str(file), device="cpu")
+        raw = load_file(str(Path(lora.path) / "adapter_model.safetensors"), device="cpu")
         pairs: dict[tuple[int, str], list] = {}
         for key, tensor in raw.items():
             m = _TENSOR.match(key)
@@ -109,7 +99,7 @@ class LoRAManager:
         tensors = {k: (a, b) for k, (a, b) in pairs.items()}
         layers = pack_adapter(self.layers, tensors, self.config.max_lora_rank, pin=self.device.type == "cuda")
         self.num_disk_loads += 1
-        return HostAdapter(lora, scaling, layers)
+        return HostAdapter(lora, layers)
 
     # -- each step ------------------------------------------------------------------
     def prepare(self, out: SchedulerOutput, rows: int) -> None:
@@ -117,7 +107,7 @@ class LoRAManager:
         for rid in out.finished_request_ids:
             self.adapter_of.pop(rid, None)
         for new in out.new_requests:
-            self.adapter_of[new.request_id] = new.lora_request.lora_int_id if new.lora_request else None
+            self.adapter_of[new.request_id] = new.lora_int_id
         for slot, lora in out.lora_loads.items():
             self._load_slot(slot, lora)
         slot_of = {a: s for s, a in enumerate(self.slot_adapter) if a is not None}
@@ -167,12 +157,12 @@ class LoRAManager:
                 self.ops.lora_expand(y, self.ops.lora_shrink(x, m.lora_a, batch), m.lora_b, batch, m.lora_slices)
         self._upload(np.full(1, -1, dtype=np.int32), 1)
 
-    def _load_slot(self, slot: int, lora: LoRARequest) -> None:
+    def _load_slot(self, slot: int, lora: LoRAAdapter) -> None:
         entry = self._host(lora)
         for lay, (a, b) in zip(self.layers, entry.layers):
             lay.module.lora_a[slot].copy_(a, non_blocking=True)
             lay.module.lora_b[slot].copy_(b, non_blocking=True)
-        self.state.batch.scale[slot] = entry.scaling
+        self.state.batch.scale[slot] = lora.scaling
         self.slot_adapter[slot] = lora.lora_int_id
         self.num_slot_loads += 1
 

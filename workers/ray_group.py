@@ -57,7 +57,6 @@ from ray.util.placement_group import (
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from fleetlm.engine.config import EngineConfig
-from fleetlm.engine.lora import LoRAAdapterError
 from fleetlm.engine.step import ModelRunnerOutput, PendingStep, SchedulerOutput
 from fleetlm.parallel.placement import PlacementSpec, assign_bundles, check_cluster_fits, stage_bundles
 from fleetlm.workers.shm_ring import RingClosed, RingTimeout, ShmRing
@@ -337,12 +336,12 @@ class RayWorkerGroup:
             raise WorkerGroupError(f"worker group failed earlier: {self._failure}")
 
     # -- control --------------------------------------------------------------------
-    def add_lora(self, lora_request) -> None:
+    def add_lora(self, adapter) -> None:
         """Every worker reads the adapter into host memory (a worker that cannot says why; the group stays up)."""
-        errors = self._gather([w.lora.remote("add_lora", lora_request) for w in self.workers], self.init_timeout_s,
+        errors = self._gather([w.lora.remote("add_lora", adapter) for w in self.workers], self.init_timeout_s,
                               "adapter loading")
         if any(errors):
-            raise LoRAAdapterError(f"adapter {lora_request.lora_name!r} could not be read: {next(filter(None, errors))}")
+            raise ValueError(next(filter(None, errors)))
 
     def remove_lora(self, lora_int_id: int) -> None:
         self._gather([w.lora.remote("remove_lora", lora_int_id) for w in self.workers], self.step_timeout_s,

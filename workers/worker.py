@@ -87,9 +87,10 @@ class Worker:
         sc = self.config.scheduler
         return self.runner.capture_cuda_graphs(sc.max_num_seqs, sc.max_model_len)
 
-    def add_lora(self, lora_request) -> None:
-        """Read an adapter into host memory now (a step would otherwise read it when first needed)."""
-        self.runner.lora.add(lora_request)
+    def add_lora(self, adapter) -> None:
+        """Read a checked adapter (``engine.step.LoRAAdapter``) into host memory now (a step would
+        otherwise read it when first needed)."""
+        self.runner.lora.add(adapter)
 
     def remove_lora(self, lora_int_id: int) -> None:
         self.runner.lora.remove(lora_int_id)

@@ -19,6 +19,7 @@ from fleetlm.engine.lora_slots import SLOT_WAIT_STEPS, LoRASlots
 from fleetlm.engine.request import Request
 from fleetlm.engine.sampling_params import SamplingParams
 from fleetlm.engine.scheduler import Scheduler
+from fleetlm.engine.step import LoRAAdapter
 
 HF = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
       "intermediate_size": 96, "vocab_size": 100, "max_position_embeddings": 512}
@@ -117,6 +118,7 @@ def test_lora_request_fields_and_registry_ids(tmp_path):
     assert (a.name, a.adapter_id, a.path, a.cache_key) == ("a", 7, a.lora_path, "lora:7")
     reg = LoRARegistry(MODEL, CFG)
     assert reg.check(a) is reg.check(a)
+    assert reg.check(a).adapter == LoRAAdapter(7, "a", a.lora_path, 2.0) and reg.check(a).adapter.cache_key == "lora:7"
     with pytest.raises(LoRAAdapterError, match="lora_int_id 7 already names adapter 'a'"):
         reg.check(LoRARequest("b", 7, write_adapter(tmp_path / "b")))
     assert reg.remove(7) and not reg.remove(7)
@@ -134,17 +136,17 @@ def test_engine_args_lora_limits():
 
 def test_prefix_hashes_are_keyed_by_adapter():
     tokens = list(range(40))
-    a, b = LoRARequest("a", 1, "/a"), LoRARequest("b", 2, "/b")
+    a, b = LoRAAdapter(1, "a", "/a", 1.0), LoRAAdapter(2, "b", "/b", 1.0)
     base = hash_prompt_blocks(tokens, 16)
-    ha = Request("r1", tokens, SamplingParams(max_tokens=4), 16, lora_request=a).block_hashes
+    ha = Request("r1", tokens, SamplingParams(max_tokens=4), 16, lora=a).block_hashes
     assert ha == hash_prompt_blocks(tokens, 16, "lora:1") and len(ha) == 2
-    hb = Request("r2", tokens, SamplingParams(max_tokens=4), 16, lora_request=b).block_hashes
+    hb = Request("r2", tokens, SamplingParams(max_tokens=4), 16, lora=b).block_hashes
     assert len({ha[0], hb[0], base[0]}) == 3
 
 
 # -- device slots ------------------------------------------------------------------
 
-A, B, C = (LoRARequest(n, i, f"/{n}") for i, n in enumerate("abc", start=1))
+A, B, C = (LoRAAdapter(i, n, f"/{n}", 2.0) for i, n in enumerate("abc", start=1))
 
 
 def test_slots_pin_place_evict_lru_and_retire():
@@ -189,12 +191,12 @@ def lora_sched(slots=2, max_seqs=16, num_blocks=64, budget=64) -> Scheduler:
 
 def lreq(rid, lora, n=8, max_tokens=4):
     return Request(rid, list(range(100, 100 + n)), SamplingParams(max_tokens=max_tokens, ignore_eos=True), 4,
-                   lora_request=lora)
+                   lora=lora)
 
 
 def run_step(s: Scheduler):
     out = s.schedule()
-    adapters = {s.requests[x.request_id].lora_request for x in out.scheduled} - {None}
+    adapters = {s.requests[x.request_id].lora for x in out.scheduled} - {None}
     assert len(adapters) <= s.loras.num_slots, adapters
     s.update_from_output(out, {x.request_id: [5] for x in out.scheduled if x.sample})
     s.loras.check_invariants()
@@ -208,7 +210,7 @@ def test_a_step_never_uses_more_adapters_than_slots_and_base_requests_pass():
     out = run_step(s)
     assert [x.request_id for x in out.scheduled] == ["r0", "r1", "r3", "r5"]  # C waits; base and A pass
     assert out.lora_loads == {0: A, 1: B}
-    assert {n.request_id: n.lora_request for n in out.new_requests}["r5"] == A
+    assert {n.request_id: n.lora_int_id for n in out.new_requests}["r5"] == A.lora_int_id
     finished = set()
     while s.requests:
         out = run_step(s)
