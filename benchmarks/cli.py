@@ -41,7 +41,7 @@ from fleetlm.benchmarks.serve_load import fetch_model_name, run_serve, server_ro
 ENGINE_FLAGS = (
     "model", "load_format", "dtype", "device", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
     "gpu_memory_utilization", "tensor_parallel_size", "pipeline_parallel_size", "enforce_eager",
-    "enable_prefix_caching", "num_kv_blocks", "block_size",
+    "enable_prefix_caching", "num_kv_blocks", "block_size", "quantization",
 )
 
 
@@ -49,6 +49,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--model", default="smollm2-135m-instruct")
     g.add_argument("--load-format", choices=("auto", "safetensors", "gguf", "dummy"))
+    g.add_argument("--quantization", help="weight format (awq, gptq, gguf, ...; default: the checkpoint's own); "
+                   "dummy weights take a config.json with a quantization_config as --model")
     g.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"))
     g.add_argument("--device", choices=("auto", "cpu", "cuda"))
     g.add_argument("--max-num-seqs", type=int)

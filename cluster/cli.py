@@ -54,7 +54,9 @@ SERVE_APP_KEYS = frozenset({"name", "route_prefix", "import_path", "args", "runt
 
 # Routes the API key guards: every one but the load balancer's and Prometheus'.
 GUARDED_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/version", "/openapi.json",
-                  "/debug/invariants")
+                  "/debug/invariants", "/dashboard", "/dashboard/data", "/dashboard/static/dashboard.js",
+                  "/dashboard/static/dashboard.css", "/dashboard/static/uPlot.iife.min.js",
+                  "/dashboard/static/uPlot.min.css")
 LORA_ROUTES = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")  # guarded too; only with --enable-lora
 OPEN_ROUTES = ("/health", "/ping", "/metrics")
 
@@ -84,6 +86,7 @@ ENGINE_DECIDES = {
     "warmup": "on GPU",
     "compile_cache_dir": "~/.cache/fleetlm/compile on GPU",
     "tokenizer": "the model's own",
+    "quantization": "the checkpoint's own (none: its dtype)",
     "chat_template": "the model's own",
     "max_waiting_tokens": "off",
     "max_cpu_loras": "max_loras",
@@ -105,6 +108,8 @@ MODEL_FLAGS: tuple[ModelFlag, ...] = (
               "weights and activations (auto: float32 on CPU; on GPU float16 for a float16 checkpoint, else bfloat16)"),
     ModelFlag("load_format", {"choices": ("auto", "safetensors", "gguf", "dummy")},
               "weights: detected, or dummy (random weights of the config's shape, for benchmarks)"),
+    ModelFlag("quantization", {}, "weight format: fp8 or int8 (W8A8) quantize a float checkpoint as it loads; "
+              "a quantized checkpoint's own method is detected from its config.json"),
     ModelFlag("seed", {"type": int}, "seed of dummy weights and of the engine's random state"),
     ModelFlag("tensor_parallel_size", {"type": int}, "GPUs (Ray workers) per pipeline stage"),
     ModelFlag("pipeline_parallel_size", {"type": int}, "pipeline stages (may span nodes)"),

@@ -194,6 +194,7 @@ class ModelDeploymentConfig:
     warmup: bool | None = None
     compile_cache_dir: str | None = None  # compiled kernels kept across starts; None: ~/.cache/fleetlm on GPU
     load_format: str = "auto"
+    quantization: str | None = None  # vLLM's names (fp8, int8, ...); None: the checkpoint's own (the engine checks)
     num_replicas: int | None = None
     autoscaling: AutoscalingConfig | None = None
     # Admission at the ingress (cluster/admission.py): sequences allowed to wait
@@ -262,6 +263,8 @@ class ModelDeploymentConfig:
         _set(self, "stream_max_interval_s", _float(self.stream_max_interval_s, f"{w}: stream_max_interval_s",
                                                    low=0.0))
         _choice(self.load_format, f"{w}: load_format", LOAD_FORMATS)
+        if self.quantization is not None:
+            _str(self.quantization, f"{w}: quantization")
         if self.enable_lora is not None:
             _bool(self.enable_lora, f"{w}: enable_lora")
         _opt_int(self.max_loras, f"{w}: max_loras", 1)
@@ -284,6 +287,11 @@ class ModelDeploymentConfig:
     def world_size(self) -> int:
         """Devices (Ray worker actors) one replica of this model needs."""
         return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def uses_worker_actors(self) -> bool:
+        """Whether the replica's engine runs its devices as Ray worker actors (else in its own process)."""
+        return self.world_size > 1 or self.distributed_executor_backend == "ray"
 
     def engine_kwargs(self) -> dict[str, Any]:
         """The engine's settings (EngineArgs / LLM keyword names, as in

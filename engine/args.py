@@ -52,6 +52,9 @@ class EngineArgs:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     load_format: str = "auto"
+    # vLLM's `quantization`: None reads the checkpoint's quantization_config (or
+    # runs dense); "fp8" / "int8" also quantize a float checkpoint as it loads.
+    quantization: str | None = None
     seed: int = 0
     block_size: int = 16
     num_kv_blocks: int | None = None
@@ -95,7 +98,11 @@ class EngineArgs:
         return self.device
 
     def create_engine_config(self) -> EngineConfig:
+        from fleetlm.parallel.formats import resolve_quantization
         from fleetlm.workers.loader import resolve_model
+        from fleetlm.parallel.formats.gguf import keeps_quantized
+        from fleetlm.workers.loader.gguf_format import read_gguf_header
+        from fleetlm.workers.loader.gguf_model import gguf_quantization_config
 
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "block_size", "seed"):
             v = getattr(self, name)
@@ -119,6 +126,13 @@ class EngineArgs:
             dtype = "float32"
         if dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if source.kind == "gguf":  # its block types, as a checkpoint's quantization_config would say
+            hf = {**hf, "quantization_config": gguf_quantization_config(read_gguf_header(source.path))}
+        quantization = resolve_quantization(self.quantization, hf, repr(self.model))
+        if quantization == "gguf" and self.quantization is None and (
+                device == "cpu" or not keeps_quantized(hf["quantization_config"])):
+            # GGUF on CPU (or with block types the kernels do not read): dequantized to float at load.
+            quantization = None
         model_max = int(hf.get("max_position_embeddings") or 2048)
         max_len = self.max_model_len or min(model_max, 32768)
         if max_len > model_max and not hf.get("rope_scaling"):
@@ -134,6 +148,7 @@ class EngineArgs:
             seed=self.seed,
             tokenizer=self.tokenizer,
             chat_template=resolve_chat_template(self.chat_template),
+            quantization=quantization,
         )
         parallel = ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size, device,
                                   executor_backend(self.distributed_executor_backend,

@@ -24,6 +24,9 @@ class ModelConfig:
     seed: int = 0
     tokenizer: str | None = None  # tokenizer source other than the model's (local dir or hub id)
     chat_template: str | None = field(default=None, repr=False)  # overrides the tokenizer's
+    # Weight format of the linear layers: None (dense) or a registered quantization
+    # name (parallel/formats), resolved against config.json's quantization_config.
+    quantization: str | None = None
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.hf_config.get(key, default)

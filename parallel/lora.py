@@ -61,6 +61,9 @@ class LoRALinearMethod(LinearMethod):
     def create_weights(self, layer, in_features, out_features, dtype, device):
         return self.base.create_weights(layer, in_features, out_features, dtype, device)
 
+    def load_tensor(self, layer, spec, block, part, name) -> None:
+        self.base.load_tensor(layer, spec, block, part, name)
+
     def process_weights_after_loading(self, layer) -> None:
         self.base.process_weights_after_loading(layer)
 

@@ -45,7 +45,8 @@ class Worker:
         t0 = time.perf_counter()
         mc = self.config.model
         source = resolve_model(mc.model, "dummy" if mc.kind == "dummy" else "auto")
-        weights = iter_weights(source, device=self.device, dtype=DTYPES[mc.dtype], seed=mc.seed)
+        weights = iter_weights(source, device=self.device, dtype=DTYPES[mc.dtype], seed=mc.seed,
+                               keep_quantized=mc.quantization == "gguf")
         self.runner.load_weights(weights)
         return time.perf_counter() - t0
 

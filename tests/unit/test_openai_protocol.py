@@ -549,7 +549,7 @@ class FakeEngine:
 
     def stats(self):
         return SimpleNamespace(num_running=self.num_running, num_waiting=self.num_waiting, kv_cache_usage=0.0,
-                               prefix_cache_queried_tokens=0, prefix_cache_hit_tokens=0)
+                               prefix_cache_queried_tokens=0, prefix_cache_hit_tokens=0, num_preemptions=0)
 
     async def generate(self, prompt, params, request_id, coalesce_s=None):
         if self.fail is not None:
