@@ -156,6 +156,8 @@ class LoRAManager:
                 y = torch.zeros(n, m.out_per_rank, dtype=self.dtype, device=self.device)
                 self.ops.lora_expand(y, self.ops.lora_shrink(x, m.lora_a, batch), m.lora_b, batch, m.lora_slices)
         self._upload(np.full(1, -1, dtype=np.int32), 1)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the KV cache is sized from free memory next: give the scratch back
 
     def _load_slot(self, slot: int, lora: LoRAAdapter) -> None:
         entry = self._host(lora)
