@@ -347,6 +347,7 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="llama-3.1-8b")
     p.add_argument("--budget", type=float, default=460.0, help="seconds for the whole run")
     p.add_argument("--cpu-smoke", action="store_true", help="tiny model on CPU, tiny loads (tests the script)")
+    p.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD, else 'unknown')")
     p.add_argument("--parts", default="ceilings,kernels,parity_ref,base,lora",
                    help="comma-separated parts to run (ceilings always run: the rooflines need them)")
     ns = p.parse_args(argv)
@@ -368,7 +369,7 @@ def main(argv=None) -> int:
     out_dir = Path(ns.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.timezone.utc)
-    record = {"benchmark": "lora", "date": stamp.isoformat(timespec="seconds"), "commit": git_commit(),
+    record = {"benchmark": "lora", "date": stamp.isoformat(timespec="seconds"), "commit": ns.commit or git_commit(),
               "card": card(), "torch": torch.__version__,
               "config": {"model": ns.model, "dtype": dtype, "rank": 16, "targets": TARGETS, "max_loras": 8,
                          "num_prompts": ns.num_prompts, "input_len": ns.input_len, "output_len": ns.output_len,
