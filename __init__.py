@@ -36,6 +36,10 @@ def __getattr__(name):
         from fleetlm.engine.sampling_params import GuidedDecodingParams
 
         return GuidedDecodingParams
+    if name == "LoRARequest":
+        from fleetlm.engine.lora import LoRARequest
+
+        return LoRARequest
     if name == "AsyncEngine":
         from fleetlm.engine.async_engine import AsyncEngine
 
@@ -43,4 +47,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'fleetlm' has no attribute {name!r}")
 
 
-__all__ = ["LLM", "SamplingParams", "GuidedDecodingParams", "AsyncEngine"]
+__all__ = ["LLM", "SamplingParams", "GuidedDecodingParams", "LoRARequest", "AsyncEngine"]

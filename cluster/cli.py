@@ -57,6 +57,7 @@ GUARDED_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/ver
                   "/debug/invariants", "/dashboard", "/dashboard/data", "/dashboard/static/dashboard.js",
                   "/dashboard/static/dashboard.css", "/dashboard/static/uPlot.iife.min.js",
                   "/dashboard/static/uPlot.min.css")
+LORA_ROUTES = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")  # guarded too; only with --enable-lora
 OPEN_ROUTES = ("/health", "/ping", "/metrics")
 
 
@@ -88,6 +89,10 @@ ENGINE_DECIDES = {
     "quantization": "the checkpoint's own (none: its dtype)",
     "chat_template": "the model's own",
     "max_waiting_tokens": "off",
+    "max_cpu_loras": "max_loras",
+    "enable_lora": "off",
+    "max_loras": "1",
+    "max_lora_rank": "16",
 }
 
 # vLLM's names where vLLM has the flag; the others are FleetLM's model entry keys.
@@ -138,6 +143,13 @@ MODEL_FLAGS: tuple[ModelFlag, ...] = (
               "whose template does not render tools)"),
     ModelFlag("enable_auto_tool_choice", {"action": "store_true", "default": None},
               "serve tool_choice 'auto' (needs --tool-call-parser)"),
+    ModelFlag("enable_lora", {"action": "store_true", "default": None},
+              "serve LoRA adapters, each request choosing one by sending its name as `model`"),
+    ModelFlag("max_loras", {"type": int}, "adapters one step may use (device slots per replica)"),
+    ModelFlag("max_lora_rank", {"type": int}, "largest adapter rank (it sizes every slot)"),
+    ModelFlag("max_cpu_loras", {"type": int}, "adapters each worker keeps in host memory"),
+    ModelFlag("lora_modules", {"nargs": "+", "metavar": "NAME=PATH"},
+              "PEFT adapters every replica reads at start (more: POST /v1/load_lora_adapter)"),
 )
 
 
@@ -168,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", help=f"HTTP host (default: {DEFAULT_HOST})")
     srv.add_argument("--port", type=int, help=f"HTTP port (default: {DEFAULT_PORT})")
     srv.add_argument("--api-key", help="require `Authorization: Bearer <key>` on " + ", ".join(GUARDED_ROUTES)
+                     + " (with --enable-lora also " + ", ".join(LORA_ROUTES) + ")"
                      + " (" + ", ".join(OPEN_ROUTES) + " stay open for load balancers and Prometheus; "
                      "they carry no prompts or outputs) (default: FLEETLM_API_KEY, else no key)")
     srv.add_argument("--config", help="Serve config YAML (configs/serve/*.yaml) or a YAML mapping of app args")
@@ -187,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     eng = s.add_argument_group("model and engine (one model; several need --config)")
     for flag in MODEL_FLAGS:
         text = flag.help
-        if flag.dest not in ("model", "served_model_name", "trust_remote_code"):
+        if flag.dest not in ("model", "served_model_name", "trust_remote_code", "lora_modules"):
             text += f" (default: {_flag_default(flag.entry_key)})"
         eng.add_argument("--" + flag.dest.replace("_", "-"), dest=flag.dest, help=text, **flag.kwargs)
     sub.add_parser("bench", help="run benchmarks (fleetlm bench --help)", add_help=False)

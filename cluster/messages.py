@@ -37,6 +37,9 @@ class GenerateRequest:
     # 0 for a new request; k for its k-th re-submission after a replica failed
     # (admitted once already: no replica-side queue limit applies).
     attempt: int = 0
+    # The LoRA adapter it runs with (fleetlm.engine.lora.LoRARequest), None for the
+    # base model; it travels with the request when it migrates.
+    lora_request: Any = None
 
 
 @dataclass

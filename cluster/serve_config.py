@@ -75,6 +75,30 @@ def _bool(value: Any, where: str) -> bool:
     return value
 
 
+def _lora_modules(value: Any, where: str) -> tuple[tuple[str, str], ...]:
+    """vLLM's ``--lora-modules``: each ``"name=path"`` or ``{"name": ..., "path": ...}`` -> (name, path)."""
+    if isinstance(value, (str, Mapping)) or not isinstance(value, (list, tuple)):
+        value = [value] if value else []
+    out = []
+    for i, entry in enumerate(value):
+        if isinstance(entry, str) and "=" in entry:
+            name, _, path = entry.partition("=")
+        elif isinstance(entry, Mapping) and set(entry) <= {"name", "path", "base_model_name"}:
+            name, path = entry.get("name"), entry.get("path")
+        elif isinstance(entry, (list, tuple)) and len(entry) == 2:
+            name, path = entry
+        else:
+            raise ValueError(f"{where}[{i}] must be NAME=PATH or a mapping of name and path, got {entry!r}")
+        if not isinstance(name, str) or not name.strip() or not isinstance(path, str) or not path.strip():
+            raise ValueError(f"{where}[{i}]: an adapter needs a non-empty name and path, got {entry!r}")
+        out.append((name.strip(), path.strip()))
+    names = [n for n, _ in out]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"{where}: adapter name(s) given twice: {', '.join(dupes)}")
+    return tuple(out)
+
+
 def _set(obj: Any, name: str, value: Any) -> None:
     # Frozen dataclasses normalize their own fields once, in __post_init__.
     object.__setattr__(obj, name, value)
@@ -191,6 +215,15 @@ class ModelDeploymentConfig:
     # function are enforced with a grammar and need neither.
     tool_call_parser: str | None = None
     enable_auto_tool_choice: bool | None = None  # None: off
+    # Multi-LoRA (vLLM's names): adapters chosen per request by their name as
+    # `model`; lora_modules ("name=path" or {name, path}) are read by every
+    # replica at start, more come through POST /v1/load_lora_adapter.
+    # None: the engine's defaults (LoRA off; 1 slot; rank 16; max_loras in host memory).
+    enable_lora: bool | None = None
+    max_loras: int | None = None
+    max_lora_rank: int | None = None
+    max_cpu_loras: int | None = None
+    lora_modules: tuple[tuple[str, str], ...] | None = None
 
     def __post_init__(self) -> None:
         _str(self.model, "model")
@@ -244,6 +277,15 @@ class ModelDeploymentConfig:
                              f"({', '.join(TOOL_CALL_PARSERS)})")
         if self.quantization is not None:
             _str(self.quantization, f"{w}: quantization")
+        if self.enable_lora is not None:
+            _bool(self.enable_lora, f"{w}: enable_lora")
+        _opt_int(self.max_loras, f"{w}: max_loras", 1)
+        _opt_int(self.max_lora_rank, f"{w}: max_lora_rank", 1)
+        _opt_int(self.max_cpu_loras, f"{w}: max_cpu_loras", self.max_loras or 1)
+        if self.lora_modules is not None:
+            _set(self, "lora_modules", _lora_modules(self.lora_modules, f"{w}: lora_modules"))
+            if self.lora_modules and not self.enable_lora:
+                raise ValueError(f"{w}: lora_modules needs enable_lora: true")
         if self.autoscaling is not None:
             if not isinstance(self.autoscaling, AutoscalingConfig):
                 raise ValueError(f"{w}: autoscaling must be an AutoscalingConfig")
@@ -267,7 +309,8 @@ class ModelDeploymentConfig:
         """The engine's settings (EngineArgs / LLM keyword names, as in
         DESIGN.md); None values are left out so the engine's defaults apply."""
         replica_keys = ("name", "num_replicas", "autoscaling", "max_waiting_requests", "max_waiting_tokens",
-                        "stream_chunks_per_s", "stream_max_interval_s", "tool_call_parser", "enable_auto_tool_choice")
+                        "stream_chunks_per_s", "stream_max_interval_s", "tool_call_parser", "enable_auto_tool_choice",
+                        "lora_modules")
         return {k: v for k, v in dataclasses.asdict(self).items()
                 if k not in replica_keys and v is not None}
 

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from fleetlm.engine.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from fleetlm.engine.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, ParallelConfig, SchedulerConfig
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_COMPILE_CACHE = Path.home() / ".cache" / "fleetlm" / "compile"
@@ -72,6 +72,13 @@ class EngineArgs:
     # Compiled kernels kept across starts, under a key of versions and device;
     # None: ~/.cache/fleetlm/compile on GPU, none on CPU (nothing compiles there).
     compile_cache_dir: str | None = None
+    # Multi-LoRA (engine/lora.py): adapters chosen per request; max_loras device
+    # slots (distinct adapters per step), adapters up to max_lora_rank, and
+    # max_cpu_loras adapters kept in host memory (None: max_loras).
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> EngineArgs:
@@ -185,7 +192,24 @@ class EngineArgs:
             max_logprobs=self.max_logprobs,
             warmup=gpu if self.warmup is None else self.warmup,
             compile_cache_dir=self.compile_cache_dir or (str(DEFAULT_COMPILE_CACHE) if gpu else None),
+            lora=self.create_lora_config(),
         )
+
+    def create_lora_config(self) -> LoRAConfig | None:
+        if self.enable_lora not in (True, False):
+            raise ValueError(f"enable_lora must be true or false, got {self.enable_lora!r}")
+        for name in ("max_loras", "max_lora_rank", "max_cpu_loras"):
+            v = getattr(self, name)
+            if v is None and name == "max_cpu_loras":
+                continue
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if not self.enable_lora:
+            return None
+        cpu = self.max_cpu_loras if self.max_cpu_loras is not None else self.max_loras
+        if cpu < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({cpu}) must be >= max_loras ({self.max_loras})")
+        return LoRAConfig(max_loras=self.max_loras, max_lora_rank=self.max_lora_rank, max_cpu_loras=cpu)
 
 
 EXECUTOR_BACKENDS = ("mp", "uni", "ray")

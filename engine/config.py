@@ -98,6 +98,15 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    """Multi-LoRA limits (``enable_lora``); see ``engine/lora.py``."""
+
+    max_loras: int = 1  # device slots: the distinct adapters one step may use
+    max_lora_rank: int = 16  # largest adapter rank; sizes every slot
+    max_cpu_loras: int = 1  # adapters each worker keeps in host memory (>= max_loras)
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
     cache: CacheConfig
@@ -113,3 +122,4 @@ class EngineConfig:
     warmup: bool = False
     # Where Triton's compiled kernels persist across starts (workers/compile_cache.py); None: Triton's default.
     compile_cache_dir: str | None = None
+    lora: LoRAConfig | None = None  # None: LoRA off (enable_lora=False)

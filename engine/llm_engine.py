@@ -31,31 +31,21 @@ import dataclasses
 import enum
 import logging
 from collections import deque
-from dataclasses import dataclass
 
 from fleetlm.engine.config import EngineConfig
 from fleetlm.engine.detokenizer import IncrementalDetokenizer
+from fleetlm.engine.lora import LoRARegistry, LoRARequest
 from fleetlm.engine.output_processor import OutputProcessor, RequestGroup, Sequence
 from fleetlm.engine.outputs import RequestOutput
 from fleetlm.engine.request import Request, RequestStatus
 from fleetlm.engine.sampling_params import SamplingParams
 from fleetlm.engine.scheduler import Scheduler
-from fleetlm.engine.snapshot import EngineSnapshot
+from fleetlm.engine.snapshot import EngineSnapshot, EngineStats
 from fleetlm.engine.step import ModelRunnerOutput, SchedulerOutput
 from fleetlm.engine.structured_output import StructuredOutput
 from fleetlm.engine.warmup import WarmupReport, warm_up
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float
-    prefix_cache_queried_tokens: int
-    prefix_cache_hit_tokens: int
-    num_preemptions: int
 
 
 class StepMode(enum.Enum):
@@ -77,24 +67,16 @@ def choose_step_mode(async_scheduling: bool, workers) -> StepMode:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, tokenizer=None, worker_group=None) -> None:
-        from fleetlm.workers.loader import load_tokenizer, resolve_model
+        from fleetlm.workers.loader import model_tokenizer
         from fleetlm.workers.worker_group import create_worker_group
 
         self.config = config
         self.model_config = config.model
-        if tokenizer is None:
-            mc = config.model
-            if mc.tokenizer is not None:
-                from transformers import AutoTokenizer
-
-                tokenizer = AutoTokenizer.from_pretrained(mc.tokenizer)
-            else:
-                tokenizer = load_tokenizer(resolve_model(mc.model, "dummy" if mc.kind == "dummy" else "auto"))
-            if mc.chat_template is not None:
-                tokenizer.chat_template = mc.chat_template
-        self.tokenizer = tokenizer
+        self.tokenizer = tokenizer if tokenizer is not None else model_tokenizer(config.model)
         self.workers = worker_group or create_worker_group(config)
-        self.scheduler = Scheduler(config.scheduler, config.cache, self.workers.num_blocks)
+        self.scheduler = Scheduler(config.scheduler, config.cache, self.workers.num_blocks, config.lora)
+        self.loras = (LoRARegistry(config.model, config.lora, self.scheduler.loras, self.workers)
+                      if config.lora is not None else None)
         self.outputs = OutputProcessor(self.scheduler.finish_request)
         self.structured: StructuredOutput | None = None  # made with the first guided request
         self._parked: list[RequestGroup] = []  # guided requests whose grammar is compiling
@@ -138,9 +120,10 @@ class LLMEngine:
             return prompt, self.tokenizer.encode(prompt, add_special_tokens=False)
         return None, list(prompt)
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    lora_request: LoRARequest | None = None) -> None:
         """Validate and queue a request; raises ValueError (naming the problem) if it can never run."""
-        self.add_group(self.make_group(request_id, prompt, params))
+        self.add_group(self.make_group(request_id, prompt, params, lora_request=lora_request))
 
     def make_group(
         self,
@@ -148,15 +131,18 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         prior_output_token_ids: list[int] | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> RequestGroup:
         """Tokenize and validate without touching the scheduler (safe from any thread).
 
         ``prior_output_token_ids`` resumes a request that already produced
         those tokens elsewhere (migration after a replica failure): they count
         toward max_tokens, penalties and seeded sampling, and only the tokens
-        after them are reported.
+        after them are reported. ``lora_request`` runs it with that adapter
+        (checked here: a bad one raises ``LoRAAdapterError``, a ValueError).
         """
         params = params or SamplingParams()
+        lora = self._lora_registry().check(lora_request).adapter if lora_request is not None else None
         text, ids = self.tokenize(prompt)
         self._validate(ids, params)
         prior = list(prior_output_token_ids or ())
@@ -177,7 +163,7 @@ class LLMEngine:
         for i in range(params.n):
             child_params = params if params.n == 1 else params.clone_for_child(i)
             child_id = request_id if params.n == 1 else f"{request_id}#{i}"
-            req = Request(child_id, ids, child_params, bs, eos, prior_output_token_ids=prior)
+            req = Request(child_id, ids, child_params, bs, eos, prior_output_token_ids=prior, lora=lora)
             detok = IncrementalDetokenizer(self.tokenizer, ids + prior, req.params)
             group.children.append(Sequence(i, req, detok))
         return group
@@ -228,6 +214,24 @@ class LLMEngine:
                 "(prompt + at least one generated token must fit)"
             )
         params.validate_for_model(vocab, max_logprobs=self.config.max_logprobs, max_n=self.config.max_n)
+
+    # -- adapters (vLLM's add_lora / remove_lora / list_loras) ----------------------
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Check an adapter (raises ``LoRAAdapterError``) and have the workers read it into host
+        memory, so no step reads its files; False if it was added before."""
+        return self._lora_registry().add(lora_request)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        """Forget an adapter; requests running with it finish with it, then its slot is freed."""
+        return self.loras is not None and self.loras.remove(lora_int_id)
+
+    def list_loras(self) -> set[int]:
+        return self.loras.ids() if self.loras is not None else set()
+
+    def _lora_registry(self) -> LoRARegistry:
+        if self.loras is None:
+            raise ValueError("a LoRA adapter was given but the engine was built without enable_lora=True")
+        return self.loras
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         group = self.outputs.pop(request_id)
@@ -356,6 +360,7 @@ class LLMEngine:
             prefix_cache_queried_tokens=bm.queried_tokens,
             prefix_cache_hit_tokens=bm.hit_tokens,
             num_preemptions=self.scheduler.num_preemptions,
+            **(self.loras.stats() if self.loras is not None else {}),
         )
 
     def reset_after_warmup(self) -> None:
@@ -372,26 +377,8 @@ class LLMEngine:
                                    num_steps_in_flight=len(self._in_flight))
 
     def idle_invariants(self) -> dict:
-        """What must hold once no request is in flight (asserted by tests after faults).
-
-        Every block is free or cached-unreferenced (none referenced), nothing
-        runs or waits, no step is in flight, and the block manager's
-        structural invariants hold.
-        """
-        snap = self.snapshot()
-        violations = snap.violations()
-        return {
-            "num_blocks": snap.num_blocks,
-            "free_blocks": snap.num_free_blocks - snap.num_cached_free_blocks,
-            "cached_unreferenced_blocks": snap.num_cached_free_blocks,
-            "referenced_blocks": len(snap.referenced_blocks),
-            "running": snap.num_running,
-            "waiting": snap.num_waiting,
-            "open_requests": snap.num_output_groups,
-            "steps_in_flight": snap.num_steps_in_flight,
-            "violations": violations,
-            "ok": not violations,
-        }
+        """What must hold once no request is in flight (``EngineSnapshot.idle_report``)."""
+        return self.snapshot().idle_report()
 
     def shutdown(self) -> None:
         if self.structured is not None:

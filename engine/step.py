@@ -52,6 +52,21 @@ class ScheduledRequest:
 
 
 @dataclass(frozen=True)
+class LoRAAdapter:
+    """A LoRA adapter the engine has checked (``engine/lora.py``): what a worker needs to load it."""
+
+    lora_int_id: int
+    lora_name: str
+    path: str  # the local PEFT directory (adapter_config.json + adapter_model.safetensors)
+    scaling: float  # lora_alpha / r (or / sqrt(r) with use_rslora)
+
+    @property
+    def cache_key(self) -> str:
+        """The prefix cache's extra key: blocks computed under one adapter never serve another."""
+        return f"lora:{self.lora_int_id}"
+
+
+@dataclass(frozen=True)
 class NewRequest:
     """Sent to the workers once, the first time a request is scheduled."""
 
@@ -59,6 +74,7 @@ class NewRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     prior_output_token_ids: list[int] = field(default_factory=list)  # migrated requests only
+    lora_int_id: int | None = None  # its adapter: it runs in that adapter's device slot
 
 
 @dataclass(frozen=True)
@@ -89,6 +105,9 @@ class SchedulerOutput:
     # forward pass and waits for ``PendingStep.supply_grammar`` to sample.
     grammar: GrammarBitmask | None = None
     grammar_later: bool = False
+    # Device LoRA slots (re)assigned since the last step: slot -> adapter to load
+    # there before this step runs (engine/lora_slots.py).
+    lora_loads: dict[int, LoRAAdapter] = field(default_factory=dict)
 
     @property
     def num_batched_tokens(self) -> int:

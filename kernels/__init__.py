@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fleetlm.kernels import activation, attention, gemv, kv_cache, qlinear, quant, rmsnorm, rotary, token_bitmask, wq_linear
+from fleetlm.kernels import activation, attention, gemv, kv_cache, lora, qlinear, quant, rmsnorm, rotary, token_bitmask, wq_linear
 
 try:
     import triton  # noqa: F401
@@ -50,6 +50,8 @@ class Ops:
     qgemv: Callable[..., torch.Tensor]
     qgemv_silu_mul: Callable[..., torch.Tensor]
     scaled_mm: Callable[..., torch.Tensor]
+    lora_shrink: Callable[..., torch.Tensor]
+    lora_expand: Callable[..., torch.Tensor]
 
 
 def select_ops(device: torch.device | str, use_triton: bool | None = None) -> Ops:
@@ -84,6 +86,8 @@ def select_ops(device: torch.device | str, use_triton: bool | None = None) -> Op
             qgemv=qlinear.qgemv,
             qgemv_silu_mul=qlinear.qgemv_silu_mul,
             scaled_mm=qlinear.scaled_mm,
+            lora_shrink=lora.lora_shrink,
+            lora_expand=lora.lora_expand,
         )
     return Ops(
         backend="torch",
@@ -106,6 +110,8 @@ def select_ops(device: torch.device | str, use_triton: bool | None = None) -> Op
         qgemv_silu_mul=qlinear.qgemv_silu_mul_ref,
         # torch._scaled_mm and torch._int_mm run on CPU too (torch >= 2.13): the quantized path itself.
         scaled_mm=qlinear.scaled_mm_ref,
+        lora_shrink=lora.lora_shrink_ref,
+        lora_expand=lora.lora_expand_ref,
     )
 
 

@@ -118,6 +118,10 @@ class ColumnParallelLinear(LinearBase):
         lo = self.ctx.tp_rank * self.out_per_rank
         self._load_part(name, lazy, (lo, lo + self.out_per_rank), None, 0, None)
 
+    def output_shards(self) -> list[tuple[int, int, int]]:
+        """Per fused projection: (first output feature this rank keeps, how many, where they sit here)."""
+        return [(self.ctx.tp_rank * self.out_per_rank, self.out_per_rank, 0)]
+
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel projections of one input fused into one matmul (gate_up)."""
@@ -127,9 +131,12 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self.shard_sizes = [_split(n, ctx.tp_size, "output features") for n in out_sizes]
 
     def load_shard(self, shard: int, name: str, lazy) -> None:
-        size = self.shard_sizes[shard]
-        lo = self.ctx.tp_rank * size
-        self._load_part(name, lazy, (lo, lo + size), None, sum(self.shard_sizes[:shard]), size)
+        lo, size, offset = self.output_shards()[shard]
+        self._load_part(name, lazy, (lo, lo + size), None, offset, size)
+
+    def output_shards(self) -> list[tuple[int, int, int]]:
+        rank = self.ctx.tp_rank
+        return [(rank * size, size, sum(self.shard_sizes[:i])) for i, size in enumerate(self.shard_sizes)]
 
     def silu_mul(self, x: torch.Tensor, silu_and_mul, quant=None) -> torch.Tensor:
         """``silu(gate) * up`` of the two halves (a format may fuse it into the matmul, and quantize it as
@@ -165,17 +172,19 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.q_size, self.kv_size = q, kv
 
     def load_shard(self, shard: str, name: str, lazy) -> None:
-        rank, d = self.ctx.tp_rank, self.head_dim
-        if shard == "q":
-            lo, size, offset = rank * self.q_size, self.q_size, 0
-        else:
-            if self.total_kv_heads >= self.ctx.tp_size:
-                head = rank * self.num_kv_heads
-            else:
-                head = rank * self.total_kv_heads // self.ctx.tp_size
-            lo, size = head * d, self.kv_size
-            offset = self.q_size + (0 if shard == "k" else self.kv_size)
+        lo, size, offset = self.output_shards()["qkv".index(shard)]
         self._load_part(name, lazy, (lo, lo + size), None, offset, size)
+
+    def output_shards(self) -> list[tuple[int, int, int]]:
+        """q, k, v: (first checkpoint row this rank keeps, how many, offset in the fused output)."""
+        rank = self.ctx.tp_rank
+        if self.total_kv_heads >= self.ctx.tp_size:
+            head = rank * self.num_kv_heads
+        else:
+            head = rank * self.total_kv_heads // self.ctx.tp_size
+        kv_lo = head * self.head_dim
+        return [(rank * self.q_size, self.q_size, 0), (kv_lo, self.kv_size, self.q_size),
+                (kv_lo, self.kv_size, self.q_size + self.kv_size)]
 
 
 class RowParallelLinear(LinearBase):
@@ -190,6 +199,9 @@ class RowParallelLinear(LinearBase):
     def load(self, name: str, lazy) -> None:
         lo = self.ctx.tp_rank * self.in_per_rank
         self._load_part(name, lazy, None, (lo, lo + self.in_per_rank), 0, None)
+
+    def output_shards(self) -> list[tuple[int, int, int]]:
+        return [(0, self.out_per_rank, 0)]  # every rank computes every output feature (partial sums)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The bias is added once, after the sum over ranks.

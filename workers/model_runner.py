@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fleetlm.engine.config import CacheConfig, ModelConfig
+from fleetlm.engine.config import CacheConfig, LoRAConfig, ModelConfig
 from fleetlm.engine.sampling_params import needs_output_history
 from fleetlm.engine.step import PLACEHOLDER, ModelRunnerOutput, SchedulerOutput
 from fleetlm.kernels import select_ops
@@ -32,13 +32,19 @@ _NP_DTYPES = {torch.int64: np.int64, torch.int32: np.int32}
 
 
 class ModelRunner:
-    def __init__(self, model_cfg: ModelConfig, cache_cfg: CacheConfig, ctx: ParallelContext, device: torch.device):
+    def __init__(self, model_cfg: ModelConfig, cache_cfg: CacheConfig, ctx: ParallelContext, device: torch.device,
+                 lora: LoRAConfig | None = None, max_rows: int = 0):
         self.model_cfg, self.cache_cfg, self.ctx = model_cfg, cache_cfg, ctx
         self.device = device
         self.dtype = DTYPES[model_cfg.dtype]
         self.block_size = cache_cfg.block_size
         self.ops = select_ops(device)
         self.model = model_class(model_cfg.hf_config)(model_cfg, ctx, self.ops, self.dtype, device)
+        self.lora = None  # multi-LoRA: slots on the projections, each step's tile table
+        if lora is not None:
+            from fleetlm.workers.lora_manager import LoRAManager
+
+            self.lora = LoRAManager(self.model, self.ops, lora, self.dtype, device, max_rows)
         self.sampler = Sampler()
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.states: dict[str, ReqState] = {}
@@ -78,6 +84,8 @@ class ModelRunner:
         from fleetlm.workers.cuda_graphs import DecodeGraphs
 
         t0 = time.perf_counter()
+        if self.lora is not None:
+            self.lora.state.active = True  # capture the LoRA kernels: replays read the tile table
         self.graphs = DecodeGraphs(self.model, self.kv_caches, max_num_seqs, max_model_len, self.block_size, self.device)
         self.graphs.capture()
         return time.perf_counter() - t0
@@ -205,7 +213,10 @@ class ModelRunner:
         self._last_sampled, self._last_rows = None, {}
         q = meta.max_seqlen_q
         uniform = q == 1 or all(len(s.token_ids) == q for s in out.scheduled)
-        if self.graphs is not None and hidden is None and self.graphs.can_run(len(out.scheduled), q if uniform else None):
+        graph = self.graphs is not None and hidden is None and self.graphs.can_run(len(out.scheduled), q if uniform else None)
+        if self.lora is not None:
+            self.lora.prepare(out, self.graphs.padded_size(len(out.scheduled)) * q if graph else ids.shape[0])
+        if graph:
             result = self.graphs.run(ids, pos, meta)
         else:
             result = self.model(ids, pos, meta, self.kv_caches, hidden, residual)

@@ -48,19 +48,14 @@ from collections import deque
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
-from ray.util.placement_group import (
-    PlacementGroup,
-    get_current_placement_group,
-    placement_group,
-    placement_group_table,
-    remove_placement_group,
-)
+from ray.util.placement_group import PlacementGroup, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from fleetlm.engine.config import EngineConfig
 from fleetlm.engine.step import ModelRunnerOutput, PendingStep, SchedulerOutput
-from fleetlm.parallel.placement import PlacementSpec, assign_bundles, check_cluster_fits, stage_bundles
+from fleetlm.parallel.placement import PlacementSpec
 from fleetlm.workers.shm_ring import RingClosed, RingTimeout, ShmRing
+from fleetlm.workers.ray_placement import reserve
 from fleetlm.workers.step_codec import STOP, StepEncoder
 from fleetlm.workers.worker_actor import StepError, WorkerActor, WorkerInfo
 
@@ -159,7 +154,10 @@ class RayWorkerGroup:
     # -- startup ------------------------------------------------------------------
     def _start(self) -> None:
         t0 = time.perf_counter()
-        plan = self._reserve()
+        try:
+            self.pg, self._owns_pg, plan = reserve(self.spec, self.tp_size, self.pp_size)
+        except TimeoutError as e:
+            raise WorkerGroupError(str(e)) from None
         cpu_threads = 1 if self.config.parallel.device != "cuda" else None
         self.workers = [
             WorkerActor.options(
@@ -214,46 +212,6 @@ class RayWorkerGroup:
                            self.supports_async)
             for rank, w in enumerate(self.workers)
         ]
-
-    def _reserve(self) -> list[int]:
-        """Reserve (or borrow) the placement group; returns the bundle index of each rank."""
-        current = get_current_placement_group()
-        if current is not None:
-            # Inside a Ray Serve replica (or any actor in a placement group):
-            # the workers' devices are already reserved in this group.
-            self.pg, self._owns_pg = current, False
-            self._wait_ready()
-            return self._plan_in_borrowed_group()
-        if self.spec.fail_fast:
-            nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-            check_cluster_fits(self.spec, self.tp_size, self.pp_size, nodes)
-        self.pg = placement_group(stage_bundles(self.spec, self.tp_size, self.pp_size), strategy=self.spec.strategy)
-        self._owns_pg = True
-        self._wait_ready()
-        # Stage s -> bundle s: a bundle sits on one node, so a stage does too.
-        return [stage for stage in range(self.pp_size) for _ in range(self.tp_size)]
-
-    def _wait_ready(self) -> None:
-        ready, _ = ray.wait([self.pg.ready()], timeout=self.spec.timeout_s)
-        if not ready:
-            need = {k: v * self.world_size for k, v in self.spec.worker_resources().items()}
-            raise WorkerGroupError(
-                f"could not reserve {need} for tp {self.tp_size} x pp {self.pp_size} workers within "
-                f"{self.spec.timeout_s:g} s; available now: "
-                f"{ {k: ray.available_resources().get(k, 0.0) for k in need} } (other replicas may hold them)"
-            )
-
-    def _plan_in_borrowed_group(self) -> list[int]:
-        table = placement_group_table(self.pg)
-        pg_hex = self.pg.id.hex()
-        avail = ray.available_resources()
-        specs = self.pg.bundle_specs
-        # What is still free in each bundle (the replica actor itself may use one).
-        free = [
-            {k: avail.get(f"{k}_group_{i}_{pg_hex}", 0.0) for k in spec} for i, spec in enumerate(specs)
-        ]
-        nodes = [table["bundles_to_node_id"].get(i, "") for i in range(len(specs))]
-        return assign_bundles(self.spec, self.tp_size, self.pp_size, free, nodes)
 
     # -- the step -----------------------------------------------------------------
     def launch(self, out: SchedulerOutput) -> RayPendingStep:
@@ -356,6 +314,17 @@ class RayWorkerGroup:
             raise WorkerGroupError(f"worker group failed earlier: {self._failure}")
 
     # -- control --------------------------------------------------------------------
+    def add_lora(self, adapter) -> None:
+        """Every worker reads the adapter into host memory (a worker that cannot says why; the group stays up)."""
+        errors = self._gather([w.lora.remote("add_lora", adapter) for w in self.workers], self.init_timeout_s,
+                              "adapter loading")
+        if any(errors):
+            raise ValueError(next(filter(None, errors)))
+
+    def remove_lora(self, lora_int_id: int) -> None:
+        self._gather([w.lora.remote("remove_lora", lora_int_id) for w in self.workers], self.step_timeout_s,
+                     "adapter removal")
+
     def check_health(self) -> None:
         """Raise ``WorkerGroupError`` if a worker is dead or does not answer within ``health_timeout_s``."""
         self._raise_if_failed()

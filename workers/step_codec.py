@@ -67,7 +67,7 @@ class StepEncoder:
             self._sent[s.request_id] = table
             rows.append((s.request_id, s.token_ids, s.start_pos, keep, table[keep:], s.sample, s.num_spec_tokens))
         msg = (out.step_id, rows, out.new_requests, out.finished_request_ids, out.preempted_request_ids,
-               _pack(out.grammar), out.grammar_later)
+               _pack(out.grammar), out.grammar_later, out.lora_loads)
         return pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
 
     @staticmethod
@@ -85,7 +85,7 @@ class StepDecoder:
         msg = pickle.loads(payload)
         if msg[0] == "grammar":  # a step message starts with its (int) step id
             return LateGrammar(msg[1], _unpack(msg[2]))
-        step_id, rows, new_requests, finished, preempted, grammar, grammar_later = msg
+        step_id, rows, new_requests, finished, preempted, grammar, grammar_later, lora_loads = msg
         for rid in finished:
             self._tables.pop(rid, None)
         for rid in preempted:
@@ -96,4 +96,5 @@ class StepDecoder:
             del table[keep:]
             table.extend(new_blocks)
             scheduled.append(ScheduledRequest(rid, token_ids, start_pos, list(table), sample, num_spec))
-        return SchedulerOutput(scheduled, new_requests, finished, preempted, step_id, _unpack(grammar), grammar_later)
+        return SchedulerOutput(scheduled, new_requests, finished, preempted, step_id, grammar=_unpack(grammar),
+                               grammar_later=grammar_later, lora_loads=lora_loads)

@@ -173,6 +173,15 @@ class WorkerActor:
             if results is not None:
                 results.close()
 
+    def lora(self, op: str, arg) -> str | None:
+        """``add_lora`` / ``remove_lora`` on the worker's host cache (thread-safe: it runs beside
+        the step loop); an error comes back as text, the adapter's fault, not the worker's."""
+        try:
+            getattr(self.worker, op)(arg)
+        except Exception as e:  # noqa: BLE001 - reported to the caller, the replica stays up
+            return f"{type(e).__name__}: {e}"
+        return None
+
     @ray.method(concurrency_group="control")
     def ping(self) -> bool:
         return True

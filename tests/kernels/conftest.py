@@ -31,6 +31,7 @@ _KERNEL_MODULES = (
     "fleetlm.kernels.token_bitmask",
     "fleetlm.kernels.quant",
     "fleetlm.kernels.qlinear",
+    "fleetlm.kernels.lora",
 )
 
 _CUDA = torch.cuda.is_available()

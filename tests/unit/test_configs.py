@@ -89,6 +89,13 @@ DESIGN_METRICS = frozenset({
     "fleetlm_request_errors_total",
     "fleetlm_requests_accepted_total",
     "fleetlm_requests_finished_total",
+    # Multi-LoRA (issue 16): per adapter, and each replica's device slots.
+    "fleetlm_lora_requests_total",
+    "fleetlm_lora_prompt_tokens_total",
+    "fleetlm_lora_generation_tokens_total",
+    "fleetlm_lora_resident_adapters",
+    "fleetlm_lora_loads_total",
+    "fleetlm_lora_evictions_total",
 })
 
 
@@ -564,7 +571,8 @@ def test_allow_list_is_the_dataclass_fields():
         "autoscaling", "max_waiting_requests", "max_waiting_tokens", "stream_chunks_per_s", "stream_max_interval_s",
         "tokenizer", "chat_template", "trust_remote_code", "seed", "long_prefill_token_threshold", "block_size",
         "enforce_eager", "warmup", "compile_cache_dir", "distributed_executor_backend", "quantization",
-        "tool_call_parser", "enable_auto_tool_choice"}
+        "tool_call_parser", "enable_auto_tool_choice",
+        "enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras", "lora_modules"}
 
 
 def test_every_engine_argument_is_a_model_key_and_a_serve_flag():
@@ -843,7 +851,8 @@ def test_metric_specs():
         "fleetlm_time_to_first_token_seconds", "fleetlm_time_per_output_token_seconds",
         "fleetlm_e2e_request_latency_seconds"]
     assert {n for n, k in kinds.items() if k == "gauge"} == {
-        "fleetlm_num_requests_running", "fleetlm_num_requests_waiting", "fleetlm_kv_cache_usage_ratio"}
+        "fleetlm_num_requests_running", "fleetlm_num_requests_waiting", "fleetlm_kv_cache_usage_ratio",
+        "fleetlm_lora_resident_adapters"}
     with pytest.raises(KeyError):
         mn.metric_spec("fleetlm_nope")
 
