@@ -207,3 +207,26 @@ def test_tensor_and_pipeline_parallel_keep_tokens(embedded_model, fp8_reference)
             llm.engine.shutdown()
     finally:
         ray.shutdown()
+
+
+def test_gpu_benchmark_runs_on_cpu(tmp_path):
+    # benchmarks/gpu_kv_fp8.py's CPU self-test: both engines, both workloads, one JSON record.
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_kv_fp8.py"
+    run = subprocess.run([sys.executable, str(script), "--device", "cpu", "--model", "tiny-llama-8h4kv", "--smoke",
+                          "--out", str(tmp_path), "--commit", "test"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (path,) = tmp_path.glob("kv-cache-fp8-*.json")
+    record = json.loads(path.read_text())
+    assert record["commit"] == "test" and record["children"] == {"auto": "ok", "fp8": "ok"}
+    figures = record["figures"]
+    assert figures["fp8_engine"]["cache_dtype"] == "fp8_e4m3" and figures["auto_engine"]["cache_dtype"] == "auto"
+    assert record["summary"]["pool_tokens_ratio"] == 4.0  # float32 on CPU: 4 bytes per element against 1
+    for run_name in ("auto_offline_512", "fp8_offline_512", "auto_long_context", "fp8_long_context"):
+        assert figures[run_name]["complete"] and figures[run_name]["output_tokens_per_s"] > 0, run_name
+    table = run.stdout[run.stdout.index("FP8 KV cache vs auto"):]  # printed last
+    assert "KV pool tokens" in table and "long_context out tok/s" in table
