@@ -89,8 +89,10 @@ if HAS_TRITON:
         v = tl.load(v_ptr + token * stride_vt + heads[:, None] * stride_vh + offs_d[None, :], mask=mask)
         if FP8:
             head_mask = heads < num_kv_heads
-            inv_k = 1.0 / tl.load(k_scale_ptr + heads, mask=head_mask, other=1.0)  # exact: powers of two
-            inv_v = 1.0 / tl.load(v_scale_ptr + heads, mask=head_mask, other=1.0)
+            # IEEE division (plain "/" may compile to an approximate one): 1 / 2^e is exact.
+            one = tl.full([KV_HEADS_P], 1.0, tl.float32)
+            inv_k = tl.math.div_rn(one, tl.load(k_scale_ptr + heads, mask=head_mask, other=1.0))
+            inv_v = tl.math.div_rn(one, tl.load(v_scale_ptr + heads, mask=head_mask, other=1.0))
             k = _round_to_e4m3(tl.clamp(k.to(tl.float32) * inv_k[:, None], -448.0, 448.0))
             v = _round_to_e4m3(tl.clamp(v.to(tl.float32) * inv_v[:, None], -448.0, 448.0))
             k = k.to(k_cache_ptr.dtype.element_ty)
