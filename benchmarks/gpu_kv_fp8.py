@@ -37,7 +37,6 @@ import datetime as dt
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -351,23 +350,6 @@ def _engine_args(pairs: list[str]) -> dict[str, Any]:
 # --- orchestration ------------------------------------------------------------------------------
 
 
-def _git_commit() -> str:
-    try:
-        r = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        return r.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def _card(device: str) -> str:
-    if device == "cuda":
-        import torch
-
-        p = torch.cuda.get_device_properties(0)
-        return f"{p.name} ({p.total_memory / 2**30:.0f} GiB)"
-    return platform.processor() or platform.machine()
-
-
 def _child(ns, part: str, budget: float, out: Path, extra: list[str]) -> str:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", part, "--child-out", str(out),
            "--child-budget", str(budget), "--model", ns.model, "--device", ns.device, *extra]
@@ -468,15 +450,13 @@ def orchestrate(ns) -> int:
         notes[part] = _child(ns, part, budget, scratch, ["--ceilings", json.dumps(ceilings)])
     figures = _read(scratch)
     summary, rows = summarize(figures)
-    record = {
-        "benchmark": "kv-cache-fp8", "card": _card(ns.device), "date": dt.datetime.now(dt.timezone.utc).isoformat(
-            timespec="seconds"), "commit": ns.commit or _git_commit(), "mode": _mode(ns),
-        "config": {"model": ns.model, "load_format": "dummy", "device": ns.device,
-                   "engine_args": _engine_args(ns.engine_arg),
-                   "workloads": {k: v[_mode(ns)] for k, v in WORKLOADS.items()}},
-        "children": notes, "ceilings": ceilings, "summary": summary, "figures": figures,
-        "targets": {"pool_tokens_ratio": "2.0", "long_context_ratio": ">= 1.15"},
-    }
+    from fleetlm.benchmarks.records import make_record
+
+    config = {"model": ns.model, "load_format": "dummy", "device": ns.device, "mode": _mode(ns),
+              "engine_args": _engine_args(ns.engine_arg), "workloads": {k: v[_mode(ns)] for k, v in WORKLOADS.items()}}
+    record = make_record("kv-cache-fp8", config, figures, device=ns.device, commit=ns.commit, children=notes,
+                         ceilings=ceilings, summary=summary,
+                         targets={"pool_tokens_ratio": "2.0", "long_context_ratio": ">= 1.15"})
     path = out_dir / f"kv-cache-fp8-{stamp}.json"
     path.write_text(json.dumps(record, indent=2))
     scratch.unlink(missing_ok=True)
@@ -494,7 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="llama-3.1-8b")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--out", default=None, help="results directory (default: $OUT, else benchmarks/results)")
-    p.add_argument("--commit", default=None, help="the commit measured (default: git rev-parse HEAD)")
+    p.add_argument("--commit", default=None, help="the commit measured (default: git rev-parse HEAD, else unknown)")
     p.add_argument("--budget", type=float, default=470.0, help="seconds for everything")
     p.add_argument("--parts", default="kernels,auto,fp8")
     p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",

@@ -56,6 +56,15 @@ def test_cli_flag(capsys):
     assert "--kv-cache-dtype" in help_text
 
 
+def test_bench_flag():
+    from fleetlm.benchmarks import cli as bench
+
+    for sub in ("throughput", "latency", "prefix"):
+        ns = bench.build_parser().parse_args([sub, "--kv-cache-dtype", "fp8"])
+        assert bench.engine_kwargs(ns)["kv_cache_dtype"] == "fp8"
+    assert "kv_cache_dtype" not in bench.engine_kwargs(bench.build_parser().parse_args(["throughput"]))
+
+
 def test_fp8_blocks_take_half_the_bytes():
     args = (32, 16, 8, 128)
     assert kv_cache.kv_bytes_per_block(*args, "auto", torch.bfloat16) == 2 * 32 * 16 * 8 * 128 * 2
