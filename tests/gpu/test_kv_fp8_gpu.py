@@ -93,10 +93,10 @@ def test_paged_attention_fp8_other_dtypes(case, dtype):
     torch.testing.assert_close(out, attention.paged_attention_ref(*batch.args(), **scales), **TOL[dtype])
 
 
-@pytest.mark.parametrize("block_n,num_splits", [(64, 1), (64, 5), (128, 16), (32, 3)])
-def test_decode_tiles_and_splits_fp8(block_n, num_splits):
+@pytest.mark.parametrize("block_n,num_splits,num_stages", [(64, 1, 3), (64, 5, 3), (128, 16, 2), (32, 3, 3)])
+def test_decode_tiles_and_splits_fp8(block_n, num_splits, num_stages):
     batch, scales = _fp8_batch([1] * 3, [3000, 20, 9000], torch.bfloat16, seed=2)
-    config = attention.DecodeConfig(block_n=block_n, num_splits=num_splits, num_warps=4, num_stages=3)
+    config = attention.DecodeConfig(block_n=block_n, num_splits=num_splits, num_warps=4, num_stages=num_stages)
     out = attention.paged_attention_decode(*batch.args()[:7], batch.max_seqlen_k, config, **scales)
     torch.testing.assert_close(out, attention.paged_attention_ref(*batch.args(), **scales), **TOL[torch.bfloat16])
 
