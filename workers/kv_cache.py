@@ -12,8 +12,8 @@ then subnormals down to 2^-9); every normal value keeps the same ~3% relative
 precision. Measured through the engine on the embedded model (float32, the
 scored text of ``tests/data``, mean KL per position against the float32
 cache; DESIGN.md has the table): one scale of 1.0 per tensor (vLLM's default)
-0.042, per-head from the bound below 0.040, per-tensor or per-head calibrated
-on other text 0.043-0.056 (worst without headroom: what the calibration never
+0.042, per-head from the bound below 0.041, per-tensor or per-head calibrated
+on other text 0.042-0.056 (worst without headroom: what the calibration never
 saw clips), per-token power-of-two scales 0.039. Only exact per-token scales
 did better (0.026: each vector's largest element lands exactly on 448), at 2
 bytes per token and head (the pool no longer 2x) and a scale load per key in
@@ -29,7 +29,7 @@ rotates K's (d, d + D/2) pairs, so K's bound is that of the pair's norm. Each
 head's scale is ``bound / 448`` rounded up to a power of two: nothing ever
 saturates, whatever the text; on the embedded model the bound is 3-9x the
 largest value seen, which costs a few binades at the bottom and nothing
-measurable (per-head scales calibrated on the scored text itself: 0.045).
+measurable (per-head scales calibrated on the scored text itself: 0.044).
 Power-of-two
 scales make quantizing and dequantizing exact multiplications, so the Triton
 kernels and their torch references store and read the same bits. The rows
