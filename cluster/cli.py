@@ -40,7 +40,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from fleetlm.cluster.lifecycle import SUPERVISED_ENV, Signals, drain, log, supervise
-from fleetlm.cluster.serve_config import EMBEDDED_MODEL, KV_CACHE_DTYPES, ModelDeploymentConfig, parse_app_args
+from fleetlm.cluster.serve_config import (
+    EMBEDDED_MODEL,
+    KV_CACHE_DTYPES,
+    TOOL_CALL_PARSERS,
+    ModelDeploymentConfig,
+    parse_app_args,
+)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -54,7 +60,9 @@ SERVE_APP_KEYS = frozenset({"name", "route_prefix", "import_path", "args", "runt
 
 # Routes the API key guards: every one but the load balancer's and Prometheus'.
 GUARDED_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/version", "/openapi.json",
-                  "/debug/invariants")
+                  "/debug/invariants", "/dashboard", "/dashboard/data", "/dashboard/static/dashboard.js",
+                  "/dashboard/static/dashboard.css", "/dashboard/static/uPlot.iife.min.js",
+                  "/dashboard/static/uPlot.min.css")
 OPEN_ROUTES = ("/health", "/ping", "/metrics")
 
 
@@ -134,6 +142,11 @@ MODEL_FLAGS: tuple[ModelFlag, ...] = (
     ModelFlag("max_waiting_tokens", {"type": int}, "prompt tokens of the model allowed to wait (then 429)"),
     ModelFlag("stream_chunks_per_s", {"type": float}, "SSE chunks a replica sends a second over all its streams"),
     ModelFlag("stream_max_interval_s", {"type": float}, "most seconds between two chunks of one stream"),
+    ModelFlag("tool_call_parser", {"choices": TOOL_CALL_PARSERS},
+              "how the model writes tool calls (llama3_json: Llama 3.1+; hermes: Hermes, Qwen 2.5, and models "
+              "whose template does not render tools)"),
+    ModelFlag("enable_auto_tool_choice", {"action": "store_true", "default": None},
+              "serve tool_choice 'auto' (needs --tool-call-parser)"),
 )
 
 

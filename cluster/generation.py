@@ -176,6 +176,8 @@ class Endpoint:
     async def prepare(self, body: Any) -> Prepared:
         server = self.server
         req = parse_request(self.request_cls, body)
+        if req.constrained:  # a grammar new to this process can take a while to check: not on the loop
+            await asyncio.to_thread(req.check_guided)
         backend = server.backend(req.model)
         req.check_limits(server.config)
         self.check(req)

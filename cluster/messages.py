@@ -79,6 +79,8 @@ class ModelInfo:
     vocab_size: int
     tokenizer: Any  # the engine's own tokenizer, so the ingress counts tokens the same way
     max_num_seqs: int = 0  # running-batch seats per replica (ingress admission)
+    tool_call_parser: str | None = None  # tool calling (cluster/tool_calling.py)
+    enable_auto_tool_choice: bool = False
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,8 @@ EXPORTED_METRICS: tuple[MetricSpec, ...] = (
                "Prompt tokens looked up in the prefix cache."),
     MetricSpec("fleetlm_prefix_cache_hit_tokens_total", "counter",
                "Prompt tokens found in the prefix cache (KV reused, not recomputed)."),
+    MetricSpec("fleetlm_num_preemptions_total", "counter",
+               "Running requests preempted (KV blocks freed, recomputed later) by the engine."),
     # The ledger, counted by the ingress: every accepted request (valid and
     # admitted) ends exactly once, so once idle accepted == sum(finished).
     MetricSpec("fleetlm_requests_accepted_total", "counter",

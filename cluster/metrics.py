@@ -36,6 +36,7 @@ ENGINE_STATS_METRICS: dict[str, str] = {
     "fleetlm_kv_cache_usage_ratio": "kv_cache_usage",
     "fleetlm_prefix_cache_queried_tokens_total": "prefix_cache_queried_tokens",
     "fleetlm_prefix_cache_hit_tokens_total": "prefix_cache_hit_tokens",
+    "fleetlm_num_preemptions_total": "num_preemptions",
 }
 
 
@@ -165,7 +166,11 @@ class _Static:
 
 
 def render(groups: Iterable[Iterable[Metric]]) -> bytes:
-    """Prometheus text exposition of the merged families."""
+    """Prometheus text exposition of the merged families, and their vLLM-compatible names
+    (``metric_aliases.py``)."""
+    from fleetlm.cluster.metric_aliases import vllm_alias_families
+
+    families = merge_families(groups)
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Static(merge_families(groups)))
+    registry.register(_Static(families + vllm_alias_families(families)))
     return generate_latest(registry)

@@ -181,6 +181,7 @@ class LLMReplica:
         self.max_queued_requests = max_queued_requests
         self.stream_chunks_per_s = model.stream_chunks_per_s
         self.stream_max_interval_s = model.stream_max_interval_s
+        self.tool_call_parser, self.enable_auto_tool_choice = model.tool_call_parser, bool(model.enable_auto_tool_choice)
         self.replica = replica_id()
         self.metrics = ServeMetrics(self.name, self.replica, self.engine.stats)
         self.max_num_seqs = self.engine.config.scheduler.max_num_seqs
@@ -329,6 +330,8 @@ class LLMReplica:
             vocab_size=mc.vocab_size,
             tokenizer=self.engine.tokenizer,
             max_num_seqs=self.max_num_seqs,
+            tool_call_parser=self.tool_call_parser,
+            enable_auto_tool_choice=self.enable_auto_tool_choice,
         )
 
     def healthy(self) -> bool:

@@ -24,6 +24,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # engine/config.py's, kept equal by a test
+TOOL_CALL_PARSERS = ("hermes", "llama3_json")  # cluster/tool_parsers.py (a test keeps the two equal)
 ROUTERS = ("prefix_aware", "default")
 
 
@@ -187,6 +188,11 @@ class ModelDeploymentConfig:
     # H100 at 128 streams, 2,000 a second backed up ~2 s behind the engine.
     stream_chunks_per_s: float = 500.0
     stream_max_interval_s: float = 0.25
+    # Tool calling (vLLM's names): how the model writes tool calls, and whether
+    # tool_choice "auto" (the model decides) is served; "required" and a named
+    # function are enforced with a grammar and need neither.
+    tool_call_parser: str | None = None
+    enable_auto_tool_choice: bool | None = None  # None: off
 
     def __post_init__(self) -> None:
         _str(self.model, "model")
@@ -234,6 +240,12 @@ class ModelDeploymentConfig:
         _set(self, "stream_max_interval_s", _float(self.stream_max_interval_s, f"{w}: stream_max_interval_s",
                                                    low=0.0))
         _choice(self.load_format, f"{w}: load_format", LOAD_FORMATS)
+        if self.tool_call_parser is not None:
+            _choice(self.tool_call_parser, f"{w}: tool_call_parser", TOOL_CALL_PARSERS)
+        if self.enable_auto_tool_choice is not None and _bool(
+                self.enable_auto_tool_choice, f"{w}: enable_auto_tool_choice") and self.tool_call_parser is None:
+            raise ValueError(f"{w}: enable_auto_tool_choice needs a tool_call_parser "
+                             f"({', '.join(TOOL_CALL_PARSERS)})")
         if self.quantization is not None:
             _str(self.quantization, f"{w}: quantization")
         if self.autoscaling is not None:
@@ -259,7 +271,7 @@ class ModelDeploymentConfig:
         """The engine's settings (EngineArgs / LLM keyword names, as in
         DESIGN.md); None values are left out so the engine's defaults apply."""
         replica_keys = ("name", "num_replicas", "autoscaling", "max_waiting_requests", "max_waiting_tokens",
-                        "stream_chunks_per_s", "stream_max_interval_s")
+                        "stream_chunks_per_s", "stream_max_interval_s", "tool_call_parser", "enable_auto_tool_choice")
         return {k: v for k, v in dataclasses.asdict(self).items()
                 if k not in replica_keys and v is not None}
 

@@ -224,11 +224,15 @@ class OpenAIServer:
         return JSONResponse({"ok": ok, "ingress": self.replica, "inflight_http": self.inflight,
                              "models": models, "ledger": ledgers})
 
-    async def metrics(self) -> Response:
+    async def metric_groups(self) -> list[Any]:
+        """Every replica's metric families, then the ingress's own: what ``/metrics`` renders."""
         results = await asyncio.gather(*(b.metrics() for b in self.backends.values()), return_exceptions=True)
         groups = [fams for r in results if isinstance(r, list) for fams in r]
         groups.extend(m.collect() for m in self._metrics.values())
-        return Response(render(groups), media_type=CONTENT_TYPE_LATEST)
+        return groups
+
+    async def metrics(self) -> Response:
+        return Response(render(await self.metric_groups()), media_type=CONTENT_TYPE_LATEST)
 
 
 _ERROR_SCHEMA = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
@@ -289,6 +293,9 @@ def create_app(server: OpenAIServer) -> FastAPI:
     async def debug_invariants(request: Request) -> Response:
         return await server.debug_invariants(request)
 
+    from fleetlm.cluster.dashboard import add_dashboard_routes
+
+    add_dashboard_routes(app, server)  # /dashboard: the live page (cluster/dashboard.py)
     install_error_handlers(app)
     return app
 

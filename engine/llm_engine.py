@@ -18,6 +18,11 @@ How steps overlap is chosen once, when the engine is built (``StepMode``):
   tokens on the host (see ``Scheduler.schedule(ahead=True)``).
 - ``pipelined`` (pipeline parallelism): one micro-batch in flight per
   stage, over disjoint requests.
+
+Guided requests (``engine/structured_output.py``) wait outside the scheduler
+until their grammar compiles; a step carries its constrained rows' bitmask,
+except an ahead step: its masks follow from the step in flight, so they are
+supplied once that step is processed, while its forward pass runs.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from fleetlm.engine.sampling_params import SamplingParams
 from fleetlm.engine.scheduler import Scheduler
 from fleetlm.engine.snapshot import EngineSnapshot
 from fleetlm.engine.step import ModelRunnerOutput, SchedulerOutput
+from fleetlm.engine.structured_output import StructuredOutput
 from fleetlm.engine.warmup import WarmupReport, warm_up
 
 logger = logging.getLogger(__name__)
@@ -90,6 +96,8 @@ class LLMEngine:
         self.workers = worker_group or create_worker_group(config)
         self.scheduler = Scheduler(config.scheduler, config.cache, self.workers.num_blocks)
         self.outputs = OutputProcessor(self.scheduler.finish_request)
+        self.structured: StructuredOutput | None = None  # made with the first guided request
+        self._parked: list[RequestGroup] = []  # guided requests whose grammar is compiling
         self.num_steps = 0
         self.num_steps_ahead = 0  # steps launched while the one before was still in flight
         self.mode = choose_step_mode(bool(config.async_scheduling), self.workers)
@@ -162,6 +170,8 @@ class LLMEngine:
             params = dataclasses.replace(params, max_tokens=self.model_config.max_model_len - len(ids))
         self.scheduler.check_fits(len(ids), params.max_tokens)
         group = RequestGroup(request_id, text, ids)
+        if params.guided_decoding is not None:
+            group.grammar = self._structured().prepare(params)  # raises for a bad grammar, before anything runs
         bs = self.config.cache.block_size
         eos = self.model_config.eos_token_ids
         for i in range(params.n):
@@ -175,11 +185,34 @@ class LLMEngine:
     def add_group(self, group: RequestGroup) -> None:
         if group.request_id in self.groups:
             raise ValueError(f"request id {group.request_id!r} is already in use")
+        if group.grammar is not None:  # (make_group checked that it fits)
+            self._parked.append(group)
+        else:
+            self._schedule_group(group)
+        self.outputs.add(group)
+
+    def _schedule_group(self, group: RequestGroup) -> None:
         leader = None
         for child in group.children:
             self.scheduler.add_request(child.req, leader)
             leader = leader or child.req
-        self.outputs.add(group)
+
+    def _structured(self) -> StructuredOutput:
+        if self.structured is None:
+            self.structured = StructuredOutput.for_engine(self.config, self.tokenizer)
+        return self.structured
+
+    def _admit_compiled(self) -> list[RequestOutput]:
+        """Guided requests whose grammar is ready go to the scheduler, in arrival order; returns
+        the outputs of those whose grammar failed (with nothing else to do, waits a little)."""
+        if not self._parked:
+            return []
+        live = [g for g in self._parked if self.groups.get(g.request_id) is g]  # not aborted meanwhile
+        idle = not self.scheduler.requests and not self._in_flight
+        ready, failed, self._parked = self.structured.sort_parked(live, wait_s=0.05 if idle else 0.0)
+        for group in ready:
+            self._schedule_group(group)
+        return [self.outputs.pop(g.request_id).output() for g in failed]
 
     def _validate(self, ids: list[int], params: SamplingParams) -> None:
         mc = self.model_config
@@ -222,11 +255,12 @@ class LLMEngine:
             self.workers.check_health()
             raise RuntimeError(f"an earlier step failed, the engine cannot continue: {self._step_failure!r}")
         try:
+            failed = self._admit_compiled()
             if self.mode == StepMode.PIPELINED:
-                return self._pipelined_step(emit_unfinished)
+                return failed + self._pipelined_step(emit_unfinished)
             if self.mode == StepMode.ASYNC:
-                return self._async_step(emit_unfinished)
-            return self._sync_step(emit_unfinished)
+                return failed + self._async_step(emit_unfinished)
+            return failed + self._sync_step(emit_unfinished)
         except BaseException as e:
             self._step_failure = e
             raise
@@ -235,7 +269,7 @@ class LLMEngine:
         out = self._schedule()
         if out is None:
             return []
-        return self._process_step(out, self.workers.launch(out).result(), emit_unfinished)
+        return self._process_step(out, self.workers.launch(self._with_grammar(out)).result(), emit_unfinished)
 
     def _async_step(self, emit_unfinished: bool) -> list[RequestOutput]:
         """Launch the step after the one in flight, then wait for and process the one in flight.
@@ -249,9 +283,10 @@ class LLMEngine:
             out = self._schedule()
             if out is None:
                 return []
-            self._in_flight.append((out, self.workers.launch(out)))
+            self._in_flight.append((out, self.workers.launch(self._with_grammar(out))))
         ahead = self._schedule(ahead=True)
         if ahead is not None:
+            ahead = self._with_grammar(ahead, later=True)
             self._in_flight.append((ahead, self.workers.launch(ahead)))
             self.num_steps_ahead += 1
         return self._finish_oldest(emit_unfinished)
@@ -268,7 +303,7 @@ class LLMEngine:
             out = self._schedule(busy)
             if out is None:
                 break
-            self._in_flight.append((out, self.workers.launch(out)))
+            self._in_flight.append((out, self.workers.launch(self._with_grammar(out))))
         if not self._in_flight:
             return []
         return self._finish_oldest(emit_unfinished)
@@ -276,8 +311,15 @@ class LLMEngine:
     def _finish_oldest(self, emit_unfinished: bool) -> list[RequestOutput]:
         out, pending = self._in_flight.popleft()
         outputs = self._process_step(out, pending.result(), emit_unfinished)
+        if self._in_flight and self._in_flight[-1][0].grammar_later:
+            # The step launched ahead samples under masks that follow from the tokens just taken in.
+            ahead, step = self._in_flight[-1]
+            step.supply_grammar(self.structured.bitmask(ahead, self.scheduler.requests))
         self._drain_if_idle()
         return outputs
+
+    def _with_grammar(self, out: SchedulerOutput, later: bool = False) -> SchedulerOutput:
+        return out if self.structured is None else self.structured.attach(out, self.scheduler.requests, later)
 
     def _drain_if_idle(self) -> None:
         """With no request left, the steps still in flight only compute for requests
@@ -299,6 +341,9 @@ class LLMEngine:
     def _process_step(self, out: SchedulerOutput, result: ModelRunnerOutput, emit_unfinished: bool) -> list[RequestOutput]:
         self.num_steps += 1
         results = self.scheduler.update_from_output(out, result.by_request())
+        if self.structured is not None:  # grammars take the new tokens; one that reached its end ends its request
+            for req, status in self.structured.advance(results):
+                self.scheduler.finish_request(req.request_id, status)
         return self.outputs.process(results, result.logprobs_by_request(), emit_unfinished, result.prompt_logprobs)
 
     # -- state -----------------------------------------------------------------
@@ -306,7 +351,7 @@ class LLMEngine:
         bm = self.scheduler.blocks
         return EngineStats(
             num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting),
+            num_waiting=len(self.scheduler.waiting) + len(self._parked),
             kv_cache_usage=bm.usage,
             prefix_cache_queried_tokens=bm.queried_tokens,
             prefix_cache_hit_tokens=bm.hit_tokens,
@@ -349,4 +394,6 @@ class LLMEngine:
         }
 
     def shutdown(self) -> None:
+        if self.structured is not None:
+            self.structured.shutdown()
         self.workers.shutdown()

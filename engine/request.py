@@ -84,6 +84,7 @@ class Request:
         self.spec_token_ids: list[int] = []
         self.num_spec_in_flight = 0
         self.num_cached_tokens = -1  # prefix-cache hit at first admission (-1 = not yet)
+        self.grammar = None  # a guided request's grammar matcher (engine/structured_output.py)
         self.num_preemptions = 0
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None

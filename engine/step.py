@@ -18,6 +18,7 @@ proposals are given back by the scheduler (``Scheduler.update_from_output``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from fleetlm.engine.sampling_params import SamplingParams
 
@@ -61,6 +62,20 @@ class NewRequest:
 
 
 @dataclass(frozen=True)
+class GrammarBitmask:
+    """Allowed tokens of a step's constrained sampling rows (structured output).
+
+    ``request_ids``: the constrained requests that sample this step, in step
+    order; each owns ``1 + num_spec_tokens`` consecutive rows of ``bitmask``,
+    an int32 CPU tensor ``[rows, ceil(vocab / 32)]`` whose bit ``t % 32`` of
+    word ``t // 32`` is set when token ``t`` is allowed. Other rows sample freely.
+    """
+
+    request_ids: list[str]
+    bitmask: Any
+
+
+@dataclass(frozen=True)
 class SchedulerOutput:
     """Everything the workers need for one step (and nothing else)."""
 
@@ -69,6 +84,11 @@ class SchedulerOutput:
     finished_request_ids: list[str] = field(default_factory=list)  # workers drop their state
     preempted_request_ids: list[str] = field(default_factory=list)
     step_id: int = 0  # matches the step's result to the requests it scheduled
+    # Structured output: the bitmask of the step's constrained rows; or, with
+    # ``grammar_later``, it depends on the step in flight: the worker runs the
+    # forward pass and waits for ``PendingStep.supply_grammar`` to sample.
+    grammar: GrammarBitmask | None = None
+    grammar_later: bool = False
 
     @property
     def num_batched_tokens(self) -> int:
@@ -117,3 +137,7 @@ class PendingStep:
 
     def result(self) -> ModelRunnerOutput:
         return self._output
+
+    def supply_grammar(self, grammar: GrammarBitmask | None) -> None:
+        """Sample a step launched with ``grammar_later`` under this bitmask."""
+        raise RuntimeError(f"{type(self).__name__} does not take a grammar after launch")

@@ -23,8 +23,9 @@ from fleetlm.kernels import select_ops
 from fleetlm.parallel.context import ParallelContext
 from fleetlm.workers import kv_cache
 from fleetlm.workers.attention import AttentionMetadata
+from fleetlm.workers.guided_logits import constrain_logits
 from fleetlm.workers.models import model_class
-from fleetlm.workers.pending import PendingOutput, ReqState
+from fleetlm.workers.pending import DeferredSampling, PendingOutput, ReqState
 from fleetlm.workers.sampler import Sampler, SamplingBatch, SamplingRow, compute_topk_logprobs, min_tokens_banned_ids
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -51,6 +52,7 @@ class ModelRunner:
         # Steps may be launched ahead on a TP > 1 stage: rank 0 broadcasts each
         # step's sampled ids so that every rank can fill the next one's placeholders.
         self.share_samples = False
+        self._deferred: DeferredSampling | None = None  # a launched step waiting for its grammar
         eos = model_cfg.eos_token_ids
         self.eos_token_ids = list(eos)
 
@@ -196,6 +198,8 @@ class ModelRunner:
         Placeholder tokens are filled on the device from the sampled tokens of
         the previous launch. The last stage returns a ``PendingOutput``.
         """
+        if self._deferred is not None and not self._deferred.sampled:
+            raise RuntimeError("launch before the previous step got its grammar (its samples feed this step)")
         self._update_states(out)
         if out.is_empty:
             return PendingOutput.ready(ModelRunnerOutput.empty())
@@ -229,7 +233,20 @@ class ModelRunner:
                 PendingOutput.ready(ModelRunnerOutput.empty())
         logits = self.model.compute_logits(result[logits_indices]).float()
         states = [self.states[rid] for rid in req_ids]
-        sampled = self.sampler(logits, self._sampling_batch(states, proposals))
+        batch = self._sampling_batch(states, proposals)
+
+        def sample(grammar):
+            return self._sample(logits, batch, grammar, req_ids, states, proposals, prompt)
+
+        if out.grammar_later:  # the bitmask is built from the step in flight, while this forward runs
+            self._deferred = DeferredSampling(sample)
+            return self._deferred
+        return sample(out.grammar)
+
+    def _sample(self, logits, batch, grammar, req_ids, states, proposals, prompt) -> PendingOutput:
+        if grammar is not None and grammar.request_ids:
+            logits = self._constrain(logits, batch, grammar, req_ids, proposals)
+        sampled = self.sampler(logits, batch)
         self._last_sampled = sampled.sampled_token_ids
         self._remember_rows(req_ids, proposals)
         if self.share_samples:
@@ -247,6 +264,20 @@ class ModelRunner:
             self._last_rows = dict(zip(req_ids, first_rows))
         else:
             self._last_rows = {rid: i for i, rid in enumerate(req_ids)}
+
+    def _constrain(self, logits, batch: SamplingBatch, grammar, req_ids: list[str], proposals: list[list[int]]):
+        """Mask the constrained rows (``workers/guided_logits.py``); their bitmask rows reach the
+        device without a wait."""
+        first, row = {}, 0
+        for rid, props in zip(req_ids, proposals):
+            first[rid] = (row, 1 + len(props))
+            row += 1 + len(props)
+        rows = [first[rid][0] + j for rid in grammar.request_ids for j in range(first[rid][1])]
+        if len(rows) != grammar.bitmask.shape[0]:
+            raise RuntimeError(f"grammar bitmask has {grammar.bitmask.shape[0]} rows for {len(rows)} constrained rows")
+        (rows_d,) = self._upload(torch.int64, np.asarray(rows, dtype=np.int64))
+        bitmask = grammar.bitmask.to(self.device, non_blocking=True)
+        return constrain_logits(logits, batch, rows, rows_d, bitmask, self.ops.apply_token_bitmask)
 
     # Prompt positions whose logits are computed at once for prompt logprobs (bounds the
     # float32 [rows, vocab] scratch: 512 x 128k vocab = 256 MiB).

@@ -40,6 +40,7 @@ instead of hanging.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pickle
 import time
@@ -73,9 +74,19 @@ _PUT_THRESHOLD_BYTES = 64 << 10
 class RayPendingStep(PendingStep):
     """One launched step; ``result()`` waits for it (bounded), in launch order."""
 
-    def __init__(self, group: RayWorkerGroup, index: int) -> None:
+    def __init__(self, group: RayWorkerGroup, index: int, held: SchedulerOutput | None = None) -> None:
         self.group, self.index = group, index
         self._output: ModelRunnerOutput | None = None
+        self._held = held  # a grammar_later step not sent yet (Ray calls)
+
+    def supply_grammar(self, grammar) -> None:
+        """The bitmask of a step launched with ``grammar_later``: on the ring, a message of its
+        own after the step; by Ray calls (each runs a whole step), the step itself, now."""
+        if self._held is not None:
+            self.group._send(dataclasses.replace(self._held, grammar=grammar, grammar_later=False))
+            self._held = None
+        else:
+            self.group._write_step(self.group.encoder.encode_grammar(self.index, grammar))
 
     def result(self) -> ModelRunnerOutput:
         if self._output is None:
@@ -253,14 +264,23 @@ class RayWorkerGroup:
         stage 0 runs step k+1 while stage 1 runs step k.
         """
         self._raise_if_failed()
+        self._launched += 1
+        if out.grammar_later and self.steps is None:
+            return RayPendingStep(self, self._launched - 1, held=out)
+        self._send(out)
+        return RayPendingStep(self, self._launched - 1)
+
+    def _send(self, out: SchedulerOutput) -> None:
         payload = self.encoder.encode(out)
         if self.steps is not None:
-            self._ring_io(lambda deadline: self.steps.write(payload, deadline, self._loop_ended), "sending a step")
+            self._write_step(payload)
         else:
             arg = ray.put(payload) if len(payload) > _PUT_THRESHOLD_BYTES else payload
             self._calls.append([w.execute.remote(arg) for w in self.workers])
-        self._launched += 1
-        return RayPendingStep(self, self._launched - 1)
+
+    def _write_step(self, payload: bytes) -> None:
+        self._raise_if_failed()
+        self._ring_io(lambda deadline: self.steps.write(payload, deadline, self._loop_ended), "sending a step")
 
     def _result(self, index: int) -> ModelRunnerOutput:
         """The result of launched step ``index``; results arrive in launch order."""

@@ -28,6 +28,9 @@ _KERNEL_MODULES = (
     "fleetlm.kernels.gemv",
     "fleetlm.kernels.kv_cache",
     "fleetlm.kernels.attention",
+    "fleetlm.kernels.token_bitmask",
+    "fleetlm.kernels.quant",
+    "fleetlm.kernels.qlinear",
 )
 
 _CUDA = torch.cuda.is_available()

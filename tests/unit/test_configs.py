@@ -84,6 +84,7 @@ DESIGN_METRICS = frozenset({
     "fleetlm_generation_tokens_total",
     "fleetlm_prefix_cache_queried_tokens_total",
     "fleetlm_prefix_cache_hit_tokens_total",
+    "fleetlm_num_preemptions_total",
     "fleetlm_request_success_total",
     "fleetlm_request_errors_total",
     "fleetlm_requests_accepted_total",
@@ -562,7 +563,8 @@ def test_allow_list_is_the_dataclass_fields():
         "gpu_memory_utilization", "enable_prefix_caching", "async_scheduling", "load_format", "num_replicas",
         "autoscaling", "max_waiting_requests", "max_waiting_tokens", "stream_chunks_per_s", "stream_max_interval_s",
         "tokenizer", "chat_template", "trust_remote_code", "seed", "long_prefill_token_threshold", "block_size",
-        "enforce_eager", "warmup", "compile_cache_dir", "distributed_executor_backend", "quantization"}
+        "enforce_eager", "warmup", "compile_cache_dir", "distributed_executor_backend", "quantization",
+        "tool_call_parser", "enable_auto_tool_choice"}
 
 
 def test_every_engine_argument_is_a_model_key_and_a_serve_flag():
