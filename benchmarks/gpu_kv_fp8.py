@@ -173,15 +173,15 @@ def kernels_child(ns, out: Path) -> None:
         slots = torch.randperm((tokens // 16 + 1) * 16, generator=gen, device="cuda")[:tokens]
         res = {}
         for name, dtype in (("bf16", torch.bfloat16), ("fp8", torch.float8_e4m3fn)):
-            kc = torch.zeros(tokens // 16 + 1, 16, kh, d, dtype=dtype, device="cuda")
-            vc = torch.zeros_like(kc)
+            kc = torch.zeros(tokens // 16 + 1, 16, kh, d, dtype=torch.bfloat16, device="cuda").to(dtype)
+            vc = kc.clone()
             scales = {"k_scale": torch.ones(kh, device="cuda"), "v_scale": torch.ones(kh, device="cuda")} \
                 if dtype != torch.bfloat16 else {}
             ms = time_ms(lambda: kv_cache.store_kv_cache(k, v, kc, vc, slots, **scales))
             moved = 2 * tokens * kh * d * (2 + kc.element_size())
             res[f"{name}_gbps"] = round(moved / ms / 1e6, 1)
             if scales:
-                kr, vr = torch.zeros_like(kc), torch.zeros_like(vc)
+                kr, vr = (torch.zeros(kc.shape, dtype=torch.uint8, device="cuda").view(dtype) for _ in range(2))
                 kv_cache.store_kv_cache_ref(k, v, kr, vr, slots, **scales)
                 res["fp8_bits_equal_ref"] = bool(torch.equal(kc.view(torch.uint8), kr.view(torch.uint8))
                                                  and torch.equal(vc.view(torch.uint8), vr.view(torch.uint8)))

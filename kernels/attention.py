@@ -598,11 +598,14 @@ def paged_attention_ref(
         if q_len == 0:
             continue
         blocks = block_tables[i, : math.ceil(seq_len / block_size)]
-        k = k_cache[blocks].flatten(0, 1)[:seq_len]  # [S, KH, D]
-        v = v_cache[blocks].flatten(0, 1)[:seq_len]
-        if fp8:
+        if fp8:  # gathered as bytes (not every device's index kernel takes float8), then dequantized
+            k = k_cache.view(torch.uint8)[blocks].flatten(0, 1)[:seq_len].view(FP8_DTYPE)  # [S, KH, D]
+            v = v_cache.view(torch.uint8)[blocks].flatten(0, 1)[:seq_len].view(FP8_DTYPE)
             k = (k.float() * k_scale.view(-1, 1)).to(q.dtype)
             v = (v.float() * v_scale.view(-1, 1)).to(q.dtype)
+        else:
+            k = k_cache[blocks].flatten(0, 1)[:seq_len]  # [S, KH, D]
+            v = v_cache[blocks].flatten(0, 1)[:seq_len]
         k = k.transpose(0, 1).unsqueeze(0)  # [1, KH, S, D]
         v = v.transpose(0, 1).unsqueeze(0)
         qi = q[q_start:q_end].transpose(0, 1).unsqueeze(0)  # [1, H, q_len, D]

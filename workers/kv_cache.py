@@ -87,8 +87,13 @@ def allocate(layers, num_blocks: int, block_size: int, num_kv_heads: int, head_d
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
     # Scales first: their scratch (a hidden x hidden matmul per layer) is gone before the pool takes the memory.
     scales = [kv_scales(layer) for layer in layers] if dtype == FP8_DTYPE else [(None, None)] * len(layers)
-    return [LayerKVCache(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device),
-                         k_scale, v_scale) for k_scale, v_scale in scales]
+
+    def zeros() -> torch.Tensor:  # E4M3 zero is the zero byte; not every device fills float8 tensors
+        if dtype == FP8_DTYPE:
+            return torch.zeros(shape, dtype=torch.uint8, device=device).view(FP8_DTYPE)
+        return torch.zeros(shape, dtype=dtype, device=device)
+
+    return [LayerKVCache(zeros(), zeros(), k_scale, v_scale) for k_scale, v_scale in scales]
 
 
 @torch.inference_mode()

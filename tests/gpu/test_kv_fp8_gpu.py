@@ -67,7 +67,7 @@ def test_store_kv_cache_fp8_bit_for_bit():
     slots = torch.randperm(num_blocks * 16, generator=gen, device="cuda")[:tokens]
     slots[::7] = -1
     k_cache = torch.zeros(num_blocks, 16, KV_HEADS, HEAD_DIM, device="cuda").to(FP8)
-    v_cache = torch.zeros_like(k_cache)
+    v_cache = k_cache.clone()
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
     kv_cache.store_kv_cache_ref(k, v, k_ref, v_ref, slots, **scales)
     kv_cache.store_kv_cache(k, v, k_cache, v_cache, slots, **scales)
