@@ -40,7 +40,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from fleetlm.cluster.lifecycle import SUPERVISED_ENV, Signals, drain, log, supervise
-from fleetlm.cluster.serve_config import EMBEDDED_MODEL, TOOL_CALL_PARSERS, ModelDeploymentConfig, parse_app_args
+from fleetlm.cluster.serve_config import (
+    EMBEDDED_MODEL,
+    KV_CACHE_DTYPES,
+    TOOL_CALL_PARSERS,
+    ModelDeploymentConfig,
+    parse_app_args,
+)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -82,6 +88,7 @@ ENGINE_DECIDES = {
     "max_num_batched_tokens": "8192 on GPU, 2048 on CPU",
     "cpu_kv_cache_bytes": "2 GiB",
     "num_kv_blocks": "sized from --gpu-memory-utilization on GPU, --cpu-kv-cache-bytes on CPU",
+    "kv_cache_dtype": "auto",
     "async_scheduling": "on for one in-process CUDA worker",
     "warmup": "on GPU",
     "compile_cache_dir": "~/.cache/fleetlm/compile on GPU",
@@ -125,6 +132,8 @@ MODEL_FLAGS: tuple[ModelFlag, ...] = (
     ModelFlag("gpu_memory_utilization", {"type": float}, "fraction of GPU memory for weights, activations and KV"),
     ModelFlag("cpu_kv_cache_bytes", {"type": int}, "KV cache bytes of one replica on CPU"),
     ModelFlag("num_kv_blocks", {"type": int}, "fixed KV cache size in blocks"),
+    ModelFlag("kv_cache_dtype", {"choices": KV_CACHE_DTYPES},
+              "KV cache storage: auto (the model's dtype) or fp8 = fp8_e4m3 (E4M3 with scales: twice the tokens)"),
     ModelFlag("enable_prefix_caching", {"action": argparse.BooleanOptionalAction, "default": None},
               "reuse the KV blocks of shared prompt prefixes"),
     ModelFlag("enforce_eager", {"action": "store_true", "default": None}, "no CUDA graphs"),

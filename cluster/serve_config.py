@@ -23,6 +23,7 @@ EMBEDDED_MODEL = "smollm2-135m-instruct"
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # engine/config.py's, kept equal by a test
 TOOL_CALL_PARSERS = ("hermes", "llama3_json")  # cluster/tool_parsers.py (a test keeps the two equal)
 ROUTERS = ("prefix_aware", "default")
 
@@ -185,6 +186,7 @@ class ModelDeploymentConfig:
     block_size: int = 16
     cpu_kv_cache_bytes: int | None = None  # KV budget on CPU; None: the engine's default
     num_kv_blocks: int | None = None  # a fixed KV pool size (blocks per replica), instead of sizing from memory
+    kv_cache_dtype: str | None = None  # auto | fp8 | fp8_e4m3; None: the engine's default (auto)
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
@@ -251,6 +253,8 @@ class ModelDeploymentConfig:
         _int(self.block_size, f"{w}: block_size", 1)
         _opt_int(self.cpu_kv_cache_bytes, f"{w}: cpu_kv_cache_bytes", 1)
         _opt_int(self.num_kv_blocks, f"{w}: num_kv_blocks", 1)
+        if self.kv_cache_dtype is not None:
+            _choice(self.kv_cache_dtype, f"{w}: kv_cache_dtype", KV_CACHE_DTYPES)
         _set(self, "gpu_memory_utilization", _float(
             self.gpu_memory_utilization, f"{w}: gpu_memory_utilization",
             low=0.0, high=1.0, low_inclusive=False))
@@ -412,6 +416,7 @@ __all__ = [
     "DEVICES",
     "DTYPES",
     "EMBEDDED_MODEL",
+    "KV_CACHE_DTYPES",
     "LOAD_FORMATS",
     "ModelDeploymentConfig",
     "ROUTERS",

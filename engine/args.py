@@ -6,7 +6,15 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from fleetlm.engine.config import CacheConfig, EngineConfig, LoRAConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from fleetlm.engine.config import (
+    CacheConfig,
+    EngineConfig,
+    LoRAConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    resolve_kv_cache_dtype,
+)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_COMPILE_CACHE = Path.home() / ".cache" / "fleetlm" / "compile"
@@ -59,6 +67,8 @@ class EngineArgs:
     block_size: int = 16
     num_kv_blocks: int | None = None
     cpu_kv_cache_bytes: int = 2 << 30
+    # "auto" (the model's dtype), "fp8" or "fp8_e4m3": K/V stored as E4M3 with scales, twice the tokens.
+    kv_cache_dtype: str = "auto"
     long_prefill_token_threshold: int = 0
     enforce_eager: bool = False
     # None: on for CUDA workers of one pipeline stage, off otherwise; True
@@ -113,6 +123,7 @@ class EngineArgs:
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         device = self.resolve_device()
+        cache_dtype = resolve_kv_cache_dtype(self.kv_cache_dtype)  # before any weights are found
         source = resolve_model(self.model, self.load_format)
         hf = source.hf_config
         dtype = self.dtype
@@ -180,6 +191,7 @@ class EngineArgs:
             cpu_kv_cache_bytes=self.cpu_kv_cache_bytes,
             enable_prefix_caching=self.enable_prefix_caching,
             num_blocks=self.num_kv_blocks,
+            cache_dtype=cache_dtype,
         )
         return EngineConfig(
             model=model,

@@ -11,6 +11,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+# vLLM's kv_cache_dtype values FleetLM accepts: "auto" stores K/V in the model's
+# dtype; "fp8" is "fp8_e4m3" (E4M3 with scales, workers/kv_cache.py).
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+
+
+def resolve_kv_cache_dtype(value: Any) -> str:
+    """``kv_cache_dtype`` as the engine stores it: "auto" or "fp8_e4m3"; anything else is an error."""
+    if value not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got {value!r}")
+    return "fp8_e4m3" if value == "fp8" else value
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -72,6 +83,8 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     # Force the number of blocks (tests use this to make preemption happen).
     num_blocks: int | None = None
+    # "auto": K/V in the model's dtype; "fp8_e4m3": one byte per element with scales.
+    cache_dtype: str = "auto"
 
 
 @dataclass(frozen=True)

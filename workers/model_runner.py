@@ -21,6 +21,7 @@ from fleetlm.engine.sampling_params import needs_output_history
 from fleetlm.engine.step import PLACEHOLDER, ModelRunnerOutput, SchedulerOutput
 from fleetlm.kernels import select_ops
 from fleetlm.parallel.context import ParallelContext
+from fleetlm.workers import kv_cache
 from fleetlm.workers.attention import AttentionMetadata
 from fleetlm.workers.guided_logits import constrain_logits
 from fleetlm.workers.models import model_class
@@ -38,6 +39,8 @@ class ModelRunner:
         self.device = device
         self.dtype = DTYPES[model_cfg.dtype]
         self.block_size = cache_cfg.block_size
+        if cache_cfg.cache_dtype != "auto":
+            kv_cache.check_fp8_kv_supported(device)
         self.ops = select_ops(device)
         self.model = model_class(model_cfg.hf_config)(model_cfg, ctx, self.ops, self.dtype, device)
         self.lora = None  # multi-LoRA: slots on the projections, each step's tile table
@@ -46,7 +49,7 @@ class ModelRunner:
 
             self.lora = LoRAManager(self.model, self.ops, lora, self.dtype, device, max_rows)
         self.sampler = Sampler()
-        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.kv_caches: list[kv_cache.LayerKVCache] = []
         self.states: dict[str, ReqState] = {}
         self.graphs = None  # DecodeGraphs, once captured (CUDA only)
         # The previous launch's sampled tokens (still on the device) and each request's row in them.
@@ -66,16 +69,15 @@ class ModelRunner:
     def kv_bytes_per_block(self) -> int:
         attn = self.model.layers[0].self_attn if len(self.model.layers) else None
         kv_heads = attn.num_kv_heads if attn else 1
-        elem = torch.tensor([], dtype=self.dtype).element_size()
-        return 2 * self.model.num_local_layers * self.block_size * kv_heads * self.model_cfg.head_dim * elem
+        return kv_cache.kv_bytes_per_block(self.model.num_local_layers, self.block_size, kv_heads,
+                                           self.model_cfg.head_dim, self.cache_cfg.cache_dtype, self.dtype)
 
     def init_kv_cache(self, num_blocks: int) -> None:
+        """Allocate the pool (FP8: with each layer's scales, from its loaded weights)."""
         attn = self.model.layers[0].self_attn
-        shape = (num_blocks, self.block_size, attn.num_kv_heads, self.model_cfg.head_dim)
-        self.kv_caches = [
-            (torch.zeros(shape, dtype=self.dtype, device=self.device), torch.zeros(shape, dtype=self.dtype, device=self.device))
-            for _ in range(self.model.num_local_layers)
-        ]
+        self.kv_caches = kv_cache.allocate(self.model.layers, num_blocks, self.block_size, attn.num_kv_heads,
+                                           self.model_cfg.head_dim, self.cache_cfg.cache_dtype, self.dtype,
+                                           self.device)
 
     def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int) -> float:
         """Capture decode graphs (single-stage CUDA workers only); returns seconds taken."""
