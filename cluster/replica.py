@@ -80,11 +80,27 @@ def _token_logprobs(entries: list[dict[int, Any]], token_ids: list[int], k: int)
     return out
 
 
-class DeltaTracker:
-    """Turns the engine's cumulative ``RequestOutput`` into what is new per choice."""
+def prompt_token_logprobs(out: Any, k: int, decode: Any) -> list[TokenLogprob]:
+    """The prompt's own logprobs with their top ``k``: the first token has none (no context)."""
+    entries = [TokenLogprob(out.prompt_token_ids[0], decode(out.prompt_token_ids[0]), None)]
+    for tid, scored in zip(out.prompt_token_ids[1:], out.prompt_logprobs[1:]):
+        entries += _token_logprobs([scored], [tid], k) if scored is not None else [TokenLogprob(tid, decode(tid), None)]
+    return entries
 
-    def __init__(self, num_logprobs: int | None) -> None:
+
+class DeltaTracker:
+    """Turns the engine's cumulative ``RequestOutput`` into what is new per choice.
+
+    ``num_prompt_logprobs``: also send the prompt's logprobs, once (``decode``
+    gives the text of the first prompt token, which the engine does not score).
+    """
+
+    def __init__(self, num_logprobs: int | None, num_prompt_logprobs: int | None = None,
+                 decode: Any = None) -> None:
         self.k = num_logprobs
+        self.prompt_k = num_prompt_logprobs
+        self.decode = decode
+        self.prompt_sent = False
         self.sent_text: dict[int, int] = {}
         self.sent_tokens: dict[int, int] = {}
         self.sent_logprobs: dict[int, int] = {}
@@ -118,6 +134,10 @@ class DeltaTracker:
                 self.done.add(c.index)
             new_tokens += len(ids)
             chunk.choices.append(ChoiceDelta(c.index, text, ids, lps, c.finish_reason, c.stop_reason))
+        if (self.prompt_k is not None and not self.prompt_sent and chunk.choices
+                and out.prompt_logprobs is not None):
+            chunk.prompt_logprobs = prompt_token_logprobs(out, self.prompt_k, self.decode)
+            self.prompt_sent = True
         return chunk, new_tokens
 
 
@@ -232,7 +252,7 @@ class LLMReplica:
             yield GenerateChunk(error=ReplicaError(
                 "queue_full", f"{self.max_queued_requests} requests are already waiting."))
             return
-        tracker = DeltaTracker(req.params.logprobs)
+        tracker = DeltaTracker(req.params.logprobs, req.params.prompt_logprobs, self._decode_token)
         finished = False
         accepted = False
         last_token_time: float | None = None
@@ -318,6 +338,10 @@ class LLMReplica:
                     await asyncio.shield(self.engine.abort(req.request_id))
                 except (asyncio.CancelledError, Exception):  # noqa: BLE001 - abort is best effort, idempotent
                     pass
+
+    def _decode_token(self, token_id: int) -> str:
+        # As the engine's Logprob.decoded_token: one token alone, special tokens kept.
+        return self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
 
     # -- control plane -----------------------------------------------------------
     def model_info(self) -> ModelInfo:
