@@ -52,8 +52,15 @@ class ModelBackend:
         return self._stream_handle.generate.remote(req)
 
     async def _broadcast(self, method: str) -> list[Any]:
-        return await self._handle.broadcast(method).results_async(
-            timeout_s=CONTROL_TIMEOUT_S, return_exceptions=True)
+        """Every running replica's answer; none when no replica runs (scaled to zero, or
+        failed to deploy: Serve says "unavailable" for both)."""
+        from ray.serve.exceptions import DeploymentUnavailableError
+
+        try:
+            return await self._handle.broadcast(method).results_async(
+                timeout_s=CONTROL_TIMEOUT_S, return_exceptions=True)
+        except DeploymentUnavailableError:
+            return []
 
     async def health(self) -> list[ReplicaHealth]:
         return [r if isinstance(r, ReplicaHealth) else ReplicaHealth("?", False, repr(r))

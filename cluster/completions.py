@@ -147,6 +147,11 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
+def warm_encoding(tokenizer: Any) -> None:
+    """A first encode and decode, as the first completion would do them (server.OpenAIServer.warm)."""
+    tokenizer.decode(_encode(tokenizer, "Hello, world."))
+
+
 # --- the endpoint --------------------------------------------------------------------
 
 
@@ -193,4 +198,4 @@ class CompletionsEndpoint(Endpoint):
 
 
 __all__ = ["COMPLETION_DEFAULT_MAX_TOKENS", "CompletionRequest", "CompletionsEndpoint", "MAX_PROMPTS_PER_REQUEST",
-           "completion_choice", "completion_logprobs"]
+           "completion_choice", "completion_logprobs", "warm_encoding"]

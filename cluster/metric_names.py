@@ -106,6 +106,12 @@ EXPORTED_METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("fleetlm_request_errors_total", "counter",
                "Requests that failed, by reason (abort, error, timeout, ...).",
                labels=BASE_LABELS + ("reason",)),
+    # Cold start, set once when a replica is ready.
+    MetricSpec("fleetlm_startup_seconds", "gauge",
+               "Seconds of each start-up phase of the replica: process (Ray actor start and imports), "
+               "the engine's (tokenizer, workers, load_weights, kv_cache, cuda_graphs, warmup) and "
+               "replica (its whole construction).",
+               labels=BASE_LABELS + ("phase",)),
 )
 
 EXPORTED_METRIC_NAMES: frozenset[str] = frozenset(m.name for m in EXPORTED_METRICS)

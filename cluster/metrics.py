@@ -122,6 +122,11 @@ class ServeMetrics:
     def request_error(self, reason: str) -> None:
         self._child("fleetlm_request_errors_total", reason).inc()
 
+    def startup(self, phases: dict[str, float]) -> None:
+        """Seconds per start-up phase (the replica's, once it is ready)."""
+        for phase, seconds in phases.items():
+            self._child("fleetlm_startup_seconds", phase).set(seconds)
+
     # -- export --------------------------------------------------------------
     def collect(self) -> list[Metric]:
         """This process's metric families (picklable, for the ingress to merge)."""

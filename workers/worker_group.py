@@ -3,6 +3,7 @@
 Every worker group has the same interface: ``num_blocks`` (KV blocks each
 worker holds), ``startup_seconds`` (seconds per start-up phase),
 ``compile_cache`` (where an in-process worker's compiled kernels live),
+``weights_bytes`` (what an in-process worker loaded onto its device),
 ``launch(out) -> PendingStep`` (``.result()`` waits for the step's
 ``ModelRunnerOutput``), ``check_health()``, ``shutdown()``, and what
 it can do, from which the engine picks its step mode once
@@ -40,6 +41,7 @@ class LocalWorkerGroup:
         if config.use_cuda_graphs:
             self.startup_seconds["cuda_graphs"] = self.worker.capture_cuda_graphs()
         self.compile_cache = self.worker.compile_cache
+        self.weights_bytes = self.worker.weights_bytes
 
     def launch(self, out: SchedulerOutput) -> PendingOutput:
         """Queue the step on the device; ``.result()`` waits for its ``ModelRunnerOutput``."""

@@ -86,6 +86,7 @@ DESIGN_METRICS = frozenset({
     "fleetlm_prefix_cache_hit_tokens_total",
     "fleetlm_request_success_total",
     "fleetlm_request_errors_total",
+    "fleetlm_startup_seconds",
     "fleetlm_requests_accepted_total",
     "fleetlm_requests_finished_total",
 })
@@ -841,7 +842,8 @@ def test_metric_specs():
         "fleetlm_time_to_first_token_seconds", "fleetlm_time_per_output_token_seconds",
         "fleetlm_e2e_request_latency_seconds"]
     assert {n for n, k in kinds.items() if k == "gauge"} == {
-        "fleetlm_num_requests_running", "fleetlm_num_requests_waiting", "fleetlm_kv_cache_usage_ratio"}
+        "fleetlm_num_requests_running", "fleetlm_num_requests_waiting", "fleetlm_kv_cache_usage_ratio",
+        "fleetlm_startup_seconds"}
     with pytest.raises(KeyError):
         mn.metric_spec("fleetlm_nope")
 

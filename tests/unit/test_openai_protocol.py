@@ -18,7 +18,7 @@ from fleetlm.cluster.errors import OpenAIError
 from fleetlm.cluster.messages import ChoiceDelta, GenerateChunk, ModelInfo, ReplicaError, ReplicaHealth, TokenLogprob
 from fleetlm.cluster.migration import MigratingJob
 from fleetlm.cluster.protocol import parse_request
-from fleetlm.cluster.replica import DeltaTracker
+from fleetlm.cluster.deltas import DeltaTracker
 from fleetlm.cluster.server import OpenAIServer, create_app
 from fleetlm.cluster.serve_config import ServeAppConfig
 from fleetlm.engine.outputs import CompletionOutput, Logprob, RequestOutput
@@ -470,6 +470,11 @@ def test_replica_sends_the_prompts_logprobs_once():
                                  TokenLogprob(3, "t3", -0.1, [(3, "t3", -0.1)])]
     c, _ = tr.update(_out(["Hel"], [[10, 11]], logprobs=[[lp(10, 1), lp(11, 1)]]))
     assert c.prompt_logprobs is None
+    # A one-token prompt: the engine scores nothing, the token still comes first.
+    one = _out(["He"], [[10]], logprobs=[[lp(10, 1)]])
+    one.prompt_token_ids = [5]
+    c, _ = DeltaTracker(num_logprobs=0, num_prompt_logprobs=1, decode=lambda t: f"d{t}").update(one)
+    assert c.prompt_logprobs == [TokenLogprob(5, "d5", None)]
 
 
 def test_replica_errors_become_status_codes():
