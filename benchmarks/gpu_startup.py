@@ -61,7 +61,8 @@ class Budget:
 def offline(ns, root: Path, budget: Budget) -> dict:
     from fleetlm.benchmarks.startup import run_start
 
-    engine = {"model": ns.model, "load_format": "dummy", "dtype": "bfloat16", "max_model_len": 4096, "warmup": True,
+    engine = {"model": ns.model, "load_format": "dummy", "dtype": "bfloat16", "max_model_len": ns.max_model_len,
+              "warmup": True,
               "compile_cache_dir": str(root / "offline")}
     out = {}
     for name in ("cold", "warm"):
@@ -119,17 +120,20 @@ def _startup_metrics(base: str) -> dict:
 
 
 def _model_flags(ns, cache: str) -> list[str]:
-    return [ns.model, "--load-format", "dummy", "--dtype", "bfloat16", "--max-model-len", "4096",
+    return [ns.model, "--load-format", "dummy", "--dtype", "bfloat16", "--max-model-len", str(ns.max_model_len),
             "--compile-cache-dir", cache]
 
 
 def build(ns, cache: str, budget: Budget) -> dict:
     cmd = ["fleetlm", "build", *_model_flags(ns, cache)]
     t = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=budget.left(150), check=False)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=budget.left(150), check=False)
+    except subprocess.TimeoutExpired:
+        return {"command": " ".join(cmd), "error": f"no result within {time.perf_counter() - t:.0f} s"}
     out = {"command": " ".join(cmd), "seconds": time.perf_counter() - t, "rc": proc.returncode,
            "log": proc.stderr[-1500:]}
-    print("build", json.dumps({k: out[k] for k in ("seconds", "rc")}), flush=True)
+    print("build", json.dumps({k: out.get(k) for k in ("seconds", "rc", "error")}), flush=True)
     return out
 
 
@@ -294,6 +298,7 @@ def _fmt(x, unit: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="llama-3.1-8b")
+    p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--weights-model", default="smollm2-1.7b", help="configs/models shape of the safetensors test")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     p.add_argument("--skip", default="", help="comma list of parts to skip: offline, serve, weights")
@@ -307,22 +312,28 @@ def main(argv: list[str] | None = None) -> int:
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     record: dict = {"benchmark": "startup", "card": card, "date": time.strftime("%Y-%m-%d %H:%M:%S"),
                     "commit": _commit(), "targets": TARGETS,
-                    "config": {"model": ns.model, "dtype": "bfloat16", "load_format": "dummy", "max_model_len": 4096,
+                    "config": {"model": ns.model, "dtype": "bfloat16", "load_format": "dummy",
+                               "max_model_len": ns.max_model_len,
                                "copy_gbps_ceiling": 4280 if "H200" in card else 3000},
                     "figures": {"offline": {}, "serve": {}, "weights": {}}}
-    parts = [("offline", lambda: offline(ns, root, budget)),
-             ("serve", lambda: {"cold": serve(ns, str(root / "serve-cold"), budget),
-                                "build": build(ns, str(root / "serve-built"), budget),
-                                "warm": serve(ns, str(root / "serve-built"), budget)}),
-             ("weights", lambda: weights(ns, root, budget))]
-    for name, fn in parts:
-        if name in skip:
+    # (part, key in it, what runs): each recorded on its own, a failure does not lose the others.
+    steps = [("offline", None, lambda: offline(ns, root, budget)),
+             ("serve", "cold", lambda: serve(ns, str(root / "serve-cold"), budget)),
+             ("serve", "build", lambda: build(ns, str(root / "serve-built"), budget)),
+             ("serve", "warm", lambda: serve(ns, str(root / "serve-built"), budget)),
+             ("weights", None, lambda: weights(ns, root, budget))]
+    for part, key, fn in steps:
+        if part in skip:
             continue
         try:
-            record["figures"][name] = fn()
+            result = fn()
         except Exception as e:  # noqa: BLE001 - record it, run the rest
-            record["figures"][name] = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
-            print(name, "failed:", e, flush=True)
+            result = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
+            print(part, key or "", "failed:", e, flush=True)
+        if key is None:
+            record["figures"][part] = result
+        else:
+            record["figures"][part][key] = result
     shutil.rmtree(root, ignore_errors=True)
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
