@@ -90,7 +90,7 @@ def replica_deployment_options(m: ModelDeploymentConfig, config: ServeAppConfig)
 
         opts.update(request_router_options())
     device = _resolve_device(m.device)
-    if m.world_size == 1:
+    if not m.uses_worker_actors:
         opts["ray_actor_options"] = {"num_cpus": 1, "num_gpus": 1 if device == "cuda" else 0}
     else:
         # One placement group per replica: a bundle for the replica actor

@@ -41,7 +41,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from fleetlm.cluster.lifecycle import SUPERVISED_ENV, Signals, drain, log, supervise
-from fleetlm.cluster.serve_config import EMBEDDED_MODEL, ModelDeploymentConfig, parse_app_args
+from fleetlm.cluster.serve_config import (
+    EMBEDDED_MODEL,
+    KV_CACHE_DTYPES,
+    TOOL_CALL_PARSERS,
+    ModelDeploymentConfig,
+    parse_app_args,
+)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -55,7 +61,10 @@ SERVE_APP_KEYS = frozenset({"name", "route_prefix", "import_path", "args", "runt
 
 # Routes the API key guards: every one but the load balancer's and Prometheus'.
 GUARDED_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/version", "/openapi.json",
-                  "/debug/invariants")
+                  "/debug/invariants", "/dashboard", "/dashboard/data", "/dashboard/static/dashboard.js",
+                  "/dashboard/static/dashboard.css", "/dashboard/static/uPlot.iife.min.js",
+                  "/dashboard/static/uPlot.min.css")
+LORA_ROUTES = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")  # guarded too; only with --enable-lora
 OPEN_ROUTES = ("/health", "/ping", "/metrics", "/ready")
 
 
@@ -80,12 +89,18 @@ ENGINE_DECIDES = {
     "max_num_batched_tokens": "8192 on GPU, 2048 on CPU",
     "cpu_kv_cache_bytes": "2 GiB",
     "num_kv_blocks": "sized from --gpu-memory-utilization on GPU, --cpu-kv-cache-bytes on CPU",
+    "kv_cache_dtype": "auto",
     "async_scheduling": "on for one in-process CUDA worker",
     "warmup": "on GPU",
     "compile_cache_dir": "~/.cache/fleetlm/compile on GPU",
     "tokenizer": "the model's own",
+    "quantization": "the checkpoint's own (none: its dtype)",
     "chat_template": "the model's own",
     "max_waiting_tokens": "off",
+    "max_cpu_loras": "max_loras",
+    "enable_lora": "off",
+    "max_loras": "1",
+    "max_lora_rank": "16",
 }
 
 # vLLM's names where vLLM has the flag; the others are FleetLM's model entry keys.
@@ -101,9 +116,14 @@ MODEL_FLAGS: tuple[ModelFlag, ...] = (
               "weights and activations (auto: float32 on CPU; on GPU float16 for a float16 checkpoint, else bfloat16)"),
     ModelFlag("load_format", {"choices": ("auto", "safetensors", "gguf", "dummy")},
               "weights: detected, or dummy (random weights of the config's shape, for benchmarks)"),
+    ModelFlag("quantization", {}, "weight format: fp8 or int8 (W8A8) quantize a float checkpoint as it loads; "
+              "a quantized checkpoint's own method is detected from its config.json"),
     ModelFlag("seed", {"type": int}, "seed of dummy weights and of the engine's random state"),
     ModelFlag("tensor_parallel_size", {"type": int}, "GPUs (Ray workers) per pipeline stage"),
     ModelFlag("pipeline_parallel_size", {"type": int}, "pipeline stages (may span nodes)"),
+    ModelFlag("distributed_executor_backend", {"choices": ("mp", "uni", "ray")},
+              "where workers run: the replica's process (one device only) or Ray actors "
+              "(default: the process for one device, Ray for more)"),
     ModelFlag("max_model_len", {"type": int}, "prompt + output tokens of one sequence"),
     ModelFlag("max_num_seqs", {"type": int}, "sequences in one running batch"),
     ModelFlag("max_num_batched_tokens", {"type": int}, "tokens in one step (the chunked prefill budget)"),
@@ -113,6 +133,8 @@ MODEL_FLAGS: tuple[ModelFlag, ...] = (
     ModelFlag("gpu_memory_utilization", {"type": float}, "fraction of GPU memory for weights, activations and KV"),
     ModelFlag("cpu_kv_cache_bytes", {"type": int}, "KV cache bytes of one replica on CPU"),
     ModelFlag("num_kv_blocks", {"type": int}, "fixed KV cache size in blocks"),
+    ModelFlag("kv_cache_dtype", {"choices": KV_CACHE_DTYPES},
+              "KV cache storage: auto (the model's dtype) or fp8 = fp8_e4m3 (E4M3 with scales: twice the tokens)"),
     ModelFlag("enable_prefix_caching", {"action": argparse.BooleanOptionalAction, "default": None},
               "reuse the KV blocks of shared prompt prefixes"),
     ModelFlag("enforce_eager", {"action": "store_true", "default": None}, "no CUDA graphs"),
@@ -126,6 +148,18 @@ MODEL_FLAGS: tuple[ModelFlag, ...] = (
     ModelFlag("max_waiting_tokens", {"type": int}, "prompt tokens of the model allowed to wait (then 429)"),
     ModelFlag("stream_chunks_per_s", {"type": float}, "SSE chunks a replica sends a second over all its streams"),
     ModelFlag("stream_max_interval_s", {"type": float}, "most seconds between two chunks of one stream"),
+    ModelFlag("tool_call_parser", {"choices": TOOL_CALL_PARSERS},
+              "how the model writes tool calls (llama3_json: Llama 3.1+; hermes: Hermes, Qwen 2.5, and models "
+              "whose template does not render tools)"),
+    ModelFlag("enable_auto_tool_choice", {"action": "store_true", "default": None},
+              "serve tool_choice 'auto' (needs --tool-call-parser)"),
+    ModelFlag("enable_lora", {"action": "store_true", "default": None},
+              "serve LoRA adapters, each request choosing one by sending its name as `model`"),
+    ModelFlag("max_loras", {"type": int}, "adapters one step may use (device slots per replica)"),
+    ModelFlag("max_lora_rank", {"type": int}, "largest adapter rank (it sizes every slot)"),
+    ModelFlag("max_cpu_loras", {"type": int}, "adapters each worker keeps in host memory"),
+    ModelFlag("lora_modules", {"nargs": "+", "metavar": "NAME=PATH"},
+              "PEFT adapters every replica reads at start (more: POST /v1/load_lora_adapter)"),
 )
 
 
@@ -156,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", help=f"HTTP host (default: {DEFAULT_HOST})")
     srv.add_argument("--port", type=int, help=f"HTTP port (default: {DEFAULT_PORT})")
     srv.add_argument("--api-key", help="require `Authorization: Bearer <key>` on " + ", ".join(GUARDED_ROUTES)
+                     + " (with --enable-lora also " + ", ".join(LORA_ROUTES) + ")"
                      + " (" + ", ".join(OPEN_ROUTES) + " stay open for load balancers and Prometheus; "
                      "they carry no prompts or outputs) (default: FLEETLM_API_KEY, else no key)")
     srv.add_argument("--config", help="Serve config YAML (configs/serve/*.yaml) or a YAML mapping of app args")
@@ -186,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_model_flags(group: Any) -> None:
     for flag in MODEL_FLAGS:
         text = flag.help
-        if flag.dest not in ("model", "served_model_name", "trust_remote_code"):
+        if flag.dest not in ("model", "served_model_name", "trust_remote_code", "lora_modules"):
             text += f" (default: {_flag_default(flag.entry_key)})"
         group.add_argument("--" + flag.dest.replace("_", "-"), dest=flag.dest, help=text, **flag.kwargs)
 

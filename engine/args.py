@@ -6,7 +6,15 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from fleetlm.engine.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from fleetlm.engine.config import (
+    CacheConfig,
+    EngineConfig,
+    LoRAConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    resolve_kv_cache_dtype,
+)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_COMPILE_CACHE = Path.home() / ".cache" / "fleetlm" / "compile"
@@ -40,6 +48,10 @@ class EngineArgs:
     trust_remote_code: bool = False  # refused: only FleetLM's own model code runs
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    # vLLM's name. None: the engine's own process for one device, Ray actors
+    # for more; "ray" also runs a single device as a Ray actor; "mp"/"uni":
+    # the engine's process (one device only).
+    distributed_executor_backend: str | None = None
     device: str = "auto"
     dtype: str = "auto"
     gpu_memory_utilization: float = 0.9
@@ -48,14 +60,19 @@ class EngineArgs:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     load_format: str = "auto"
+    # vLLM's `quantization`: None reads the checkpoint's quantization_config (or
+    # runs dense); "fp8" / "int8" also quantize a float checkpoint as it loads.
+    quantization: str | None = None
     seed: int = 0
     block_size: int = 16
     num_kv_blocks: int | None = None
     cpu_kv_cache_bytes: int = 2 << 30
+    # "auto" (the model's dtype), "fp8" or "fp8_e4m3": K/V stored as E4M3 with scales, twice the tokens.
+    kv_cache_dtype: str = "auto"
     long_prefill_token_threshold: int = 0
     enforce_eager: bool = False
-    # None: on for a single in-process CUDA worker, off otherwise; True forces
-    # it (also on CPU, for tests); TP/PP > 1 (Ray workers) always run synchronously.
+    # None: on for CUDA workers of one pipeline stage, off otherwise; True
+    # forces it (also on CPU, for tests); PP > 1 pipelines micro-batches instead.
     async_scheduling: bool | None = None
     max_n: int = 64
     max_logprobs: int = 20
@@ -65,6 +82,13 @@ class EngineArgs:
     # Compiled kernels kept across starts, under a key of versions and device;
     # None: ~/.cache/fleetlm/compile on GPU, none on CPU (nothing compiles there).
     compile_cache_dir: str | None = None
+    # Multi-LoRA (engine/lora.py): adapters chosen per request; max_loras device
+    # slots (distinct adapters per step), adapters up to max_lora_rank, and
+    # max_cpu_loras adapters kept in host memory (None: max_loras).
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> EngineArgs:
@@ -84,7 +108,11 @@ class EngineArgs:
         return self.device
 
     def create_engine_config(self) -> EngineConfig:
+        from fleetlm.parallel.formats import resolve_quantization
         from fleetlm.workers.loader import resolve_model
+        from fleetlm.parallel.formats.gguf import keeps_quantized
+        from fleetlm.workers.loader.gguf_format import read_gguf_header
+        from fleetlm.workers.loader.gguf_model import gguf_quantization_config
 
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "block_size", "seed"):
             v = getattr(self, name)
@@ -95,6 +123,7 @@ class EngineArgs:
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         device = self.resolve_device()
+        cache_dtype = resolve_kv_cache_dtype(self.kv_cache_dtype)  # before any weights are found
         source = resolve_model(self.model, self.load_format)
         hf = source.hf_config
         dtype = self.dtype
@@ -108,6 +137,13 @@ class EngineArgs:
             dtype = "float32"
         if dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if source.kind == "gguf":  # its block types, as a checkpoint's quantization_config would say
+            hf = {**hf, "quantization_config": gguf_quantization_config(read_gguf_header(source.path))}
+        quantization = resolve_quantization(self.quantization, hf, repr(self.model))
+        if quantization == "gguf" and self.quantization is None and (
+                device == "cpu" or not keeps_quantized(hf["quantization_config"])):
+            # GGUF on CPU (or with block types the kernels do not read): dequantized to float at load.
+            quantization = None
         model_max = int(hf.get("max_position_embeddings") or 2048)
         max_len = self.max_model_len or min(model_max, 32768)
         if max_len > model_max and not hf.get("rope_scaling"):
@@ -123,19 +159,22 @@ class EngineArgs:
             seed=self.seed,
             tokenizer=self.tokenizer,
             chat_template=resolve_chat_template(self.chat_template),
+            quantization=quantization,
         )
-        parallel = ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size, device)
+        parallel = ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size, device,
+                                  executor_backend(self.distributed_executor_backend,
+                                                   self.tensor_parallel_size * self.pipeline_parallel_size))
         validate_parallel(model, parallel)
         if self.warmup not in (None, True, False):
             raise ValueError(f"warmup must be None, true or false, got {self.warmup!r}")
         if self.async_scheduling not in (None, True, False):
             raise ValueError(f"async_scheduling must be None, true or false, got {self.async_scheduling!r}")
-        if self.async_scheduling and parallel.world_size > 1:
+        if self.async_scheduling and parallel.pipeline_parallel_size > 1:
             raise ValueError(
-                "async_scheduling needs a single in-process worker (tensor_parallel_size = "
-                "pipeline_parallel_size = 1); Ray worker groups run synchronously"
+                "async_scheduling needs one pipeline stage (pipeline_parallel_size = 1); with several, "
+                "stages run micro-batches of different requests at once instead"
             )
-        async_scheduling = device == "cuda" and parallel.world_size == 1
+        async_scheduling = device == "cuda" and parallel.pipeline_parallel_size == 1
         if self.async_scheduling is not None:
             async_scheduling = self.async_scheduling
         gpu = device == "cuda"
@@ -152,6 +191,7 @@ class EngineArgs:
             cpu_kv_cache_bytes=self.cpu_kv_cache_bytes,
             enable_prefix_caching=self.enable_prefix_caching,
             num_blocks=self.num_kv_blocks,
+            cache_dtype=cache_dtype,
         )
         return EngineConfig(
             model=model,
@@ -164,7 +204,40 @@ class EngineArgs:
             max_logprobs=self.max_logprobs,
             warmup=gpu if self.warmup is None else self.warmup,
             compile_cache_dir=self.compile_cache_dir or (str(DEFAULT_COMPILE_CACHE) if gpu else None),
+            lora=self.create_lora_config(),
         )
+
+    def create_lora_config(self) -> LoRAConfig | None:
+        if self.enable_lora not in (True, False):
+            raise ValueError(f"enable_lora must be true or false, got {self.enable_lora!r}")
+        for name in ("max_loras", "max_lora_rank", "max_cpu_loras"):
+            v = getattr(self, name)
+            if v is None and name == "max_cpu_loras":
+                continue
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if not self.enable_lora:
+            return None
+        cpu = self.max_cpu_loras if self.max_cpu_loras is not None else self.max_loras
+        if cpu < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({cpu}) must be >= max_loras ({self.max_loras})")
+        return LoRAConfig(max_loras=self.max_loras, max_lora_rank=self.max_lora_rank, max_cpu_loras=cpu)
+
+
+EXECUTOR_BACKENDS = ("mp", "uni", "ray")
+
+
+def executor_backend(name: str | None, world_size: int) -> str:
+    """vLLM's distributed_executor_backend, as FleetLM runs it: "uni" (this process) or "ray"."""
+    if name is None:
+        return "uni" if world_size == 1 else "ray"
+    if name not in EXECUTOR_BACKENDS:
+        raise ValueError(f"distributed_executor_backend must be one of {', '.join(EXECUTOR_BACKENDS)} "
+                         f"(or None), got {name!r}")
+    if name in ("mp", "uni") and world_size > 1:
+        raise ValueError(f"distributed_executor_backend {name!r} runs one device in the engine's process; "
+                         f"tensor_parallel_size x pipeline_parallel_size = {world_size} needs 'ray'")
+    return "ray" if name == "ray" else "uni"
 
 
 def validate_parallel(model: ModelConfig, parallel: ParallelConfig) -> None:

@@ -11,6 +11,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+# vLLM's kv_cache_dtype values FleetLM accepts: "auto" stores K/V in the model's
+# dtype; "fp8" is "fp8_e4m3" (E4M3 with scales, workers/kv_cache.py).
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+
+
+def resolve_kv_cache_dtype(value: Any) -> str:
+    """``kv_cache_dtype`` as the engine stores it: "auto" or "fp8_e4m3"; anything else is an error."""
+    if value not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got {value!r}")
+    return "fp8_e4m3" if value == "fp8" else value
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -24,6 +35,9 @@ class ModelConfig:
     seed: int = 0
     tokenizer: str | None = None  # tokenizer source other than the model's (local dir or hub id)
     chat_template: str | None = field(default=None, repr=False)  # overrides the tokenizer's
+    # Weight format of the linear layers: None (dense) or a registered quantization
+    # name (parallel/formats), resolved against config.json's quantization_config.
+    quantization: str | None = None
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.hf_config.get(key, default)
@@ -69,6 +83,8 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     # Force the number of blocks (tests use this to make preemption happen).
     num_blocks: int | None = None
+    # "auto": K/V in the model's dtype; "fp8_e4m3": one byte per element with scales.
+    cache_dtype: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -76,6 +92,8 @@ class ParallelConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     device: str = "cpu"  # "cpu" | "cuda", resolved from "auto" at the edge
+    # "uni": the one worker in the engine's process; "ray": one Ray actor per device.
+    distributed_executor_backend: str = "uni"
 
     @property
     def world_size(self) -> int:
@@ -93,13 +111,22 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    """Multi-LoRA limits (``enable_lora``); see ``engine/lora.py``."""
+
+    max_loras: int = 1  # device slots: the distinct adapters one step may use
+    max_lora_rank: int = 16  # largest adapter rank; sizes every slot
+    max_cpu_loras: int = 1  # adapters each worker keeps in host memory (>= max_loras)
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
     cache: CacheConfig
     parallel: ParallelConfig
     scheduler: SchedulerConfig
     use_cuda_graphs: bool = True
-    # Schedule and launch step N+1 while step N runs (one in-process worker only).
+    # Schedule and launch step N+1 while step N runs (one pipeline stage only).
     async_scheduling: bool = False
     max_n: int = 64
     max_logprobs: int = 20
@@ -108,3 +135,4 @@ class EngineConfig:
     warmup: bool = False
     # Where Triton's compiled kernels persist across starts (workers/compile_cache.py); None: Triton's default.
     compile_cache_dir: str | None = None
+    lora: LoRAConfig | None = None  # None: LoRA off (enable_lora=False)

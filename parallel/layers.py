@@ -22,6 +22,7 @@ from torch import nn
 
 from fleetlm.parallel.context import ParallelContext
 from fleetlm.parallel.formats import DenseMethod, LinearMethod, ParamSpec
+from fleetlm.parallel.formats.base import copy_block
 
 
 def _split(n: int, parts: int, what: str) -> int:
@@ -34,26 +35,37 @@ def _param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | st
     return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
 
 
-def _copy(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
-    if tuple(dst.shape) != tuple(src.shape):
-        raise ValueError(f"weight {name}: checkpoint shard {tuple(src.shape)} != parameter {tuple(dst.shape)}")
-    dst.copy_(src)
+_copy = copy_block
 
 
 def _read(lazy, spec: ParamSpec, out_range: tuple[int, int] | None, in_range: tuple[int, int] | None):
-    """The block of a checkpoint tensor covering output features ``out_range`` and input features ``in_range``."""
+    """The block of a checkpoint tensor covering output features ``out_range`` and input features ``in_range``.
+
+    A dimension of size 1, or one the tensor lacks, is broadcast over the
+    features (a per-tensor scale, 0-d or ``[1]``, or the trailing 1 of
+    ``[out, 1]`` scales): every rank keeps it whole.
+    Float tensors are read in the layer's dtype; integer and FP8 tensors as
+    stored (a float block for an FP8 tensor is the format's to quantize).
+    """
     cuts: dict[int, slice] = {}
     if out_range is not None and spec.out_dim is not None:
         cuts[spec.out_dim] = spec.element_range(out_range, spec.out_per, "output")
     if in_range is not None and spec.in_dim is not None:
         cuts[spec.in_dim] = spec.element_range(in_range, spec.in_per, "input")
+    cuts = {d: c for d, c in cuts.items() if d < len(lazy.shape) and lazy.shape[d] != 1}
     if set(cuts) - {0, 1}:
         raise ValueError(f"{spec.name}: only the first two dimensions of a tensor can be split")
-    return lazy.load(rows=cuts.get(0), cols=cuts.get(1))
+    dtype = spec.dtype if _CASTABLE.get(spec.dtype) else None
+    return lazy.load(rows=cuts.get(0), cols=cuts.get(1), dtype=dtype)
+
+
+_CASTABLE = {torch.float32: True, torch.float16: True, torch.bfloat16: True}
 
 
 class LinearBase(nn.Module):
     """A linear layer of this rank's ``in_features x out_features``, its tensors owned by ``method``."""
+
+    input_is_parallel = False  # whether the input features are split over the TP ranks (row-parallel)
 
     def __init__(self, in_features: int, out_features: int, bias: bool, ctx: ParallelContext, dtype, device,
                  method: LinearMethod) -> None:
@@ -74,14 +86,22 @@ class LinearBase(nn.Module):
         return spec
 
     def _load_part(self, name: str, lazy, out_range, in_range, out_offset: int, out_size: int | None) -> None:
-        """Copy the checkpoint block into this rank's tensor, at output features [out_offset, +out_size)."""
+        """Hand the checkpoint block to the format, for output features [out_offset, +out_size) of this rank."""
         spec = self._spec(name)
         block = _read(lazy, spec, out_range, in_range)
-        dst = getattr(self, spec.name).data
-        if out_size is not None and spec.out_dim is not None:
-            part = spec.element_range((out_offset, out_offset + out_size), spec.out_per, "output")
-            dst = dst.narrow(spec.out_dim, part.start, part.stop - part.start)
-        _copy(dst, block, name)
+        self.method.load_tensor(self, spec, block, None if out_size is None else (out_offset, out_size), name)
+
+    def part(self, tensor: str, part: tuple[int, int] | None) -> torch.Tensor:
+        """Tensor ``tensor`` of this layer, narrowed to output features ``part`` = (offset, count) (None: whole)."""
+        spec, dst = self.specs[tensor], getattr(self, tensor).data
+        if part is None or spec.out_dim is None:
+            return dst
+        rng = spec.element_range((part[0], part[0] + part[1]), spec.out_per, "output")
+        return dst.narrow(spec.out_dim, rng.start, rng.stop - rng.start)
+
+    def input_quant(self, x):
+        """How this layer wants ``x`` quantized by the kernel producing it (None: as it is); see formats/base.py."""
+        return self.method.input_quant(self, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.apply(self, x, self.bias)
@@ -98,6 +118,10 @@ class ColumnParallelLinear(LinearBase):
         lo = self.ctx.tp_rank * self.out_per_rank
         self._load_part(name, lazy, (lo, lo + self.out_per_rank), None, 0, None)
 
+    def output_shards(self) -> list[tuple[int, int, int]]:
+        """Per fused projection: (first output feature this rank keeps, how many, where they sit here)."""
+        return [(self.ctx.tp_rank * self.out_per_rank, self.out_per_rank, 0)]
+
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel projections of one input fused into one matmul (gate_up)."""
@@ -107,13 +131,17 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self.shard_sizes = [_split(n, ctx.tp_size, "output features") for n in out_sizes]
 
     def load_shard(self, shard: int, name: str, lazy) -> None:
-        size = self.shard_sizes[shard]
-        lo = self.ctx.tp_rank * size
-        self._load_part(name, lazy, (lo, lo + size), None, sum(self.shard_sizes[:shard]), size)
+        lo, size, offset = self.output_shards()[shard]
+        self._load_part(name, lazy, (lo, lo + size), None, offset, size)
 
-    def silu_mul(self, x: torch.Tensor, silu_and_mul) -> torch.Tensor:
-        """``silu(gate) * up`` of the two halves (a format may fuse it into the matmul)."""
-        return self.method.apply_silu_mul(self, x, self.bias, silu_and_mul)
+    def output_shards(self) -> list[tuple[int, int, int]]:
+        rank = self.ctx.tp_rank
+        return [(rank * size, size, sum(self.shard_sizes[:i])) for i, size in enumerate(self.shard_sizes)]
+
+    def silu_mul(self, x: torch.Tensor, silu_and_mul, quant=None) -> torch.Tensor:
+        """``silu(gate) * up`` of the two halves (a format may fuse it into the matmul, and quantize it as
+        ``quant``, the next layer's ``input_quant``, asks)."""
+        return self.method.apply_silu_mul(self, x, self.bias, silu_and_mul, quant)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -144,21 +172,25 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.q_size, self.kv_size = q, kv
 
     def load_shard(self, shard: str, name: str, lazy) -> None:
-        rank, d = self.ctx.tp_rank, self.head_dim
-        if shard == "q":
-            lo, size, offset = rank * self.q_size, self.q_size, 0
-        else:
-            if self.total_kv_heads >= self.ctx.tp_size:
-                head = rank * self.num_kv_heads
-            else:
-                head = rank * self.total_kv_heads // self.ctx.tp_size
-            lo, size = head * d, self.kv_size
-            offset = self.q_size + (0 if shard == "k" else self.kv_size)
+        lo, size, offset = self.output_shards()["qkv".index(shard)]
         self._load_part(name, lazy, (lo, lo + size), None, offset, size)
+
+    def output_shards(self) -> list[tuple[int, int, int]]:
+        """q, k, v: (first checkpoint row this rank keeps, how many, offset in the fused output)."""
+        rank = self.ctx.tp_rank
+        if self.total_kv_heads >= self.ctx.tp_size:
+            head = rank * self.num_kv_heads
+        else:
+            head = rank * self.total_kv_heads // self.ctx.tp_size
+        kv_lo = head * self.head_dim
+        return [(rank * self.q_size, self.q_size, 0), (kv_lo, self.kv_size, self.q_size),
+                (kv_lo, self.kv_size, self.q_size + self.kv_size)]
 
 
 class RowParallelLinear(LinearBase):
     """y = all_reduce(x_shard W_shard^T) (+ b): W's columns (input features) split."""
+
+    input_is_parallel = True
 
     def __init__(self, in_features, out_features, bias, ctx: ParallelContext, dtype, device, method: LinearMethod):
         super().__init__(_split(in_features, ctx.tp_size, "input features"), out_features, bias, ctx, dtype, device,
@@ -167,6 +199,9 @@ class RowParallelLinear(LinearBase):
     def load(self, name: str, lazy) -> None:
         lo = self.ctx.tp_rank * self.in_per_rank
         self._load_part(name, lazy, None, (lo, lo + self.in_per_rank), 0, None)
+
+    def output_shards(self) -> list[tuple[int, int, int]]:
+        return [(0, self.out_per_rank, 0)]  # every rank computes every output feature (partial sums)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The bias is added once, after the sum over ranks.
