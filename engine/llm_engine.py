@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
+import time
 from collections import deque
 
 from fleetlm.engine.config import EngineConfig
@@ -72,7 +73,9 @@ class LLMEngine:
 
         self.config = config
         self.model_config = config.model
+        t0 = time.perf_counter()
         self.tokenizer = tokenizer if tokenizer is not None else model_tokenizer(config.model)
+        tokenizer_s = time.perf_counter() - t0
         self.workers = worker_group or create_worker_group(config)
         self.scheduler = Scheduler(config.scheduler, config.cache, self.workers.num_blocks, config.lora)
         self.loras = (LoRARegistry(config.model, config.lora, self.scheduler.loras, self.workers)
@@ -90,15 +93,26 @@ class LLMEngine:
         # A step that raised left the scheduler advanced past work that never
         # ran (progress moves at schedule time): nothing may be scheduled after it.
         self._step_failure: BaseException | None = None
-        # Seconds per start-up phase: the workers' (start, weights, KV, graphs), then the warm-up.
-        self.startup_seconds: dict[str, float] = dict(self.workers.startup_seconds)
+        # Seconds per start-up phase: the tokenizer, the workers' (start, weights, KV, graphs), the warm-up.
+        self.startup_seconds: dict[str, float] = {"tokenizer": tokenizer_s, **self.workers.startup_seconds}
         self.warmup_report: WarmupReport | None = None
+        cache = self.workers.compile_cache  # None for Ray workers: each logs its own
         if config.warmup:
             self.warmup_report = warm_up(self)
             self.startup_seconds["warmup"] = self.warmup_report.seconds
-        cache = self.workers.compile_cache  # None for Ray workers: each logs its own
+            if cache is not None and self.warmup_report.finished:
+                cache.mark_warm(self.warmup_report.seconds)
+        self.startup_details = self._startup_details()
         logger.info("engine up: %s%s", ", ".join(f"{k} {v:.2f} s" for k, v in self.startup_seconds.items()),
-                    f"; compile cache {cache.dir} ({cache.entries_at_start} entries at start)" if cache else "")
+                    f"; compile cache {cache.dir} ({cache.entries_at_start} entries at start, "
+                    f"{'warm' if cache.warm else 'cold'})" if cache else "")
+
+    def _startup_details(self) -> dict:
+        """What the start-up found and moved: the compile cache (warm or not), the weights' bytes and GB/s."""
+        cache = self.workers.compile_cache
+        nbytes, seconds = self.workers.weights_bytes, self.startup_seconds.get("load_weights")
+        weights = {"bytes": nbytes, "seconds": seconds, "gbps": nbytes / seconds / 1e9} if nbytes and seconds else None
+        return {"compile_cache": cache.to_dict() if cache is not None else None, "weights": weights}
 
     @property
     def async_scheduling(self) -> bool:
