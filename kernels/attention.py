@@ -140,7 +140,13 @@ if HAS_TRITON:
         acc = tl.dot(p.to(q.dtype), v.to(q.dtype), acc, input_precision=PRECISION)
         return acc, l_i, m_new
 
-    @triton.jit
+    # Integer arguments that change from step to step are not specialized on (Triton would compile a
+    # variant per class: == 1, multiple of 16, other): the block table's width (the longest request's
+    # block count), the number of requests, the split count. Each new class met mid-serving compiled
+    # for seconds: the first H100 run of the FP8 cache timed such compilations in its offline figure
+    # (bf16's variants were already in the on-disk cache). They only address the block table row and
+    # bound loops, so the hints were worth nothing.
+    @triton.jit(do_not_specialize=["num_reqs", "stride_bt"])
     def _prefill_kernel(
         q_ptr,
         k_cache_ptr,
@@ -248,7 +254,7 @@ if HAS_TRITON:
             mask=row_mask[:, None] & d_mask[None, :],
         )
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_splits", "stride_bt"])
     def _decode_kernel(
         q_ptr,
         k_cache_ptr,
@@ -348,7 +354,7 @@ if HAS_TRITON:
                 mask=mask,
             )
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_splits"])
     def _decode_reduce_kernel(
         part_out_ptr,
         part_lse_ptr,

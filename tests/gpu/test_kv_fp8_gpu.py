@@ -120,6 +120,27 @@ def test_decode_tiles_and_splits_fp8(block_n, num_splits, num_stages):
     torch.testing.assert_close(out, attention.paged_attention_ref(*batch.args(), **scales), **TOL[torch.bfloat16])
 
 
+def _compiled_variants(fn) -> int:
+    caches = getattr(fn, "device_caches", None)
+    if caches is None:
+        pytest.skip("this triton keeps its compiled kernels elsewhere")
+    return sum(len(entry[0]) for entry in caches.values())
+
+
+def test_step_to_step_shapes_compile_no_new_variant():
+    # Block tables as wide as the longest request (1, 16, 32, 33 blocks) and 1, 16 or 17 requests: one
+    # compiled variant per kernel, not one per divisibility class met mid-serving.
+    config = attention.DecodeConfig(block_n=128, num_splits=3, num_warps=4, num_stages=2)
+    counts = []
+    for reqs, ctx in ((1, 16), (16, 16 * 16), (17, 32 * 16), (16, 33 * 16 - 5), (3, 40 * 16)):
+        batch, scales = _fp8_batch([1] * reqs, [ctx] * reqs, torch.bfloat16, seed=reqs)
+        attention.paged_attention_decode(*batch.args()[:7], batch.max_seqlen_k, config, **scales)
+        batch, scales = _fp8_batch([ctx] * reqs, [ctx] * reqs, torch.bfloat16, seed=reqs)
+        attention.paged_attention_prefill(*batch.args()[:7], **scales)
+        counts.append((_compiled_variants(attention._decode_kernel), _compiled_variants(attention._prefill_kernel)))
+    assert counts[1:] == counts[:1] * (len(counts) - 1), counts
+
+
 def test_fp8_error_against_the_bf16_cache():
     # The same values in a bf16 cache: E4M3 (3 mantissa bits) stays within a few percent.
     q_lens, seq_lens = CASES["chunked_mixed"]
