@@ -31,31 +31,14 @@ try:
     import triton
     import triton.language as tl
 
+    from fleetlm.kernels.e4m3 import round_to_e4m3 as _round_to_e4m3
+
     HAS_TRITON = True
 except ImportError:  # CPU-only install: the torch reference below still works.
     HAS_TRITON = False
 
 
 if HAS_TRITON:
-
-    @triton.jit
-    def _round_to_e4m3(x):
-        """float32 in [-448, 448] -> the nearest E4M3 value (ties to even), still float32.
-
-        The cast of an exact E4M3 value is exact on every backend; the CPU
-        interpreter of triton 3.9 rounds float32 -> fp8 casts itself, wrongly
-        (no carry into the exponent, ties away from zero). A few integer ops
-        in a memory-bound kernel.
-        """
-        bits = x.to(tl.int32, bitcast=True)
-        # Normals: keep 3 mantissa bits of 23, rounding to nearest even; a carry bumps the exponent.
-        bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576  # -1048576 == 0xFFF00000 as int32
-        normal = bits.to(tl.float32, bitcast=True)
-        # Below 2^-6, E4M3's subnormals are multiples of 2^-9: adding 2^14 (ulp 2^-9) rounds to one, ties to even.
-        a = tl.abs(x)
-        sub = (a + 16384.0) - 16384.0
-        sub = tl.where(x < 0, -sub, sub)
-        return tl.where(a < 0.015625, sub, normal)
 
     @triton.jit
     def _store_kv_cache_kernel(
