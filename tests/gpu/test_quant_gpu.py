@@ -54,6 +54,25 @@ def test_qgemv_at_full_size(qdtype, n, k):
 
 
 @pytest.mark.parametrize("qdtype", QDTYPES)
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336), (1000, 1000)])
+def test_small_mm_at_full_size(qdtype, m, n, k):
+    """1-16 quantized rows on the tensor cores: INT8 exact in int32 (the float32 result equals _int_mm's
+    with the same epilogue); FP8 near torch._scaled_mm."""
+    from fleetlm.kernels import qlinear, quant
+    from fleetlm.parallel.formats.w8a8 import quantize_weight
+
+    w, s = quantize_weight(torch.randn(n, k, device="cuda") / k ** 0.5, qdtype)
+    for dtype in (torch.bfloat16, torch.float32):
+        xq = quant.quantize_ref(torch.randn(m, k, device="cuda", dtype=dtype), qdtype)
+        got = qlinear.small_mm(xq, w, s)
+        if qdtype == torch.int8 and dtype == torch.float32:
+            assert torch.equal(got, qlinear.scaled_mm_ref(xq, w, s))
+        want = (xq.data.float() @ w.float().T) * xq.scale * s
+        torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("qdtype", QDTYPES)
 def test_fused_quantization_gives_the_references_codes(qdtype):
     from fleetlm.kernels import quant
 
