@@ -12,8 +12,16 @@
   activation stays 16-bit here: it is ``K`` elements, quantizing it would
   save nothing and cost a rounding. ``qgemv_silu_mul`` fuses Llama's gate
   on a merged ``[gate; up]`` weight as kernels/gemv.py does.
-- ``scaled_mm(xq, W, s_w, bias)``: a batch (prefill, decode of many) whose
-  activation is quantized per token (``kernels/quant.py``): FP8 through
+- ``small_mm(xq, W, s_w, bias)``: 1-16 rows whose activation is quantized
+  per token (decode of W8A8): ``tl.dot`` on the 8-bit codes (tensor cores,
+  rows padded to 16 in registers), scales and bias in the epilogue. Reads
+  ``N K`` weight bytes once; ``2 M N K`` operations are nothing next to
+  them. A CUDA-core GEMV must convert each weight byte to fp32 (INT8: I2F
+  at a quarter of the FP32 rate, about what 3 TB/s of int8 needs per SM);
+  ``tl.dot`` takes INT8 codes as they are (FP8: two per packed convert).
+- ``scaled_mm(xq, W, s_w, bias)``: any batch whose activation is quantized
+  per token (``kernels/quant.py``); 1-16 rows on CUDA go to ``small_mm``,
+  more (prefill, big decode batches): FP8 through
   ``torch._scaled_mm`` with row-wise scales (2 M N K FLOPs at the FP8 tensor
   core rate, 1,333 TFLOP/s measured on an H200), INT8 through
   ``torch._int_mm`` (917 TOP/s) and one epilogue pass applying both scales.
@@ -44,9 +52,10 @@ GEMV_CONFIG = {"BLOCK_N": 4, "BLOCK_K": 2048, "num_warps": 4}
 _INT_MM_MIN_ROWS = 17
 # Up to this many quantized rows (decode of a small batch) take _small_mm_kernel instead of cuBLAS:
 # bound by the weight's bytes, where cuBLAS at a few rows reads an FP8 weight at 2.19 TB/s (H200,
-# copy 4.28) and _int_mm needs padding to 17 rows. One program: all rows x BLOCK_N weight rows.
+# copy 4.28) and _int_mm needs padding to 17 rows. One program: all rows x BLOCK_N weight rows; 16 rows
+# keep 256+ programs (2 per SM of 132) for the 8B shape's smallest projections (N = 4096).
 SMALL_M_MAX = 16
-SMALL_MM_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 4}
+SMALL_MM_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4, "num_stages": 4}
 
 
 if HAS_TRITON:
