@@ -9,8 +9,8 @@
   and +12.0% for unsmoothed INT8 on this 135M model; printed here), and
   the greedy tokens of CUDA graphs with async scheduling equal those of
   eager synchronous steps (the prefix cache on in both: a hit changes the
-  prefill's shape, so cuBLAS's rounding; batch 1 takes the GEMV, batches
-  ``_scaled_mm`` / ``_int_mm``; both are exercised);
+  prefill's shape, so cuBLAS's rounding; decode batches of 1-16 take
+  ``small_mm``, prefill ``_scaled_mm`` / ``_int_mm``; both are exercised);
 - FP8 on a GPU without FP8 tensor cores is refused at start.
 
 Run on the device machine: ``pytest -m gpu tests/gpu/test_quant_gpu.py -s``.
