@@ -281,6 +281,8 @@ def kernels(run: Run, copy_gbps: float | None) -> dict[str, Any]:
                             f"{row[f'{name}_small_mm_m16_tbps']:.2f}; GEMV(16-bit x) "
                             f"{row[f'{name}_gemv_16bit_act_tbps']:.2f}; cuBLAS m1 {row[f'{name}_cublas_m1_tbps']:.2f}"
                             f"; bf16 GEMV {row['bf16_gemv_tbps']:.2f}")
+    if dev == "cuda" and run.left() > 60:
+        results["prefill"] = prefill_matmuls(run)
     # The fused quantization kernels at full size against their references (codes equal, share of).
     if dev == "cuda":
         for qd in (torch.float8_e4m3fn, torch.int8):
@@ -302,6 +304,43 @@ def kernels(run: Run, copy_gbps: float | None) -> dict[str, Any]:
             run.row(f"quant kernels {qd}: codes equal (quantize / rms / silu)", None, "", None, ", ".join(
                 f"{results['checks'][f'{nm}.{qd}']['codes_equal']:.4f}" for nm in pairs))
     return results
+
+
+def prefill_matmuls(run: Run, m: int = 4096) -> dict[str, Any]:
+    """The 8B projections at ``m`` prefill rows: bf16 ``F.linear``, FP8 ``scaled_mm`` (``_scaled_mm`` with
+    its scales fused) and INT8 ``scaled_mm`` (``_int_mm``, then one epilogue pass over the int32 result:
+    its cost is the gap to ``_int_mm`` alone), in TFLOP/s beside each format's 8192^3 ceiling."""
+    import torch
+    import torch.nn.functional as F
+
+    from fleetlm.kernels import qlinear, quant
+    from fleetlm.parallel.formats.w8a8 import quantize_weight
+
+    out: dict[str, Any] = {"m": m}
+    for proj, (n, k) in SHAPES["8b"].items():
+        if run.left() < 45:
+            out["incomplete"] = True
+            break
+        flops = 2 * m * n * k
+        w16 = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        row = {"bf16_tflops": flops / _time(lambda: F.linear(x, w16), 10) / 1e12}
+        for name, qd in (("fp8", torch.float8_e4m3fn), ("int8", torch.int8)):
+            w, s = quantize_weight(w16, qd)
+            xq = quant.quantize(x, qd)
+            ref = (xq.data.float() @ w.float().T) * xq.scale * s
+            row[f"{name}_max_rel_err"] = _rel_err(qlinear.scaled_mm(xq, w, s), ref)
+            del ref
+            row[f"{name}_tflops"] = flops / _time(lambda: qlinear.scaled_mm(xq, w, s), 10) / 1e12
+            if qd == torch.int8:
+                row["int8_int_mm_only_tops"] = flops / _time(lambda: torch._int_mm(xq.data, w.t()), 10) / 1e12
+            del w, s, xq
+        out[proj] = row
+        run.row(f"8b.{proj} prefill {m} rows bf16 / fp8 / int8", row["bf16_tflops"], "TFLOP/s", None,
+                f"fp8 {row['fp8_tflops']:.0f}, int8 {row['int8_tflops']:.0f} (_int_mm alone "
+                f"{row['int8_int_mm_only_tops']:.0f})")
+        del w16, x
+    return out
 
 
 def _model(llm):
