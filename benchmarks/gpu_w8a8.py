@@ -1,21 +1,23 @@
 """FP8 and INT8 W8A8 against bf16 on one GPU, in one process, table printed last.
 
-    python benchmarks/gpu_w8a8.py --out $OUT                 # everything, ~8 min on one H200
-    python benchmarks/gpu_w8a8.py --parts kernels,8b         # the 8B shape only
-    python benchmarks/gpu_w8a8.py --parts 70b                # the 70B shape in FP8
+    python benchmarks/gpu_w8a8.py --out $OUT                 # ceilings, kernels, 8b: ~4 min on one H100
+    python benchmarks/gpu_w8a8.py --parts 70b --budget 470   # the 70B shape in FP8 (an H200)
     python benchmarks/gpu_w8a8.py --device cpu --smoke       # CPU self-test of every path (tiny model)
 
 Parts (each bounded by time; one failing is recorded and the rest run):
 
 ========  ==================================================================================
 ceilings  copy GB/s; bf16 matmul, FP8 ``_scaled_mm`` (row-wise) and INT8 ``_int_mm`` at 8192^3
-kernels   per projection of Llama-3.1-8B and -70B, one decode row: the bf16 GEMV, the FP8 and
-          INT8 GEMVs (a few launch configs, best kept) and ``_scaled_mm`` at one row, in TB/s of
-          weight bytes (weights rotated past L2); each GEMV checked against its reference; the
-          fused quantization kernels checked against theirs at full size
+kernels   per projection of Llama-3.1-8B (``--kernel-shapes 8b,70b`` adds 70B): FP8 and INT8
+          ``small_mm`` (the engine's W8A8 decode kernel) at 1, 4 and 16 rows (a few launch
+          configs at 1 row), the 16-bit-activation GEMV, cuBLAS at the same rows, the bf16
+          GEMV; each checked against its reference first (a wrong one is not timed), then
+          timed replayed from a CUDA graph (as decode runs) in TB/s of weight bytes, weights
+          rotated past L2; the fused quantization kernels checked at full size
 8b        Llama-3.1-8B shape, dummy weights, for bf16, fp8 and int8 in turn: load seconds, peak
           memory, batch-1 decode 128 in / 512 out (tok/s, and the roofline: bytes a step reads /
-          copy GB/s), offline 1000 x 1024 / 128 and 512 x 512 / 128 (tok/s, MFU against the
+          copy GB/s), offline 1024 / 128 and 512 / 128 (``--prompts-scale`` of the issue's
+          1000 and 512 prompts, 0.5 by default to fit 4 minutes; tok/s, MFU against the
           format's matmul ceiling); ratios to bf16
 70b       Llama-3.1-70B shape in FP8 (quantized as it loads): load seconds and peak memory,
           batch-1 decode 128 / 512 (roofline ~60 tok/s on an H200), 256 x 512 / 128
@@ -54,9 +56,9 @@ WORKLOADS = {  # full / smoke
 # 8B (hidden 4096, intermediate 14336, 32 q / 8 kv heads of 128) and 70B (8192, 28672, 64 / 8) projections: (N, K).
 SHAPES = {"8b": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)},
           "70b": {"qkv": (10240, 8192), "o": (8192, 8192), "gate_up": (57344, 8192), "down": (8192, 28672)}}
-GEMV_CONFIGS = [{"BLOCK_N": 4, "BLOCK_K": 2048, "num_warps": 4}, {"BLOCK_N": 4, "BLOCK_K": 1024, "num_warps": 2},
-                {"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 4}, {"BLOCK_N": 2, "BLOCK_K": 2048, "num_warps": 2},
-                {"BLOCK_N": 8, "BLOCK_K": 2048, "num_warps": 8}, {"BLOCK_N": 4, "BLOCK_K": 4096, "num_warps": 4}]
+# small_mm launch configs tried at one row besides qlinear.SMALL_MM_CONFIG (what the engine runs).
+SMALL_MM_CONFIGS = [{"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 4},
+                    {"BLOCK_N": 16, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 3}]
 
 
 class Run:
@@ -162,7 +164,40 @@ def ceilings(run: Run) -> dict[str, Any]:
     return out
 
 
+def _time_graph(fns, copies: int, reps: int = 3) -> tuple[float, str]:
+    """Seconds per call of ``fns(i)`` (i cycling over ``copies`` weights), replayed from a CUDA graph as the
+    engine's decode runs: an eager loop of small kernels measures Python launch overhead instead (the first
+    H100 record's 0.5 TB/s for the bf16 and 8-bit GEMVs alike at the 8B q/k/v shape). Eager on failure."""
+    import torch
+
+    per = max(copies, 8)
+    for i in range(per):  # compile and warm outside the capture
+        fns(i)
+    _sync()
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+            for i in range(per):
+                fns(i)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph.replay()
+        _sync()
+        return _time(graph.replay, reps) / per, "cuda_graph"
+    except Exception:  # noqa: BLE001 - timing must still come back
+        traceback.print_exc()
+        it = iter(range(10 ** 9))
+        return _time(lambda: fns(next(it) % copies), 50), "eager"
+
+
+def _rel_err(got, ref) -> float:
+    return ((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30)).item()
+
+
 def kernels(run: Run, copy_gbps: float | None) -> dict[str, Any]:
+    """Per 8B (and, with --kernel-shapes 8b,70b, 70B) projection: every decode kernel checked against its
+    reference, then timed from a CUDA graph in TB/s of weight bytes (weights rotated past L2)."""
     import torch
 
     from fleetlm.kernels import gemv, qlinear, quant
@@ -170,51 +205,83 @@ def kernels(run: Run, copy_gbps: float | None) -> dict[str, Any]:
 
     dev = run.ns.device
     results: dict[str, Any] = {"gemv": {}, "checks": {}}
-    shapes = SHAPES if dev == "cuda" else {"tiny": {"a": (96, 256), "b": (64, 320)}}
+    shapes = ({m: SHAPES[m] for m in run.ns.kernel_shapes.split(",")} if dev == "cuda"
+              else {"tiny": {"a": (96, 256), "b": (64, 320)}})
+    roof = copy_gbps and copy_gbps / 1e3
+    # The engine runs need about 150 s for three formats: the kernels stop early rather than starve them.
+    reserve = 40 + (150 if "8b" in run.ns.parts.split(",") and dev == "cuda" else 0)
+    configs = [qlinear.SMALL_MM_CONFIG] + [c for c in SMALL_MM_CONFIGS if c != qlinear.SMALL_MM_CONFIG]
     for model, projections in shapes.items():
         for proj, (n, k) in projections.items():
-            if run.left() < 30:
+            if run.left() < reserve:
                 results["incomplete"] = True
                 break
-            x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
             # Enough distinct weights that none stays in L2 (50 MB on an H100/H200) between uses.
             copies = max(2, min(16, -(-400_000_000 // (n * k))))
             w16 = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) / k ** 0.5 for _ in range(copies)]
-            row: dict[str, Any] = {"n": n, "k": k}
-            it = iter(range(10 ** 9))
+            row: dict[str, Any] = {"n": n, "k": k, "copies": copies}
+            x1 = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
             if dev == "cuda":
-                t = _time(lambda: gemv.linear(x, w16[next(it) % copies]), 50)
+                t, row["timing"] = _time_graph(lambda i: gemv.linear(x1, w16[i % copies]), copies)
                 row["bf16_gemv_tbps"] = 2 * n * k / t / 1e12
             for name, qd in (("fp8", torch.float8_e4m3fn), ("int8", torch.int8)):
                 ws = [quantize_weight(w, qd) for w in w16]
-                ref = qlinear.qgemv_ref(x, *ws[0])
+                wbytes = n * k + 4 * n
+                # Correctness first: every kernel timed below against its reference.
+                errs = {}
                 if dev == "cuda":
-                    got = qlinear.qgemv(x, *ws[0])
-                    row[f"{name}_gemv_max_rel_err"] = ((got.float() - ref.float()).abs().max()
-                                                       / ref.float().abs().max()).item()
+                    errs["gemv_16bit_act"] = _rel_err(qlinear.qgemv(x1, *ws[0]), qlinear.qgemv_ref(x1, *ws[0]))
+                xs = {m: quant.quantize_ref(torch.randn(m, k, device=dev, dtype=torch.bfloat16), qd)
+                      for m in (1, 4, 16)}
+                for m, xq in xs.items():
+                    ref = (xq.data.float() @ ws[0][0].float().T) * xq.scale * ws[0][1]
+                    errs[f"small_mm_m{m}"] = _rel_err(qlinear.small_mm(xq, *ws[0]), ref) if dev == "cuda" else None
+                    mm = qlinear.scaled_mm if dev == "cuda" else qlinear.scaled_mm_ref
+                    errs[f"scaled_mm_m{m}"] = _rel_err(mm(xq, *ws[0]), ref)
+                row[f"{name}_max_rel_err"] = errs
+                bad = {key: e for key, e in errs.items() if e is not None and not e < 2e-2}
+                if bad:
+                    row[f"{name}_error"] = f"wrong results, not timed: {bad}"
+                    continue
+                if dev != "cuda":
+                    continue
+                t, _ = _time_graph(lambda i: qlinear.qgemv(x1, *ws[i % copies]), copies)
+                row[f"{name}_gemv_16bit_act_tbps"] = wbytes / t / 1e12
+                for m, xq in xs.items():
                     best = None
-                    for cfg in GEMV_CONFIGS:
-                        t = _time(lambda: qlinear.qgemv(x, *ws[next(it) % copies], config=cfg), 50)
-                        tbps = (n * k + 4 * n) / t / 1e12
-                        row.setdefault(f"{name}_gemv_configs", []).append({**cfg, "tbps": tbps})
+                    for cfg in configs if m == 1 else configs[:1]:
+                        t, _ = _time_graph(lambda i: qlinear.small_mm(xq, *ws[i % copies], config=cfg), copies)
+                        tbps = wbytes / t / 1e12
+                        row.setdefault(f"{name}_small_mm_m{m}_configs", []).append({**cfg, "tbps": tbps})
                         if best is None or tbps > best[1]:
                             best = (cfg, tbps)
-                    row[f"{name}_gemv_tbps_default"] = row[f"{name}_gemv_configs"][0]["tbps"]
-                    row[f"{name}_gemv_tbps_best"], row[f"{name}_gemv_best_config"] = best[1], best[0]
-                if qd == torch.float8_e4m3fn:
-                    xq = quant.quantize_ref(x, qd)
-                    out_dtype = torch.bfloat16
-                    t = _time(lambda: torch._scaled_mm(xq.data, ws[next(it) % copies][0].t(), scale_a=xq.scale,
-                                                       scale_b=ws[0][1].view(1, -1), out_dtype=out_dtype), 50)
-                    row["fp8_scaled_mm_1row_tbps"] = (n * k + 4 * n) / t / 1e12
+                    row[f"{name}_small_mm_m{m}_tbps"] = row[f"{name}_small_mm_m{m}_configs"][0]["tbps"]
+                    row[f"{name}_small_mm_m{m}_best"] = {**best[0], "tbps": best[1]}
+                # cuBLAS at the same rows, for the dispatch's threshold (_int_mm pads to 17 rows).
+                for m, xq in xs.items():
+                    if qd == torch.float8_e4m3fn:
+                        fn = lambda i, xq=xq: torch._scaled_mm(xq.data, ws[i % copies][0].t(), scale_a=xq.scale,  # noqa: E731
+                                                               scale_b=ws[i % copies][1].view(1, -1),
+                                                               out_dtype=torch.bfloat16)
+                    else:
+                        fn = lambda i, xq=xq: qlinear._int_mm(xq.data, ws[i % copies][0])  # noqa: E731
+                    t, _ = _time_graph(fn, copies)
+                    row[f"{name}_cublas_m{m}_tbps"] = wbytes / t / 1e12
                 del ws
             del w16
             results["gemv"][f"{model}.{proj}"] = row
+            run.save()
             if dev == "cuda":
-                run.row(f"GEMV {model}.{proj} bf16 / fp8 / int8 / _scaled_mm", row.get("fp8_gemv_tbps_default"),
-                        "TB/s", copy_gbps and copy_gbps / 1e3,
-                        f"bf16 {row['bf16_gemv_tbps']:.2f}, fp8 best {row['fp8_gemv_tbps_best']:.2f}, int8 "
-                        f"{row['int8_gemv_tbps_default']:.2f}, _scaled_mm {row['fp8_scaled_mm_1row_tbps']:.2f}")
+                for name in ("fp8", "int8"):
+                    if f"{name}_small_mm_m1_tbps" not in row:
+                        continue
+                    run.row(f"{model}.{proj} {name} small_mm 1 row (4 / 16 rows)", row[f"{name}_small_mm_m1_tbps"],
+                            "TB/s", roof, f"m4 {row[f'{name}_small_mm_m4_tbps']:.2f}, m16 "
+                            f"{row[f'{name}_small_mm_m16_tbps']:.2f}; GEMV(16-bit x) "
+                            f"{row[f'{name}_gemv_16bit_act_tbps']:.2f}; cuBLAS m1 {row[f'{name}_cublas_m1_tbps']:.2f}"
+                            f"; bf16 GEMV {row['bf16_gemv_tbps']:.2f}")
+    if dev == "cuda" and run.left() > reserve + 20:
+        results["prefill"] = prefill_matmuls(run, reserve)
     # The fused quantization kernels at full size against their references (codes equal, share of).
     if dev == "cuda":
         for qd in (torch.float8_e4m3fn, torch.int8):
@@ -233,7 +300,46 @@ def kernels(run: Run, copy_gbps: float | None) -> dict[str, Any]:
                     "scales_equal": (a.scale == b.scale).float().mean().item()}
             t = _time(lambda: quant.silu_and_mul_quant(y, qd), 20)
             results["checks"][f"silu_and_mul_quant.{qd}"]["gbps"] = (y.numel() * 2 + y.numel() // 2) / t / 1e9
+            run.row(f"quant kernels {qd}: codes equal (quantize / rms / silu)", None, "", None, ", ".join(
+                f"{results['checks'][f'{nm}.{qd}']['codes_equal']:.4f}" for nm in pairs))
     return results
+
+
+def prefill_matmuls(run: Run, reserve: float, m: int = 4096) -> dict[str, Any]:
+    """The 8B projections at ``m`` prefill rows: bf16 ``F.linear``, FP8 ``scaled_mm`` (``_scaled_mm`` with
+    its scales fused) and INT8 ``scaled_mm`` (``_int_mm``, then one epilogue pass over the int32 result:
+    its cost is the gap to ``_int_mm`` alone), in TFLOP/s beside each format's 8192^3 ceiling."""
+    import torch
+    import torch.nn.functional as F
+
+    from fleetlm.kernels import qlinear, quant
+    from fleetlm.parallel.formats.w8a8 import quantize_weight
+
+    out: dict[str, Any] = {"m": m}
+    for proj, (n, k) in SHAPES["8b"].items():
+        if run.left() < reserve + 5:
+            out["incomplete"] = True
+            break
+        flops = 2 * m * n * k
+        w16 = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        row = {"bf16_tflops": flops / _time(lambda: F.linear(x, w16), 10) / 1e12}
+        for name, qd in (("fp8", torch.float8_e4m3fn), ("int8", torch.int8)):
+            w, s = quantize_weight(w16, qd)
+            xq = quant.quantize(x, qd)
+            ref = (xq.data.float() @ w.float().T) * xq.scale * s
+            row[f"{name}_max_rel_err"] = _rel_err(qlinear.scaled_mm(xq, w, s), ref)
+            del ref
+            row[f"{name}_tflops"] = flops / _time(lambda: qlinear.scaled_mm(xq, w, s), 10) / 1e12
+            if qd == torch.int8:
+                row["int8_int_mm_only_tops"] = flops / _time(lambda: torch._int_mm(xq.data, w.t()), 10) / 1e12
+            del w, s, xq
+        out[proj] = row
+        run.row(f"8b.{proj} prefill {m} rows bf16 / fp8 / int8", row["bf16_tflops"], "TFLOP/s", None,
+                f"fp8 {row['fp8_tflops']:.0f}, int8 {row['int8_tflops']:.0f} (_int_mm alone "
+                f"{row['int8_int_mm_only_tops']:.0f})")
+        del w16, x
+    return out
 
 
 def _model(llm):
@@ -260,7 +366,7 @@ def engine_runs(run: Run, model: str, formats, workloads, ceil: dict[str, Any], 
     mm = {"bf16": ceil.get("matmul_tflops"), "fp8": ceil.get("fp8_matmul_tflops"), "int8": ceil.get("int8_matmul_tops")}
     copy = ceil.get("copy_gbps")
     for fmt in formats:
-        if run.left() < 60 and not smoke:
+        if run.left() < 45 and not smoke:
             results[fmt] = {"skipped": "out of time"}
             continue
         r: dict[str, Any] = {}
@@ -282,7 +388,9 @@ def engine_runs(run: Run, model: str, formats, workloads, ceil: dict[str, Any], 
             r["decode_weight_bytes"] = decode_bytes(llm)
             print(f"[gpu_w8a8] {tag} {fmt}: built in {r['build_s']:.1f} s", flush=True)
             for wl in workloads:
-                w = WORKLOADS[wl][1 if smoke else 0]
+                w = dict(WORKLOADS[wl][1 if smoke else 0])
+                if "num_prompts" in w and not smoke:
+                    w["num_prompts"] = max(1, round(w["num_prompts"] * run.ns.prompts_scale))
                 limit = max(10.0, min(run.left() - 20, 150.0))
                 if run.left() < 30 and not smoke:
                     r[wl] = {"skipped": "out of time"}
@@ -322,9 +430,12 @@ def engine_runs(run: Run, model: str, formats, workloads, ceil: dict[str, Any], 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", default="ceilings,kernels,8b,70b")
+    p.add_argument("--parts", default="ceilings,kernels,8b", help="of ceilings,kernels,8b,70b")
+    p.add_argument("--kernel-shapes", default="8b", help="8b and/or 70b projections in the kernels part")
+    p.add_argument("--prompts-scale", type=float, default=0.5,
+                   help="fraction of the issue's offline prompt counts (1000 x 1024, 512 x 512) to run")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    p.add_argument("--budget", type=float, default=470.0, help="seconds for the whole run")
+    p.add_argument("--budget", type=float, default=250.0, help="seconds for the whole run")
     p.add_argument("--out", help="directory of the JSON record (default: $OUT, else benchmarks/results)")
     p.add_argument("--commit")
     p.add_argument("--smoke", action="store_true", help="tiny model and workloads (CPU self-test)")

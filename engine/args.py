@@ -109,6 +109,7 @@ class EngineArgs:
 
     def create_engine_config(self) -> EngineConfig:
         from fleetlm.parallel.formats import resolve_quantization
+        from fleetlm.parallel.formats.registry import QUANTIZATIONS
         from fleetlm.workers.loader import resolve_model
         from fleetlm.parallel.formats.gguf import keeps_quantized
         from fleetlm.workers.loader.gguf_format import read_gguf_header
@@ -137,7 +138,10 @@ class EngineArgs:
             dtype = "float32"
         if dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
-        if source.kind == "gguf":  # its block types, as a checkpoint's quantization_config would say
+        # A GGUF file's block types, as a checkpoint's quantization_config would say; unless an online
+        # method (fp8, int8) is asked for: then the blocks are dequantized at load and quantized again.
+        online = self.quantization in QUANTIZATIONS and QUANTIZATIONS[self.quantization].online
+        if source.kind == "gguf" and not online:
             hf = {**hf, "quantization_config": gguf_quantization_config(read_gguf_header(source.path))}
         quantization = resolve_quantization(self.quantization, hf, repr(self.model))
         if quantization == "gguf" and self.quantization is None and (

@@ -39,36 +39,14 @@ try:
     import triton
     import triton.language as tl
 
+    from fleetlm.kernels.e4m3 import e4m3_byte as _e4m3_byte
+
     HAS_TRITON = True
 except ImportError:  # CPU-only install: the torch reference below still works.
     HAS_TRITON = False
 
 
 if HAS_TRITON:
-
-    @triton.jit
-    def _e4m3_byte(x):
-        """float32 -> its E4M3 byte (int32 in 0..255): saturated at +-448, rounded to nearest even.
-
-        Integer steps only (see ``encode_e4m3``, the same in torch); NaN -> 0x7F/0xFF.
-        """
-        bits = x.to(tl.int32, bitcast=True)
-        sign = (bits >> 24) & 0x80
-        a = tl.minimum(bits & 0x7FFFFFFF, 0x43E00000)  # |x| saturated at 448 (0x43E00000)
-        # Normals (|x| >= 2^-6): keep 3 of 23 mantissa bits, ties to even; a carry bumps the exponent.
-        r = a + 0x7FFFF + ((a >> 20) & 1)
-        normal = (r >> 20) - 960  # (exponent << 3 | mantissa) rebiased from 127 to 7
-        # Subnormals (|x| < 2^-6): the multiple of 2^-9, i.e. the 24-bit significand >> (14 - e), ties to even.
-        e = (a >> 23) - 127
-        sig = (a & 0x7FFFFF) | 0x800000
-        shift = tl.minimum(14 - e, 25)  # >= 21 here; 25 already sends every significand to 0
-        q = sig >> shift
-        rem = sig - (q << shift)
-        half = 1 << (shift - 1)
-        q += ((rem > half) | ((rem == half) & ((q & 1) == 1))).to(tl.int32)
-        mag = tl.where(a >= 0x3C800000, normal, q)  # 0x3C800000 == 2^-6
-        mag = tl.where((bits & 0x7FFFFFFF) > 0x7F800000, 0x7F, mag)  # NaN stays NaN
-        return sign | mag
 
     @triton.jit
     def _store_kv_cache_kernel(

@@ -12,8 +12,16 @@
   activation stays 16-bit here: it is ``K`` elements, quantizing it would
   save nothing and cost a rounding. ``qgemv_silu_mul`` fuses Llama's gate
   on a merged ``[gate; up]`` weight as kernels/gemv.py does.
-- ``scaled_mm(xq, W, s_w, bias)``: a batch (prefill, decode of many) whose
-  activation is quantized per token (``kernels/quant.py``): FP8 through
+- ``small_mm(xq, W, s_w, bias)``: 1-16 rows whose activation is quantized
+  per token (decode of W8A8): ``tl.dot`` on the 8-bit codes (tensor cores,
+  rows padded to 16 in registers), scales and bias in the epilogue. Reads
+  ``N K`` weight bytes once; ``2 M N K`` operations are nothing next to
+  them. A CUDA-core GEMV must convert each weight byte to fp32 (INT8: I2F
+  at a quarter of the FP32 rate, about what 3 TB/s of int8 needs per SM);
+  ``tl.dot`` takes INT8 codes as they are (FP8: two per packed convert).
+- ``scaled_mm(xq, W, s_w, bias)``: any batch whose activation is quantized
+  per token (``kernels/quant.py``); 1-16 rows on CUDA go to ``small_mm``,
+  more (prefill, big decode batches): FP8 through
   ``torch._scaled_mm`` with row-wise scales (2 M N K FLOPs at the FP8 tensor
   core rate, 1,333 TFLOP/s measured on an H200), INT8 through
   ``torch._int_mm`` (917 TOP/s) and one epilogue pass applying both scales.
@@ -42,6 +50,12 @@ WEIGHT_DTYPES = (torch.float8_e4m3fn, torch.int8)
 GEMV_CONFIG = {"BLOCK_N": 4, "BLOCK_K": 2048, "num_warps": 4}
 # torch._int_mm on CUDA needs more than 16 rows; smaller batches are padded to this.
 _INT_MM_MIN_ROWS = 17
+# Up to this many quantized rows (decode of a small batch) take _small_mm_kernel instead of cuBLAS:
+# bound by the weight's bytes, where cuBLAS at a few rows reads an FP8 weight at 2.19 TB/s (H200,
+# copy 4.28) and _int_mm needs padding to 17 rows. One program: all rows x BLOCK_N weight rows; 16 rows
+# keep 256+ programs (2 per SM of 132) for the 8B shape's smallest projections (N = 4096).
+SMALL_M_MAX = 16
+SMALL_MM_CONFIG = {"BLOCK_N": 16, "BLOCK_K": 512, "num_warps": 4, "num_stages": 4}
 
 
 if HAS_TRITON:
@@ -70,6 +84,39 @@ if HAS_TRITON:
         g = gate.to(tl.float32)
         act = (g / (1.0 + tl.exp(-g))).to(dtype)
         tl.store(y_ptr + rn, (act.to(tl.float32) * up.to(tl.float32)).to(dtype), mask=row_mask)
+
+    @triton.jit
+    def _small_mm_kernel(q_ptr, sx_ptr, w_ptr, sw_ptr, b_ptr, y_ptr, M, N, K, stride_q, stride_wn, stride_y,
+                         HAS_BIAS: tl.constexpr, IS_INT: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+        # A few quantized rows times BLOCK_N weight rows on the tensor cores: the codes go to tl.dot as
+        # they are (no per-element conversion of the weight, which bounds a CUDA-core 8-bit GEMV), the
+        # 8-bit weight is read once in 16-byte vectors along K; rows past M are masked to zero.
+        rm = tl.arange(0, BLOCK_M)
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        m_mask, n_mask = rm < M, rn < N
+        q_ptrs = q_ptr + rm[:, None] * stride_q + rk[None, :]
+        w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + rk[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if IS_INT else tl.float32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                q = tl.load(q_ptrs, mask=m_mask[:, None], other=0.0)
+                w = tl.load(w_ptrs, mask=n_mask[:, None], other=0.0, eviction_policy="evict_first")
+            else:
+                k_mask = k * BLOCK_K + rk < K
+                q = tl.load(q_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :], other=0.0, eviction_policy="evict_first")
+            acc = tl.dot(q, tl.trans(w), acc, out_dtype=tl.int32 if IS_INT else tl.float32)
+            q_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        # The reference's order: (acc * s_x) * s_w (+ bias), rounded once.
+        y = acc.to(tl.float32) * tl.load(sx_ptr + rm, mask=m_mask, other=0.0)[:, None]
+        y = y * tl.load(sw_ptr + rn, mask=n_mask, other=0.0)[None, :]
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rm[:, None] * stride_y + rn[None, :], y.to(y_ptr.dtype.element_ty),
+                 mask=m_mask[:, None] & n_mask[None, :])
 
     @triton.jit
     def _int_mm_epilogue_kernel(acc_ptr, sx_ptr, sw_ptr, b_ptr, y_ptr, M, N, HAS_BIAS: tl.constexpr,
@@ -181,6 +228,8 @@ def scaled_mm(xq: QuantizedActivation, w: torch.Tensor, s_w: torch.Tensor,
     """``(xq.data W^T) * xq.scale * s_w (+ bias)`` in ``xq.dtype``: ``torch._scaled_mm`` (FP8); ``_int_mm``
     (INT8) with both scales and the bias applied in one Triton epilogue pass."""
     _check_mm(xq, w, s_w)
+    if xq.data.shape[0] <= SMALL_M_MAX and xq.data.is_cuda:
+        return small_mm(xq, w, s_w, bias)
     if xq.data.dtype == torch.float8_e4m3fn:
         return scaled_mm_ref(xq, w, s_w, bias)
     acc = _int_mm(xq.data, w).contiguous()
@@ -190,6 +239,31 @@ def scaled_mm(xq: QuantizedActivation, w: torch.Tensor, s_w: torch.Tensor,
         _int_mm_epilogue_kernel[(triton.cdiv(m, 32), triton.cdiv(n, 128))](
             acc, xq.scale, s_w, bias if bias is not None else s_w, y, m, n, HAS_BIAS=bias is not None,
             BLOCK_M=32, BLOCK_N=128, num_warps=4)
+    return y
+
+
+def small_mm(xq: QuantizedActivation, w: torch.Tensor, s_w: torch.Tensor, bias: torch.Tensor | None = None,
+             config: dict | None = None) -> torch.Tensor:
+    """Triton :func:`scaled_mm` for at most 16 rows (decode): ``_small_mm_kernel``; ``config`` overrides
+    SMALL_MM_CONFIG. INT8 accumulates exactly in int32 (the reference's result bit for bit); FP8 in fp32."""
+    _check_mm(xq, w, s_w)
+    q, sx = xq.data, xq.scale
+    m, k = q.shape
+    n = w.shape[0]
+    if m > SMALL_M_MAX or q.stride(1) != 1 or sx.shape != (m, 1) or sx.dtype != torch.float32:
+        raise ValueError(f"small_mm takes at most {SMALL_M_MAX} row-major rows with float32 [M, 1] scales, got "
+                         f"{tuple(q.shape)} strides {q.stride()} scales {sx.dtype} {tuple(sx.shape)}")
+    if bias is not None and (bias.shape != (n,) or not bias.is_contiguous()):
+        raise ValueError(f"bias must be contiguous ({n},), got {tuple(bias.shape)}")
+    cfg = {**SMALL_MM_CONFIG, **(config or {})}
+    y = torch.empty((m, n), dtype=xq.dtype, device=q.device)
+    if m:
+        sx = sx.contiguous()
+        _small_mm_kernel[(triton.cdiv(n, cfg["BLOCK_N"]),)](
+            q, sx, w, s_w, bias if bias is not None else s_w, y, m, n, k, q.stride(0), w.stride(0), y.stride(0),
+            HAS_BIAS=bias is not None, IS_INT=q.dtype == torch.int8, BLOCK_M=16, BLOCK_N=cfg["BLOCK_N"],
+            BLOCK_K=cfg["BLOCK_K"], EVEN_K=k % cfg["BLOCK_K"] == 0, num_warps=cfg["num_warps"],
+            num_stages=cfg["num_stages"])
     return y
 
 

@@ -36,6 +36,8 @@ try:
     import triton
     import triton.language as tl
 
+    from fleetlm.kernels.e4m3 import round_to_e4m3
+
     HAS_TRITON = True
 except ImportError:  # CPU-only install: the torch references below still work.
     HAS_TRITON = False
@@ -64,26 +66,21 @@ class QuantizedActivation:
 if HAS_TRITON:
 
     @triton.jit
-    def _round_e4m3(y):
-        """The E4M3 value nearest ``y`` (|y| <= 448; ties to even), in fp32: the cast after it is exact.
+    def _store_quantized(ptrs, v, s, mask, QMAX: tl.constexpr, IS_FP8: tl.constexpr):
+        """Store the codes of ``v / s`` at ``ptrs`` (an FP8 or INT8 pointer).
 
-        Rounded here rather than by the cast because Triton's interpreter
-        truncates FP8 casts; on the GPU the result is the same either way.
+        The codes are computed as float32 values (E4M3-rounded or integers) and
+        the store converts them exactly: one type for both formats, as Triton 3.6
+        refuses a helper returning float8 from one constexpr branch and int8 from
+        the other ("Return type mismatch": the first H100 run's failure).
         """
-        e = tl.maximum(((y.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)  # subnormals: ulp 2^-9
-        ulp = ((e + 124) << 23).to(tl.float32, bitcast=True)  # 2^(e - 3)
-        inv = ((130 - e) << 23).to(tl.float32, bitcast=True)  # 2^(3 - e)
-        m = y * inv  # exact: a power of two, |m| < 16
-        m = (m + 12582912.0) - 12582912.0  # round half to even to an integer (1.5 * 2^23)
-        return tl.where(m == 0.0, y * 0.0, m * ulp)  # keeps the sign of a zero, as the cast does
-
-    @triton.jit
-    def _quantize_values(v, s, QMAX: tl.constexpr, IS_FP8: tl.constexpr):
         y = tl.math.div_rn(v, tl.zeros_like(v) + s)
         y = tl.minimum(tl.maximum(y, -QMAX), QMAX)
         if IS_FP8:
-            return _round_e4m3(y).to(tl.float8e4nv)
-        return tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5)).to(tl.int8)
+            y = round_to_e4m3(y)
+        else:
+            y = tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5))
+        tl.store(ptrs, y.to(ptrs.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _row_scale(v, mask, s_in_ptr, QMAX: tl.constexpr, STATIC: tl.constexpr):
@@ -113,7 +110,7 @@ if HAS_TRITON:
         w = tl.load(weight_ptr + cols, mask=mask, other=0.0)
         v = (w.to(tl.float32) * normed.to(tl.float32)).to(dtype).to(tl.float32)
         s = _row_scale(v, mask, s_in_ptr, QMAX, STATIC)
-        tl.store(q_ptr + row * stride_q + cols, _quantize_values(v, s, QMAX, IS_FP8), mask=mask)
+        _store_quantized(q_ptr + row * stride_q + cols, v, s, mask, QMAX, IS_FP8)
         tl.store(s_ptr + row, s)
 
     @triton.jit
@@ -144,7 +141,7 @@ if HAS_TRITON:
             cols = start + tl.arange(0, BLOCK)
             mask = cols < inter
             v = _silu_mul_values(x_ptr, row, stride_x, inter, cols, mask)
-            tl.store(q_ptr + row * stride_q + cols, _quantize_values(v, s, QMAX, IS_FP8), mask=mask)
+            _store_quantized(q_ptr + row * stride_q + cols, v, s, mask, QMAX, IS_FP8)
         tl.store(s_ptr + row, s)
 
     @triton.jit
@@ -155,7 +152,7 @@ if HAS_TRITON:
         mask = cols < K
         v = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         s = _row_scale(v, mask, s_in_ptr, QMAX, STATIC)
-        tl.store(q_ptr + row * stride_q + cols, _quantize_values(v, s, QMAX, IS_FP8), mask=mask)
+        _store_quantized(q_ptr + row * stride_q + cols, v, s, mask, QMAX, IS_FP8)
         tl.store(s_ptr + row, s)
 
 

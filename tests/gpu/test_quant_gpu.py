@@ -9,8 +9,8 @@
   and +12.0% for unsmoothed INT8 on this 135M model; printed here), and
   the greedy tokens of CUDA graphs with async scheduling equal those of
   eager synchronous steps (the prefix cache on in both: a hit changes the
-  prefill's shape, so cuBLAS's rounding; batch 1 takes the GEMV, batches
-  ``_scaled_mm`` / ``_int_mm``; both are exercised);
+  prefill's shape, so cuBLAS's rounding; decode batches of 1-16 take
+  ``small_mm``, prefill ``_scaled_mm`` / ``_int_mm``; both are exercised);
 - FP8 on a GPU without FP8 tensor cores is refused at start.
 
 Run on the device machine: ``pytest -m gpu tests/gpu/test_quant_gpu.py -s``.
@@ -51,6 +51,25 @@ def test_qgemv_at_full_size(qdtype, n, k):
     if n % 2 == 0:
         torch.testing.assert_close(qlinear.qgemv_silu_mul(x, w, s), qlinear.qgemv_silu_mul_ref(x, w, s),
                                    atol=4e-2, rtol=4e-2)
+
+
+@pytest.mark.parametrize("qdtype", QDTYPES)
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("n,k", [(6144, 4096), (4096, 14336), (1000, 1000)])
+def test_small_mm_at_full_size(qdtype, m, n, k):
+    """1-16 quantized rows on the tensor cores: INT8 exact in int32 (the float32 result equals _int_mm's
+    with the same epilogue); FP8 near torch._scaled_mm."""
+    from fleetlm.kernels import qlinear, quant
+    from fleetlm.parallel.formats.w8a8 import quantize_weight
+
+    w, s = quantize_weight(torch.randn(n, k, device="cuda") / k ** 0.5, qdtype)
+    for dtype in (torch.bfloat16, torch.float32):
+        xq = quant.quantize_ref(torch.randn(m, k, device="cuda", dtype=dtype), qdtype)
+        got = qlinear.small_mm(xq, w, s)
+        if qdtype == torch.int8 and dtype == torch.float32:
+            assert torch.equal(got, qlinear.scaled_mm_ref(xq, w, s))
+        want = (xq.data.float() @ w.float().T) * xq.scale * s
+        torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
 
 
 @pytest.mark.parametrize("qdtype", QDTYPES)

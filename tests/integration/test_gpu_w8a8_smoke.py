@@ -20,8 +20,9 @@ def test_every_part_runs_and_is_recorded(tmp_path):
     spec = importlib.util.spec_from_file_location("gpu_w8a8", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert module.main(["--device", "cpu", "--smoke", "--out", str(tmp_path), "--budget", "600"]) == 0
-    record = json.loads(next(tmp_path.glob("gpu-quant-*.json")).read_text())
+    assert module.main(["--device", "cpu", "--smoke", "--out", str(tmp_path), "--budget", "600",
+                        "--parts", "ceilings,kernels,8b,70b"]) == 0
+    record = json.loads(next(tmp_path.glob("gpu-w8a8-*.json")).read_text())
     assert record["commit"] and record["card"] and record["date"]
     parts = record["parts"]
     assert set(parts) == {"ceilings", "kernels", "8b", "70b"}

@@ -187,6 +187,10 @@ def _agreement(a: list[list[int]], b: list[list[int]]) -> float:
 #   bits. The bound is what is measured, not the target.
 # - INT8 W8A8 online (no smoothing: no calibration data at load): 11.615, +12.0%, agreement 37.3%.
 # - INT8 W8A8, SmoothQuant compressed-tensors checkpoint (the issue's INT8 format): within the 5% target.
+# Not a bug of the engine: transformers (float32) with the same fake-quantized weights and per-token
+# activations gives the same figures (FP8 W8A8 11.257; INT8 W8A8 11.618), and the figure is noise-level on
+# this model: every FP8 weight scale x1.01 turns W8A16's +5.2% into +10.7%, x1.03 into +6.3%, per-tensor
+# scales give -3.7%. E4M3 activations alone cost +3.2%, INT8 ones (no smoothing) +8.3%.
 BOUNDS = {
     ("embedded", "fp8"): 0.09,
     ("ct-FP8_DYNAMIC", None): 0.09,

@@ -146,3 +146,26 @@ def test_scaled_mm_matches_the_dequantized_product(device, qdtype, dtype, m):
             out = mm(xq, w, s, b)
             assert out.dtype == dtype and out.shape == (m, n)
             torch.testing.assert_close(out, _dequantized_product(xq, w, s, b), **tol)
+
+
+@requires_triton
+@pytest.mark.parametrize("qdtype", QDTYPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,n,k", [(1, 45, 300), (7, 64, 512), (16, 33, 257)])  # ragged N and K, full tile
+def test_small_mm_matches_the_reference(device, qdtype, dtype, m, n, k):
+    """The tensor-core kernel for 1-16 quantized rows: INT8 sums exactly in int32, so in float32 it equals
+    the reference bit for bit (Triton's interpreter truncates a bf16 store); FP8 sums in fp32 in another
+    order than torch._scaled_mm."""
+    w, s = _weights(n, k, qdtype, device, seed=m)
+    xq = quant.quantize_ref(torch.randn(m, k).to(dtype).to(device), qdtype)
+    bias = torch.randn(n).to(dtype).to(device)
+    for b in (None, bias):
+        for cfg in (None, {"BLOCK_N": 16, "BLOCK_K": 64}):
+            out = qlinear.small_mm(xq, w, s, b, config=cfg)
+            assert out.dtype == dtype and out.shape == (m, n)
+            if qdtype == torch.int8 and dtype == torch.float32:
+                assert torch.equal(out, qlinear.scaled_mm_ref(xq, w, s, b))
+            tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else TOL[torch.bfloat16]
+            torch.testing.assert_close(out, _dequantized_product(xq, w, s, b), **tol)
+    with pytest.raises(ValueError, match="at most 16"):
+        qlinear.small_mm(quant.quantize_ref(torch.randn(17, k).to(device), qdtype), w, s)
