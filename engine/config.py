@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from fleetlm.engine.spec_config import SpeculativeConfig
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -108,3 +110,5 @@ class EngineConfig:
     warmup: bool = False
     # Where Triton's compiled kernels persist across starts (workers/compile_cache.py); None: Triton's default.
     compile_cache_dir: str | None = None
+    # Speculative decoding (engine/spec_config.py); None: one token per request per step.
+    speculative: SpeculativeConfig | None = None

@@ -35,6 +35,7 @@ from fleetlm.engine.outputs import RequestOutput
 from fleetlm.engine.request import Request, RequestStatus
 from fleetlm.engine.sampling_params import SamplingParams
 from fleetlm.engine.scheduler import Scheduler
+from fleetlm.engine.spec_decode import SpecDecoder
 from fleetlm.engine.snapshot import EngineSnapshot
 from fleetlm.engine.step import ModelRunnerOutput, SchedulerOutput
 from fleetlm.engine.warmup import WarmupReport, warm_up
@@ -50,6 +51,11 @@ class EngineStats:
     prefix_cache_queried_tokens: int
     prefix_cache_hit_tokens: int
     num_preemptions: int
+    # Speculative decoding (engine/spec_decode.py), counted since start; 0 without it.
+    spec_decode_verifies: int = 0
+    spec_decode_proposed_tokens: int = 0
+    spec_decode_accepted_tokens: int = 0
+    spec_decode_emitted_tokens: int = 0
 
 
 class StepMode(enum.Enum):
@@ -90,6 +96,8 @@ class LLMEngine:
         self.workers = worker_group or create_worker_group(config)
         self.scheduler = Scheduler(config.scheduler, config.cache, self.workers.num_blocks)
         self.outputs = OutputProcessor(self.scheduler.finish_request)
+        self._spec = SpecDecoder(config.speculative) if config.speculative is not None else None
+        self.spec = self._spec  # None while speculation is switched off
         self.num_steps = 0
         self.num_steps_ahead = 0  # steps launched while the one before was still in flight
         self.mode = choose_step_mode(bool(config.async_scheduling), self.workers)
@@ -119,6 +127,18 @@ class LLMEngine:
         """Switch between sync and async steps (for A/B runs on one engine); only between steps."""
         assert not self._in_flight, "switch step modes only between requests"
         self.mode = choose_step_mode(on, self.workers)
+
+    @property
+    def speculative_decoding(self) -> bool:
+        return self.spec is not None
+
+    @speculative_decoding.setter
+    def speculative_decoding(self, on: bool) -> None:
+        """Switch the configured speculation off and on (for A/B runs on one engine); only between requests."""
+        assert not self._in_flight and not self.groups, "switch speculation only between requests"
+        if on and self._spec is None:
+            raise ValueError("this engine was built without a speculative_config")
+        self.spec = self._spec if on else None
 
     @property
     def groups(self) -> dict[str, RequestGroup]:
@@ -287,7 +307,13 @@ class LLMEngine:
             self._process_step(out, pending.result(), emit_unfinished=False)
 
     def _schedule(self, exclude=frozenset(), ahead: bool = False) -> SchedulerOutput | None:
-        out = self.scheduler.schedule(exclude, ahead)
+        draft = False
+        if self.spec is not None:
+            if ahead and self.spec.blocks_ahead(self.scheduler.running):
+                return None
+            if not ahead:
+                draft = self.spec.before_schedule(self.scheduler.running, self.scheduler.waiting)
+        out = self.scheduler.schedule(exclude, ahead, draft)
         if out.is_empty:
             self._unsent_finished += out.finished_request_ids
             return None
@@ -298,12 +324,17 @@ class LLMEngine:
 
     def _process_step(self, out: SchedulerOutput, result: ModelRunnerOutput, emit_unfinished: bool) -> list[RequestOutput]:
         self.num_steps += 1
+        reqs = self.scheduler.requests_in_flight(out.step_id)
         results = self.scheduler.update_from_output(out, result.by_request())
-        return self.outputs.process(results, result.logprobs_by_request(), emit_unfinished, result.prompt_logprobs)
+        outputs = self.outputs.process(results, result.logprobs_by_request(), emit_unfinished, result.prompt_logprobs)
+        if self.spec is not None:
+            self.spec.after_step(out, result, reqs)
+        return outputs
 
     # -- state -----------------------------------------------------------------
     def stats(self) -> EngineStats:
         bm = self.scheduler.blocks
+        spec = self._spec.stats if self._spec is not None else None
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
@@ -311,6 +342,11 @@ class LLMEngine:
             prefix_cache_queried_tokens=bm.queried_tokens,
             prefix_cache_hit_tokens=bm.hit_tokens,
             num_preemptions=self.scheduler.num_preemptions,
+            **({} if spec is None else dict(
+                spec_decode_verifies=spec.num_verifies,
+                spec_decode_proposed_tokens=spec.num_proposed_tokens,
+                spec_decode_accepted_tokens=spec.num_accepted_tokens,
+                spec_decode_emitted_tokens=spec.num_emitted_tokens)),
         )
 
     def reset_after_warmup(self) -> None:
@@ -320,6 +356,8 @@ class LLMEngine:
         bm.reset_prefix_cache()
         bm.queried_tokens = bm.hit_tokens = 0
         self.scheduler.num_preemptions = 0
+        if self._spec is not None:
+            self._spec.reset_stats()
 
     def snapshot(self) -> EngineSnapshot:
         """Requests and KV blocks as they are now (see ``engine/snapshot.py``)."""

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from fleetlm.engine.config import CacheConfig, ModelConfig
+from fleetlm.engine.spec_config import SpeculativeConfig
 from fleetlm.engine.sampling_params import needs_output_history
 from fleetlm.engine.step import PLACEHOLDER, ModelRunnerOutput, SchedulerOutput
 from fleetlm.kernels import select_ops
@@ -25,14 +26,16 @@ from fleetlm.workers.attention import AttentionMetadata
 from fleetlm.workers.models import model_class
 from fleetlm.workers.pending import PendingOutput, ReqState
 from fleetlm.workers.sampler import Sampler, SamplingBatch, SamplingRow, compute_topk_logprobs, min_tokens_banned_ids
+from fleetlm.workers.spec_verify import num_accepted, proposal_rows
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _NP_DTYPES = {torch.int64: np.int64, torch.int32: np.int32}
 
 
 class ModelRunner:
-    def __init__(self, model_cfg: ModelConfig, cache_cfg: CacheConfig, ctx: ParallelContext, device: torch.device):
-        self.model_cfg, self.cache_cfg, self.ctx = model_cfg, cache_cfg, ctx
+    def __init__(self, model_cfg: ModelConfig, cache_cfg: CacheConfig, ctx: ParallelContext, device: torch.device,
+                 spec: SpeculativeConfig | None = None):
+        self.model_cfg, self.cache_cfg, self.ctx, self.spec = model_cfg, cache_cfg, ctx, spec
         self.device = device
         self.dtype = DTYPES[model_cfg.dtype]
         self.block_size = cache_cfg.block_size
@@ -47,6 +50,11 @@ class ModelRunner:
         self._last_rows: dict[str, int] = {}
         eos = model_cfg.eos_token_ids
         self.eos_token_ids = list(eos)
+        self.drafter = None  # speculative decoding with a draft model (workers/drafter.py)
+        if spec is not None and spec.uses_draft_model:
+            from fleetlm.workers.drafter import Drafter
+
+            self.drafter = Drafter(spec, self.block_size, ctx, self.ops, self.dtype, device)
 
     # -- setup -----------------------------------------------------------------
     def load_weights(self, weights) -> None:
@@ -56,7 +64,8 @@ class ModelRunner:
         attn = self.model.layers[0].self_attn if len(self.model.layers) else None
         kv_heads = attn.num_kv_heads if attn else 1
         elem = torch.tensor([], dtype=self.dtype).element_size()
-        return 2 * self.model.num_local_layers * self.block_size * kv_heads * self.model_cfg.head_dim * elem
+        target = 2 * self.model.num_local_layers * self.block_size * kv_heads * self.model_cfg.head_dim * elem
+        return target + (self.drafter.kv_bytes_per_block() if self.drafter is not None else 0)
 
     def init_kv_cache(self, num_blocks: int) -> None:
         attn = self.model.layers[0].self_attn
@@ -65,6 +74,8 @@ class ModelRunner:
             (torch.zeros(shape, dtype=self.dtype, device=self.device), torch.zeros(shape, dtype=self.dtype, device=self.device))
             for _ in range(self.model.num_local_layers)
         ]
+        if self.drafter is not None:
+            self.drafter.init_kv_cache(num_blocks)
 
     def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int) -> float:
         """Capture decode graphs (single-stage CUDA workers only); returns seconds taken."""
@@ -73,8 +84,14 @@ class ModelRunner:
         from fleetlm.workers.cuda_graphs import DecodeGraphs
 
         t0 = time.perf_counter()
-        self.graphs = DecodeGraphs(self.model, self.kv_caches, max_num_seqs, max_model_len, self.block_size, self.device)
+        query_lens = {1: max_num_seqs}
+        if self.spec is not None:  # verify steps, at the batch sizes speculation runs at
+            query_lens[self.spec.num_verify_tokens] = min(max_num_seqs, self.spec.disable_by_batch_size)
+        self.graphs = DecodeGraphs(self.model, self.kv_caches, max_num_seqs, max_model_len, self.block_size,
+                                   self.device, query_lens)
         self.graphs.capture()
+        if self.drafter is not None:
+            self.drafter.capture_cuda_graphs(max_num_seqs, max_model_len)
         return time.perf_counter() - t0
 
     # -- one step ----------------------------------------------------------------
@@ -98,30 +115,44 @@ class ModelRunner:
         dev = flat.to(self.device, non_blocking=True)
         return [t.view(a.shape) for t, a in zip(dev.split([a.size for a in arrays]), arrays)]
 
-    def _prepare(self, out: SchedulerOutput):
+    def _prepare(self, out: SchedulerOutput, pad_to: int | None = None):
+        """Device inputs of a step. ``pad_to``: every request takes ``pad_to`` query rows (a CUDA
+        graph's uniform shape); rows past its own tokens repeat its last position, write no KV
+        and are never read back, and its seq_len counts them, so its real rows attend as unpadded."""
         sched = out.scheduled
         q_lens = np.fromiter((len(s.token_ids) for s in sched), dtype=np.int64, count=len(sched))
         starts = np.fromiter((s.start_pos for s in sched), dtype=np.int64, count=len(sched))
+        width = q_lens if pad_to is None else np.full_like(q_lens, pad_to)
         cu = np.zeros(len(sched) + 1, dtype=np.int64)
-        np.cumsum(q_lens, out=cu[1:])
-        seq_lens = starts + q_lens
-        input_ids = np.fromiter((t for s in sched for t in s.token_ids), dtype=np.int64, count=int(cu[-1]))
+        np.cumsum(width, out=cu[1:])
+        seq_lens = starts + width
+        tokens = np.fromiter((t for s in sched for t in s.token_ids), dtype=np.int64, count=int(q_lens.sum()))
         # positions: start_pos of each request + offset within its chunk
-        req_of_token = np.repeat(np.arange(len(sched)), q_lens)
-        positions = starts[req_of_token] + (np.arange(cu[-1]) - cu[:-1][req_of_token])
+        req_of_token = np.repeat(np.arange(len(sched)), width)
+        offset = np.arange(cu[-1]) - cu[:-1][req_of_token]
+        if pad_to is None:
+            input_ids, positions = tokens, starts[req_of_token] + offset
+        else:
+            real = offset < q_lens[req_of_token]
+            input_ids = np.zeros(int(cu[-1]), dtype=np.int64)
+            input_ids[real] = tokens
+            positions = starts[req_of_token] + np.minimum(offset, q_lens[req_of_token] - 1)
         max_blocks = max(len(s.block_table) for s in sched)
         tables = np.zeros((len(sched), max_blocks), dtype=np.int64)
         for i, s in enumerate(sched):
             tables[i, : len(s.block_table)] = s.block_table
         bs = self.block_size
         slots = tables[req_of_token, positions // bs] * bs + positions % bs
+        if pad_to is not None:
+            slots[~real] = -1
         # Logits at each sampling request's last 1 + num_spec_tokens positions.
         sample_idx = [i for i, s in enumerate(sched) if s.sample]
+        ends = cu[:-1] + q_lens
         if any(s.num_spec_tokens for s in sched):
-            logit_pos = np.fromiter((cu[i + 1] - sched[i].num_logits + j for i in sample_idx
+            logit_pos = np.fromiter((ends[i] - sched[i].num_logits + j for i in sample_idx
                                      for j in range(sched[i].num_logits)), dtype=np.int64)
         else:
-            logit_pos = cu[1:][sample_idx] - 1
+            logit_pos = ends[sample_idx] - 1
         # Placeholders: tokens sampled by the previous launch, still on the device.
         holes = np.flatnonzero(input_ids == PLACEHOLDER)
         rows = self._rows_of_previous_launch(sched, req_of_token[holes])
@@ -136,10 +167,10 @@ class ModelRunner:
             cu_seqlens_q=cu_d,
             seq_lens=seq_lens_d,
             block_tables=tables_d,
-            max_seqlen_q=int(q_lens.max()),
+            max_seqlen_q=int(width.max()),
             max_seqlen_k=int(seq_lens.max()),
         )
-        return ids, pos, meta, sample_idx, logits_indices
+        return ids, pos, meta, sample_idx, logits_indices, cu[:-1]
 
     def _rows_of_previous_launch(self, sched, reqs_with_holes: np.ndarray) -> np.ndarray:
         rows = np.empty(len(reqs_with_holes), dtype=np.int64)
@@ -194,53 +225,84 @@ class ModelRunner:
         self._update_states(out)
         if out.is_empty:
             return PendingOutput.ready(ModelRunnerOutput.empty())
-        ids, pos, meta, sample_idx, logits_indices = self._prepare(out)
+        graph_q = self._graph_query_len(out) if hidden is None else None
+        pad = graph_q if graph_q and any(len(s.token_ids) < graph_q for s in out.scheduled) else None
+        ids, pos, meta, sample_idx, logits_indices, row_starts = self._prepare(out, pad)
         self._last_sampled, self._last_rows = None, {}
-        q = meta.max_seqlen_q
-        uniform = q == 1 or all(len(s.token_ids) == q for s in out.scheduled)
-        if self.graphs is not None and hidden is None and self.graphs.can_run(len(out.scheduled), q if uniform else None):
+        if graph_q:
             result = self.graphs.run(ids, pos, meta)
         else:
             result = self.model(ids, pos, meta, self.kv_caches, hidden, residual)
+        drafting = self.drafter is not None and self.drafter.runs(out)
+        if drafting:
+            self.drafter.catch_up(out, self._prepare, ids, pos, meta, len(out.scheduled) if graph_q else None)
         if not self.ctx.is_last_stage:
             return result
-        prompt = self._prompt_logprobs(out, result)
+        prompt = self._prompt_logprobs(out, result, row_starts)
         sampling = [out.scheduled[i] for i in sample_idx]
         if not sampling or self.ctx.tp_rank != 0:
             # Every TP rank joins the logits all-gather, but only rank 0
             # samples: the other ranks' tokens would be discarded.
             if sampling:
                 self.model.compute_logits(result[logits_indices])
-            return PendingOutput([], [], [], [], prompt) if prompt and self.ctx.tp_rank == 0 else \
+            return PendingOutput([], [], [], prompt=prompt) if prompt and self.ctx.tp_rank == 0 else \
                 PendingOutput.ready(ModelRunnerOutput.empty())
         logits = self.model.compute_logits(result[logits_indices]).float()
         req_ids = [s.request_id for s in sampling]
         states = [self.states[rid] for rid in req_ids]
         proposals = [s.spec_token_ids for s in sampling]
-        sampled = self.sampler(logits, self._sampling_batch(states, proposals))
+        batch = self._sampling_batch(states, proposals)
+        sampled = self.sampler(logits, batch)
+        tokens, accepted = sampled.sampled_token_ids, None
+        if any(proposals):
+            rows, firsts = proposal_rows(proposals)
+            (props_d,) = self._upload(torch.int64, rows)
+            accepted = tokens == props_d
+            if self.drafter is not None:
+                tokens, accepted = self.drafter.reject(logits, batch, tokens, accepted, req_ids, proposals, firsts)
+        else:
+            firsts = np.arange(len(sampling), dtype=np.int64)
+        drafted = None
+        if drafting:
+            counts = np.fromiter((len(p) for p in proposals), dtype=np.int64, count=len(proposals))
+            n_acc = num_accepted(accepted, firsts, counts) if accepted is not None else \
+                torch.zeros(len(sampling), dtype=torch.int64, device=self.device)
+            drafted = self.drafter.propose(sampling, states, tokens, n_acc, firsts,
+                                           meta.block_tables.index_select(0, torch.tensor(sample_idx, device=self.device)))
         # Placeholders of the next launch read these rows (requests that verified
         # proposals are never scheduled ahead: their token count is unknown).
-        self._last_sampled = sampled.sampled_token_ids
-        if any(proposals):
-            first_rows = np.cumsum([0] + [1 + len(p) for p in proposals[:-1]]).tolist()
-            self._last_rows = dict(zip(req_ids, first_rows))
-        else:
-            self._last_rows = {rid: i for i, rid in enumerate(req_ids)}
-        tensors = [sampled.sampled_token_ids]
+        self._last_sampled = tokens
+        self._last_rows = dict(zip(req_ids, firsts.tolist()))
+        logprobs = None
         if sampled.logprobs is not None:
-            tensors += [sampled.logprob_token_ids, sampled.logprobs, sampled.sampled_ranks]
-        return PendingOutput(req_ids, states, proposals, tensors, prompt)
+            logprobs = [sampled.logprob_token_ids, sampled.logprobs, sampled.sampled_ranks]
+            if tokens is not sampled.sampled_token_ids:  # rejection sampling replaced some rows' tokens
+                k = max(n for n in batch.num_logprobs if n is not None)
+                logprobs = list(compute_topk_logprobs(torch.log_softmax(logits, -1), tokens, k))
+        return PendingOutput(req_ids, states, proposals, tokens, accepted, logprobs, prompt, drafted)
+
+    def _graph_query_len(self, out: SchedulerOutput) -> int | None:
+        """The query length of the CUDA graph this step runs (its requests padded to it), or None."""
+        if self.graphs is None:
+            return None
+        q_lens = [len(s.token_ids) for s in out.scheduled]
+        q = max(q_lens)
+        if not self.graphs.can_run(len(q_lens), q):
+            return None
+        # A padded row's seq_len reaches start + q: it must stay inside the graph's block tables.
+        if min(q_lens) < q and any(s.start_pos + q > self.model_cfg.max_model_len for s in out.scheduled):
+            return None
+        return q
 
     # Prompt positions whose logits are computed at once for prompt logprobs (bounds the
     # float32 [rows, vocab] scratch: 512 x 128k vocab = 256 MiB).
     PROMPT_LOGITS_CHUNK = 512
 
-    def _prompt_logprobs(self, out: SchedulerOutput, hidden: torch.Tensor):
+    def _prompt_logprobs(self, out: SchedulerOutput, hidden: torch.Tensor, row_starts: np.ndarray):
         """(request id, first position, [ids, logprobs, ranks]) of the prompt positions this step
         computed for requests with ``prompt_logprobs``: position p scores prompt token p."""
         found = []
-        row = 0
-        for s in out.scheduled:
+        for s, row in zip(out.scheduled, row_starts.tolist()):
             n = len(s.token_ids)
             st = self.states[s.request_id]
             k = st.params.prompt_logprobs
@@ -256,7 +318,6 @@ class ModelRunner:
                     parts.append(compute_topk_logprobs(torch.log_softmax(logits, -1),
                                                        targets[c:c + self.PROMPT_LOGITS_CHUNK], k))
                 found.append((s.request_id, lo, [torch.cat([p[i] for p in parts]) for i in range(3)]))
-            row += n
         return found
 
 

@@ -31,7 +31,7 @@ class Worker:
         if config.compile_cache_dir is not None:  # before anything compiles
             self.compile_cache = use_compile_cache(config.compile_cache_dir, self.device)
         torch.manual_seed(config.model.seed)
-        self.runner = ModelRunner(config.model, config.cache, ctx, self.device)
+        self.runner = ModelRunner(config.model, config.cache, ctx, self.device, config.speculative)
 
     def load_model(self) -> float:
         """Load this worker's shard of the weights; returns seconds taken."""
@@ -40,6 +40,11 @@ class Worker:
         source = resolve_model(mc.model, "dummy" if mc.kind == "dummy" else "auto")
         weights = iter_weights(source, device=self.device, dtype=DTYPES[mc.dtype], seed=mc.seed)
         self.runner.load_weights(weights)
+        if self.runner.drafter is not None:  # speculative decoding's draft model, beside the target
+            dc = self.config.speculative.draft
+            source = resolve_model(dc.model, "dummy" if dc.kind == "dummy" else "auto")
+            self.runner.drafter.load_weights(iter_weights(source, device=self.device, dtype=DTYPES[dc.dtype],
+                                                          seed=dc.seed))
         return time.perf_counter() - t0
 
     def num_available_blocks(self) -> int:

@@ -562,7 +562,7 @@ def test_allow_list_is_the_dataclass_fields():
         "gpu_memory_utilization", "enable_prefix_caching", "async_scheduling", "load_format", "num_replicas",
         "autoscaling", "max_waiting_requests", "max_waiting_tokens", "stream_chunks_per_s", "stream_max_interval_s",
         "tokenizer", "chat_template", "trust_remote_code", "seed", "long_prefill_token_threshold", "block_size",
-        "enforce_eager", "warmup", "compile_cache_dir"}
+        "enforce_eager", "warmup", "compile_cache_dir", "speculative_config"}
 
 
 def test_every_engine_argument_is_a_model_key_and_a_serve_flag():

@@ -1,0 +1,189 @@
+"""Speculative decoding changes nothing in the output (embedded model, float32 CPU).
+
+Greedy outputs with n-gram proposals and with a draft model are identical to
+decoding without speculation, for many prompts, alone (batch 1) and together
+(batch 16) in a KV pool small enough to force preemption, with prefix caching
+on (the prompts share a prefix, and each run repeats earlier ones). The draft
+model is the target itself (acceptance near 100%: the accept path) and a
+perturbed copy of it (acceptance low: the reject path). The reference is the
+first engine with speculation switched off; every engine reports the
+proposed / accepted counts that show the intended path ran.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fleetlm import LLM, SamplingParams
+
+PASSAGE = ("The lighthouse keeper climbed the spiral stairs every evening at dusk, lit the great lamp, "
+           "and wrote the weather in a leather book.")
+CODE = "def area(width, height):\n    return width * height\n\n\ndef perimeter(width, height):\n"
+PROMPTS = [
+    f"Copy the sentence.\nSentence: {PASSAGE}\nCopy: The lighthouse keeper",
+    f"{CODE}    return 2 * (width + height)\n\n\n{CODE}",
+    "1, 2, 3, 4, 5, 6, 7, 8,",
+    "The capital of France is",
+    "Once upon a time, in a small village by the sea,",
+    f"{PASSAGE} {PASSAGE[:60]}",
+    "Q: What is 12 times 12?\nA:",
+    "Write a short poem about the moon and the stars over a quiet lake at night.",
+    "a b c a b c a b c a b",
+    "The three primary colors are",
+    f"Summary of the text below.\n{PASSAGE}\nSummary:",
+    "def fibonacci(n):\n    ",
+    "Monday, Tuesday, Wednesday,",
+    f"Copy the sentence.\nSentence: {PASSAGE}\nCopy:",
+    "<html>\n<body>\n<p>Hello</p>\n</body>\n</html>\n<html>\n<body>\n",
+    "Translate to French: The cat sleeps on the warm windowsill.",
+]
+MAX = 16
+GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX)
+# 28 blocks of 16 tokens hold about six of these requests at once: batch 16 preempts.
+KV = dict(num_kv_blocks=28, block_size=16)
+COMMA, PERIOD = 28, 30  # ',' and '.' in this vocabulary
+FEATURES = [
+    SamplingParams(temperature=0.0, max_tokens=MAX, logprobs=2),
+    SamplingParams(temperature=0.0, max_tokens=MAX, stop=["\n"]),
+    SamplingParams(temperature=0.0, max_tokens=MAX, stop_token_ids=[PERIOD]),
+    SamplingParams(temperature=0.0, max_tokens=MAX, stop_token_ids=[COMMA], min_tokens=5),
+    SamplingParams(temperature=0.0, max_tokens=10, repetition_penalty=1.3, presence_penalty=0.2),
+    SamplingParams(temperature=0.0, max_tokens=7, n=2),
+    SamplingParams(temperature=0.0, max_tokens=1),
+]
+SEEDED = SamplingParams(temperature=1.0, top_p=0.9, seed=11, n=2, max_tokens=MAX, logprobs=1)
+
+
+def _tokens(outputs):
+    return [[(c.token_ids, c.finish_reason, c.text) for c in o.outputs] for o in outputs]
+
+
+def _runs(llm: LLM) -> dict:
+    """Batch 1 (each prompt alone, on an empty prefix cache) and batch 16 (all at once)."""
+    eng = llm.engine
+    eng.scheduler.blocks.reset_prefix_cache()
+    pre = eng.scheduler.num_preemptions
+    alone = [llm.generate(p, GREEDY)[0] for p in PROMPTS[:4]]
+    together = llm.generate(PROMPTS, GREEDY)
+    features = llm.generate([PROMPTS[i] for i in range(len(FEATURES))], FEATURES)
+    assert eng.idle_invariants()["ok"], eng.idle_invariants()
+    return {"alone": alone, "together": together, "features": features,
+            "preemptions": eng.scheduler.num_preemptions - pre}
+
+
+def _spec_counts(llm: LLM, before):
+    s = llm.engine.stats()
+    return (s.spec_decode_proposed_tokens - before.spec_decode_proposed_tokens,
+            s.spec_decode_accepted_tokens - before.spec_decode_accepted_tokens)
+
+
+def _same(got: dict, ref: dict) -> None:
+    for key in ("alone", "together", "features"):
+        assert _tokens(got[key]) == _tokens(ref[key]), key
+    # A verify step scores several positions in one pass: logprobs agree to float32 rounding.
+    for x, y in zip(got["features"][0].outputs[0].logprobs, ref["features"][0].outputs[0].logprobs):
+        assert x.keys() == y.keys()
+        for t in x:
+            assert x[t].rank == y[t].rank and x[t].logprob == pytest.approx(y[t].logprob, abs=1e-4)
+    assert got["preemptions"] > 0
+
+
+@pytest.fixture(scope="module")
+def draft_llm(embedded_model):
+    llm = LLM(model=embedded_model, **KV, speculative_config={
+        "model": embedded_model, "num_speculative_tokens": 3, "min_acceptance_rate": 0.0})
+    yield llm
+    llm.engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(draft_llm):
+    draft_llm.engine.speculative_decoding = False
+    before = draft_llm.engine.stats()
+    ref = _runs(draft_llm)
+    ref["seeded"] = draft_llm.generate(PROMPTS[:3], SEEDED)
+    assert _spec_counts(draft_llm, before) == (0, 0)
+    draft_llm.engine.speculative_decoding = True
+    return ref
+
+
+def test_draft_model_same_as_target_accepts_nearly_all(draft_llm, reference):
+    before = draft_llm.engine.stats()
+    got = _runs(draft_llm)
+    _same(got, reference)
+    proposed, accepted = _spec_counts(draft_llm, before)
+    assert proposed > 200 and accepted / proposed > 0.9, (proposed, accepted)
+
+
+def test_draft_model_seeded_sampling_is_reproducible(draft_llm):
+    first = draft_llm.generate(PROMPTS[:3], SEEDED)
+    second = draft_llm.generate(PROMPTS[:3], SEEDED)
+    assert _tokens(first) == _tokens(second)
+    assert first[0].outputs[0].token_ids != first[0].outputs[1].token_ids  # n=2 children differ
+
+
+@pytest.fixture(scope="module")
+def ngram_llm(embedded_model):
+    # Asynchronous scheduling on: steps without a likely proposal run ahead as usual.
+    llm = LLM(model=embedded_model, **KV, async_scheduling=True, speculative_config={
+        "method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2,
+        "min_acceptance_rate": 0.0})
+    yield llm
+    llm.engine.shutdown()
+
+
+def test_ngram_greedy_identical(ngram_llm, reference):
+    before = ngram_llm.engine.stats()
+    ahead = ngram_llm.engine.num_steps_ahead
+    got = _runs(ngram_llm)
+    _same(got, reference)
+    proposed, accepted = _spec_counts(ngram_llm, before)
+    assert proposed > 50 and accepted > 25, (proposed, accepted)
+    assert ngram_llm.engine.num_steps_ahead > ahead  # steps without proposals still went ahead
+
+
+def test_ngram_seeded_sampling_equals_no_speculation(ngram_llm, reference):
+    # Deterministic proposals are verified by sampling each position as without
+    # speculation: seeded outputs are the same token for token.
+    before = ngram_llm.engine.stats()
+    got = ngram_llm.generate(PROMPTS[:3], SEEDED)
+    assert _tokens(got) == _tokens(reference["seeded"])
+    assert _spec_counts(ngram_llm, before)[0] > 0
+
+
+@pytest.fixture(scope="module")
+def perturbed_draft(embedded_model, tmp_path_factory):
+    """A perturbed copy of the embedded model (Gaussian noise of 0.25 x each matrix's spread),
+    written as a Hugging Face safetensors directory: it proposes mostly wrong tokens."""
+    from safetensors.torch import save_file
+
+    from fleetlm.workers.loader import iter_weights, resolve_model
+
+    source = resolve_model(embedded_model, "auto")
+    out = tmp_path_factory.mktemp("perturbed-draft")
+    gen = torch.Generator().manual_seed(0)
+    state = {}
+    for name, lazy in iter_weights(source, device=torch.device("cpu"), dtype=torch.float32):
+        w = lazy.load()
+        if w.dim() == 2 and "embed" not in name:
+            w = w + torch.randn(w.shape, generator=gen) * w.std() * 0.25
+        state[name] = w.to(torch.float16).contiguous()
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(source.hf_config))
+    return str(out)
+
+
+def test_draft_model_perturbed_copy_rejects_most(reference, perturbed_draft, embedded_model):
+    llm = LLM(model=embedded_model, **KV, speculative_config={
+        "model": perturbed_draft, "num_speculative_tokens": 3, "min_acceptance_rate": 0.0})
+    try:
+        before = llm.engine.stats()
+        got = _runs(llm)
+        _same(got, reference)
+        proposed, accepted = _spec_counts(llm, before)
+        assert proposed > 200 and 0.02 < accepted / proposed < 0.4, (proposed, accepted)
+    finally:
+        llm.engine.shutdown()
