@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from fleetlm.cluster.bench import git_commit
+from fleetlm.benchmarks.records import git_commit
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent

@@ -3,7 +3,7 @@
     python benchmarks/gpu_fault.py --out benchmarks/results            # 2 GPUs, 2 TP=1 replicas, 8B dummy
     python benchmarks/gpu_fault.py --cpu-smoke --out /tmp/fault        # the same steps on CPU, small model
 
-Starts a local Ray cluster with Serve here (``cluster.drill.local_app``) and deploys
+Starts a local Ray cluster with Serve here (``fleetlm.benchmarks.drill.local_app``) and deploys
 2 replicas of the model (one GPU each: ``llama-3.1-8b``, ``load_format: dummy``,
 bfloat16). Then:
 
@@ -49,7 +49,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fleetlm.cluster.bench import git_commit
+from fleetlm.benchmarks.records import git_commit
 
 KEY = "gpu-fault-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -94,7 +94,7 @@ def first_difference(a: list[str], b: list[str]) -> int | None:
 
 
 def run(ns: argparse.Namespace) -> dict[str, Any]:
-    from fleetlm.cluster import drill
+    from fleetlm.benchmarks import drill
 
     t_begin = time.monotonic()
     deadline = t_begin + ns.budget_s

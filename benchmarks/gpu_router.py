@@ -40,7 +40,7 @@ from pathlib import Path
 
 import httpx
 
-from fleetlm.cluster.bench import git_commit
+from fleetlm.benchmarks.records import git_commit
 
 APP = "fleetlm"
 METRICS = ("fleetlm_prefix_cache_queried_tokens_total", "fleetlm_prefix_cache_hit_tokens_total")
@@ -78,40 +78,26 @@ def workload(ns) -> list[tuple[int, list[int]]]:
     return jobs
 
 
-async def one(client: httpx.AsyncClient, model: str, prompt: list[int], max_tokens: int) -> dict:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
-            "ignore_eos": True, "stream": True,
-            "stream_options": {"include_usage": True}}
-    start = time.perf_counter()
-    ttft = None
-    tokens = 0
-    async with client.stream("POST", "/v1/completions", json=body) as resp:
-        if resp.status_code != 200:
-            return {"error": f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"}
-        async for line in resp.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                return {"error": str(chunk["error"])[:200]}
-            for c in chunk.get("choices", ()):
-                if c.get("text") and ttft is None:
-                    ttft = time.perf_counter() - start
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-    return {"ttft": ttft, "e2e": time.perf_counter() - start, "tokens": tokens}
+async def one(session, url: str, ns, prompt: list[int]) -> dict:
+    from fleetlm.benchmarks.sse_client import stream_completion
+
+    body = {"model": ns.served_model, "prompt": prompt, "max_tokens": ns.max_tokens, "temperature": 0.0,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    r = await stream_completion(session, url, body, timeout_s=ns.request_timeout)
+    if r.failure is not None:
+        detail = r.body or (r.errors[0] if r.errors else "")
+        return {"error": f"{r.failure}: {str(detail)[:200]}"}
+    return {"ttft": r.ttft_s, "e2e": r.e2e_s, "tokens": r.completion_tokens or 0}
 
 
 async def run_workload(url: str, ns, jobs) -> tuple[list[dict], float]:
+    from fleetlm.benchmarks.sse_client import session
+
     sem = asyncio.Semaphore(ns.concurrency)
-    limits = httpx.Limits(max_connections=ns.concurrency + 8, max_keepalive_connections=ns.concurrency + 8)
-    async with httpx.AsyncClient(base_url=url, timeout=ns.request_timeout, limits=limits) as client:
+    async with session(ns.concurrency + 8) as http:
         async def bounded(prompt):
             async with sem:
-                try:
-                    return await one(client, ns.served_model, prompt, ns.max_tokens)
-                except httpx.HTTPError as e:
-                    return {"error": repr(e)[:200]}
+                return await one(http, url, ns, prompt)
 
         start = time.perf_counter()
         results = await asyncio.gather(*(bounded(p) for _, p in jobs))

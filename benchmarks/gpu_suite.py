@@ -128,9 +128,13 @@ def _sel(ns: argparse.Namespace, table: dict[str, dict[str, Any]], key: str) -> 
 
 
 def _bench():
-    from fleetlm.cluster import bench
+    """The benchmark library's functions in one namespace (imported in the child, after its setup)."""
+    from types import SimpleNamespace
 
-    return bench
+    from fleetlm.benchmarks import ceilings, offline, records
+
+    return SimpleNamespace(**{name: getattr(mod, name) for mod in (ceilings, offline, records)
+                              for name in mod.__all__})
 
 
 def _write(ns: argparse.Namespace, part: str, config: dict[str, Any], figures: dict[str, Any], **extra: Any) -> None:

@@ -3,7 +3,7 @@
     python benchmarks/soak.py                       # 10 minutes, result into benchmarks/results/
     python benchmarks/soak.py --duration-s 60 --out /tmp/soak
 
-A local Ray cluster with Serve here (``cluster.drill.local_app``), the embedded model on
+A local Ray cluster with Serve here (``fleetlm.benchmarks.drill.local_app``), the embedded model on
 CPU (``--replicas`` replicas). ``--clients`` closed-loop clients send, until
 ``--duration-s`` is over, a mix drawn from a seeded generator: completions and chat,
 streaming (90%) and not, 4 to 48 new tokens, sometimes ``n=2``, prompts of 1 to ~150
@@ -39,9 +39,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from fleetlm.cluster.bench import git_commit
+from fleetlm.benchmarks.records import git_commit
 
 HERE = Path(__file__).resolve().parent
 KEY = "soak-key"
@@ -88,14 +86,16 @@ def make_request(rng: random.Random) -> tuple[str, dict[str, Any], int | None]:
     return path, body, leave
 
 
-async def one(http: httpx.AsyncClient, base: str, path: str, body: dict[str, Any], leave: int | None,
+async def one(http: Any, base: str, path: str, body: dict[str, Any], leave: int | None,
               timeout_s: float) -> str:
     """Run one request; its outcome: complete, abandoned, rejected_429, or a failure kind."""
-    from fleetlm.cluster import drill
+    import aiohttp
+
+    from fleetlm.benchmarks import sse_client
 
     if body["stream"]:
-        r = await drill.stream_completion(http, base, body, AUTH, path=path, leave_after_events=leave,
-                                          timeout_s=timeout_s)
+        r = await sse_client.stream_completion(http, base, body, AUTH, path=path, leave_after_events=leave,
+                                               timeout_s=timeout_s)
         if r.timed_out:
             return "timeout"
         if r.status == 429:
@@ -108,14 +108,15 @@ async def one(http: httpx.AsyncClient, base: str, path: str, body: dict[str, Any
             return "abandoned"
         return "complete" if r.done and r.finish_reason is not None else "incomplete"
     try:
-        resp = await http.post(base + path, json=body, headers=AUTH, timeout=timeout_s)
-    except httpx.TimeoutException:
+        async with http.post(base + path, json=body, headers=AUTH,
+                             timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+            if resp.status == 429:
+                return "rejected_429"
+            if resp.status != 200:
+                return f"http_{resp.status}"
+            choices = (await resp.json())["choices"]
+    except asyncio.TimeoutError:
         return "timeout"
-    if resp.status_code == 429:
-        return "rejected_429"
-    if resp.status_code != 200:
-        return f"http_{resp.status_code}"
-    choices = resp.json()["choices"]
     return "complete" if len(choices) == body.get("n", 1) and all(c["finish_reason"] for c in choices) \
         else "incomplete"
 
@@ -125,7 +126,7 @@ async def traffic(base: str, ns: argparse.Namespace, samples: list[dict[str, Any
     t0 = time.monotonic()
     stop = t0 + ns.duration_s
 
-    async def client(k: int, http: httpx.AsyncClient) -> None:
+    async def client(k: int, http: Any) -> None:
         rng = random.Random(ns.seed * 1000 + k)
         while time.monotonic() < stop:
             path, body, leave = make_request(rng)
@@ -141,14 +142,15 @@ async def traffic(base: str, ns: argparse.Namespace, samples: list[dict[str, Any
             samples.append({"t_s": round(time.monotonic() - t0, 1), "rss_bytes": sum(rss.values()),
                             "requests": sum(outcomes.values())})
 
-    limits = httpx.Limits(max_connections=4 * ns.clients)
-    async with httpx.AsyncClient(limits=limits) as http:
+    from fleetlm.benchmarks import sse_client
+
+    async with sse_client.session(4 * ns.clients) as http:
         await asyncio.gather(sampler(), *(client(k, http) for k in range(ns.clients)))
     return outcomes
 
 
 def run(ns: argparse.Namespace) -> dict[str, Any]:
-    from fleetlm.cluster import drill
+    from fleetlm.benchmarks import drill
 
     args = {"models": [{"model": MODEL, "device": "cpu", "max_model_len": 512, "max_num_seqs": 8,
                         "num_replicas": ns.replicas, "max_waiting_requests": 8}], "api_key": KEY}

@@ -10,7 +10,7 @@ for ``--drain-timeout`` seconds (after that they end with an error event),
 and Serve and Ray shut down (a local cluster is stopped entirely, so no Ray
 process outlives the command). A second signal skips the wait.
 
-A local cluster runs under a small supervisor: the command's own process
+A local cluster runs under a small supervisor (``lifecycle.py``): the command's own process
 stays in the caller's process group and forwards SIGTERM / SIGINT to the
 serving process, which runs (with every Ray process it starts) in a session
 of its own. So a signal to the whole process group (``kill -TERM -<pgid>``,
@@ -34,26 +34,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import signal
-import subprocess
 import sys
-import threading
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from fleetlm.cluster.lifecycle import SUPERVISED_ENV, Signals, drain, log, supervise
 from fleetlm.cluster.serve_config import EMBEDDED_MODEL, ModelDeploymentConfig, parse_app_args
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
 APP_IMPORT_PATH = "fleetlm.cluster.app:build_app"
-# Set in the serving process the supervisor starts (never by users).
-SUPERVISED_ENV = "FLEETLM_SERVE_SUPERVISED"
-# After forwarding a stop, how long the supervisor waits beyond the drain
-# timeout for Serve and Ray to shut down before it kills the serving session.
-SHUTDOWN_GRACE_S = 60.0
 
 # Keys of a Serve config file (ray.serve.schema.ServeDeploySchema) and of one
 # of its applications that `fleetlm serve --config` understands.
@@ -91,6 +83,7 @@ ENGINE_DECIDES = {
     "warmup": "on GPU",
     "compile_cache_dir": "~/.cache/fleetlm/compile on GPU",
     "tokenizer": "the model's own",
+    "quantization": "the checkpoint's own (none: its dtype)",
     "chat_template": "the model's own",
     "max_waiting_tokens": "off",
 }
@@ -108,9 +101,14 @@ MODEL_FLAGS: tuple[ModelFlag, ...] = (
               "weights and activations (auto: float32 on CPU; on GPU float16 for a float16 checkpoint, else bfloat16)"),
     ModelFlag("load_format", {"choices": ("auto", "safetensors", "gguf", "dummy")},
               "weights: detected, or dummy (random weights of the config's shape, for benchmarks)"),
+    ModelFlag("quantization", {}, "weight format: fp8 or int8 (W8A8) quantize a float checkpoint as it loads; "
+              "a quantized checkpoint's own method is detected from its config.json"),
     ModelFlag("seed", {"type": int}, "seed of dummy weights and of the engine's random state"),
     ModelFlag("tensor_parallel_size", {"type": int}, "GPUs (Ray workers) per pipeline stage"),
     ModelFlag("pipeline_parallel_size", {"type": int}, "pipeline stages (may span nodes)"),
+    ModelFlag("distributed_executor_backend", {"choices": ("mp", "uni", "ray")},
+              "where workers run: the replica's process (one device only) or Ray actors "
+              "(default: the process for one device, Ray for more)"),
     ModelFlag("max_model_len", {"type": int}, "prompt + output tokens of one sequence"),
     ModelFlag("max_num_seqs", {"type": int}, "sequences in one running batch"),
     ModelFlag("max_num_batched_tokens", {"type": int}, "tokens in one step (the chunked prefill budget)"),
@@ -303,105 +301,6 @@ def app_args_from_cli(ns: argparse.Namespace, environ: Mapping[str, str]) -> tup
 # --- running ---------------------------------------------------------------------------
 
 
-class _Signals:
-    """SIGTERM/SIGINT: the first asks for a drain, the second for an immediate stop."""
-
-    class Interrupted(Exception):
-        pass
-
-    def __init__(self) -> None:
-        self.stop = threading.Event()
-        self.force = threading.Event()
-        self.ready = False
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.stop.is_set():
-            self.force.set()
-            if not self.ready:
-                raise self.Interrupted()
-            return
-        self.stop.set()
-        if not self.ready:
-            raise self.Interrupted()  # still starting: abandon startup, go straight to cleanup
-
-
-def _log(msg: str) -> None:
-    print(f"fleetlm: {msg}", file=sys.stderr, flush=True)
-
-
-def _call_ingress(handle: Any, method: str) -> int:
-    """Call ``method`` on every ingress replica; the sum of the int results."""
-    results = handle.broadcast(method).results(timeout_s=5.0, return_exceptions=True)
-    return sum(r for r in results if isinstance(r, int))
-
-
-def drain(handle: Any, timeout_s: float, force: threading.Event) -> bool:
-    """Stop admitting, let in-flight requests finish; True if all finished in time."""
-    inflight = _call_ingress(handle, "start_draining")
-    _log(f"draining: {inflight} request(s) in flight, up to {timeout_s:g} s")
-    deadline = time.monotonic() + timeout_s
-    while not force.is_set() and time.monotonic() < deadline:
-        if _call_ingress(handle, "num_inflight") == 0:
-            return True
-        time.sleep(0.1)
-    aborted = _call_ingress(handle, "abort_inflight")
-    _log(f"drain timeout: ended {aborted} request(s) with an error")
-    grace = time.monotonic() + 2.0
-    while time.monotonic() < grace and _call_ingress(handle, "num_inflight") > 0:
-        time.sleep(0.1)
-    return False
-
-
-def _die_with_parent() -> None:
-    """In the serving process before exec: SIGTERM when the supervisor dies (Linux)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def supervise(argv: Sequence[str], environ: Mapping[str, str], http_port: int, drain_timeout_s: float) -> int:
-    """Run ``fleetlm serve`` in a session of its own and forward stop signals to it (module docstring)."""
-    from fleetlm.cluster.loopback import build_shim, loopback_environ
-
-    shim, why = build_shim()
-    if shim is None:
-        _log(f"warning: Ray's ports will listen on all interfaces ({why}); firewall them")
-    env = loopback_environ({**environ, SUPERVISED_ENV: "1"}, http_port, shim)
-    child = subprocess.Popen([sys.executable, "-m", "fleetlm.cluster.cli", *argv], env=env,
-                             start_new_session=True, preexec_fn=_die_with_parent)
-    stop_at: list[float] = []
-
-    def forward(signum: int, frame: Any) -> None:
-        if not stop_at:
-            stop_at.append(time.monotonic())
-        try:
-            os.kill(child.pid, signum)
-        except ProcessLookupError:
-            pass
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, forward)
-    while True:
-        try:
-            code = child.wait(timeout=0.5)
-            break
-        except subprocess.TimeoutExpired:
-            if stop_at and time.monotonic() - stop_at[0] > drain_timeout_s + SHUTDOWN_GRACE_S:
-                _log("shutdown is taking too long: killing the serving process and its Ray cluster")
-                try:
-                    os.killpg(child.pid, signal.SIGKILL)  # the child leads its own process group
-                except ProcessLookupError:
-                    pass
-    return 128 - code if code < 0 else code
-
-
 def run_serve(ns: argparse.Namespace, environ: Mapping[str, str], argv: Sequence[str] = ()) -> int:
     app_args, http, proxy = app_args_from_cli(ns, environ)
     try:
@@ -418,7 +317,7 @@ def run_serve(ns: argparse.Namespace, environ: Mapping[str, str], argv: Sequence
 
     from fleetlm.cluster.app import APP_NAME, build_app
 
-    signals = _Signals()
+    signals = Signals()
     signals.install()
     started = False
     try:
@@ -437,24 +336,24 @@ def run_serve(ns: argparse.Namespace, environ: Mapping[str, str], argv: Sequence
         serve.start(**start_kw)
         started = True
         names = ", ".join(config.model_names)
-        _log(f"deploying {names} ...")
+        log(f"deploying {names} ...")
         try:
             serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
         except RuntimeError as e:  # a replica failed to start (bad model, no memory, ...)
-            _log(f"error: {e} (the replica logs above say why)")
+            log(f"error: {e} (the replica logs above say why)")
             return 1
         signals.ready = True
-        _log(f"serving {names} on http://{http['host']}:{http['port']}/v1 (Ctrl-C to stop)")
+        log(f"serving {names} on http://{http['host']}:{http['port']}/v1 (Ctrl-C to stop)")
         while not signals.stop.wait(0.5):
             pass
         drain(serve.get_app_handle(APP_NAME), ns.drain_timeout, signals.force)
         return 0
-    except _Signals.Interrupted:
-        _log("interrupted during startup")
+    except Signals.Interrupted:
+        log("interrupted during startup")
         return 0
     finally:
         signals.ready = True  # from here on, signals only set flags
-        _log("shutting down")
+        log("shutting down")
         if started:
             try:
                 if owns_cluster:
@@ -462,13 +361,13 @@ def run_serve(ns: argparse.Namespace, environ: Mapping[str, str], argv: Sequence
                 else:
                     serve.delete(APP_NAME)
             except Exception as e:  # noqa: BLE001 - keep tearing down
-                _log(f"serve shutdown: {e!r}")
+                log(f"serve shutdown: {e!r}")
         if ray.is_initialized():
             ray.shutdown()
 
 
 def run_bench(argv: Sequence[str]) -> int:
-    from fleetlm.cluster.bench import main as bench_main
+    from fleetlm.benchmarks.cli import main as bench_main
 
     return int(bench_main(list(argv)) or 0)
 
@@ -482,7 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ns.command == "serve":
             return run_serve(ns, os.environ, argv)
     except CLIError as e:
-        _log(f"error: {e}")
+        log(f"error: {e}")
         return 2
     return 2
 

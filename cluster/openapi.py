@@ -3,7 +3,7 @@
 The route handlers read raw request bodies (strict JSON, size limits, our own
 error bodies), so FastAPI cannot derive a useful document from them; this
 module writes it down instead, field by field from the request models of
-:mod:`fleetlm.cluster.openai_protocol` (``tests/unit/test_openapi.py`` checks
+``completions.py`` and ``chat.py`` (``tests/unit/test_openapi.py`` checks
 that every model field is described and nothing else), with the service's
 configured limits as JSON-schema bounds: ``max_n``, ``max_logprobs``, stop
 sequences, ``max_tokens_limit``, the served model names, and, when known, the
@@ -20,7 +20,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from fleetlm.cluster.openai_protocol import CHAT_ROLES, MAX_PROMPTS_PER_REQUEST
+from fleetlm.cluster.chat import CHAT_ROLES
+from fleetlm.cluster.completions import MAX_PROMPTS_PER_REQUEST
 
 OPENAPI_VERSION = "3.1.0"
 _REF = "#/components/schemas/"
@@ -61,7 +62,7 @@ def _token_id(vocab_size: int | None) -> dict[str, Any]:
 
 
 def sampling_properties(config: Any, model_names: list[str], vocab_size: int | None) -> dict[str, Any]:
-    """Fields of both generation endpoints (``openai_protocol._SamplingFields``)."""
+    """Fields of both generation endpoints (``protocol.SamplingRequest``)."""
     stop_string = {"type": "string", "minLength": 1, "maxLength": config.max_stop_length}
     return {
         "model": _nullable({"type": "string", "enum": list(model_names)}),

@@ -1,8 +1,8 @@
 """``LLMReplica``: one Ray Serve replica of one model, wrapping an ``AsyncEngine``.
 
 The ingress has already tokenized and validated the request; the replica gets
-token ids and ``SamplingParams`` (:class:`GenerateRequest`) and streams back
-small :class:`GenerateChunk` messages: per choice, only what is new since the
+token ids and ``SamplingParams`` (``messages.GenerateRequest``) and streams back
+small ``messages.GenerateChunk`` messages: per choice, only what is new since the
 previous chunk (text, token ids, logprobs), never the cumulative output, so
 the bytes crossing Ray stay proportional to the tokens generated. The engine
 hands over only its latest cumulative output, so when the ingress lags the
@@ -32,83 +32,22 @@ import os
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
+from fleetlm.cluster.messages import (
+    ChoiceDelta,
+    GenerateChunk,
+    GenerateRequest,
+    ModelInfo,
+    ReplicaError,
+    ReplicaHealth,
+    TokenLogprob,
+)
 from fleetlm.cluster.metrics import ServeMetrics
 from fleetlm.cluster.migration import unreleased_text
-from fleetlm.cluster.openai_protocol import TokenLogprob
 from fleetlm.cluster.serve_config import ModelDeploymentConfig
 
 logger = logging.getLogger("fleetlm.replica")
-
-
-# --- messages between ingress and replica ------------------------------------
-
-
-@dataclass(frozen=True)
-class GenerateRequest:
-    request_id: str
-    prompt_token_ids: list[int]
-    params: Any  # fleetlm.engine.sampling_params.SamplingParams
-    # Prefix block hash ids of the prompt, for a prefix-aware request router.
-    block_hash_ids: tuple[int, ...] = ()
-    # A migrated sequence (cluster/migration.py): the output tokens the client
-    # already has, and the length of the text it already has; continue after them.
-    resume_token_ids: tuple[int, ...] = ()
-    resume_text_len: int = 0
-    # 0 for a new request; k for its k-th re-submission after a replica failed
-    # (admitted once already: no replica-side queue limit applies).
-    attempt: int = 0
-
-
-@dataclass
-class ChoiceDelta:
-    index: int
-    text: str
-    token_ids: list[int]
-    logprobs: list[TokenLogprob] | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-
-
-@dataclass(frozen=True)
-class ReplicaError:
-    kind: str  # an errors._KINDS name: "invalid_request", "queue_full", "unavailable", "internal"
-    message: str
-    param: str | None = None
-    # The replica cannot serve anything (its engine died): the ingress moves
-    # the request to another replica instead of failing it.
-    retryable: bool = False
-    # The engine was already dead when the request arrived (it was routed to a
-    # replica about to end itself): the request did not take an engine down.
-    dead_on_arrival: bool = False
-
-
-@dataclass
-class GenerateChunk:
-    choices: list[ChoiceDelta] = field(default_factory=list)
-    num_prompt_tokens: int = 0
-    num_cached_tokens: int = 0
-    finished: bool = False
-    error: ReplicaError | None = None
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    name: str
-    max_model_len: int
-    block_size: int
-    vocab_size: int
-    tokenizer: Any  # the engine's own tokenizer, so the ingress counts tokens the same way
-    max_num_seqs: int = 0  # running-batch seats per replica (ingress admission)
-
-
-@dataclass(frozen=True)
-class ReplicaHealth:
-    replica: str
-    healthy: bool
-    message: str = ""
 
 
 # --- deltas ----------------------------------------------------------------------
@@ -187,7 +126,8 @@ def engine_args_kwargs(model: ModelDeploymentConfig, max_n: int, max_logprobs: i
     return {**model.engine_kwargs(), "served_model_name": model.name, "max_n": max_n, "max_logprobs": max_logprobs}
 
 
-def _replica_id() -> str:
+def replica_id() -> str:
+    """This Serve replica's id (\"local\" outside Serve)."""
     try:
         from ray import serve
 
@@ -241,7 +181,7 @@ class LLMReplica:
         self.max_queued_requests = max_queued_requests
         self.stream_chunks_per_s = model.stream_chunks_per_s
         self.stream_max_interval_s = model.stream_max_interval_s
-        self.replica = _replica_id()
+        self.replica = replica_id()
         self.metrics = ServeMetrics(self.name, self.replica, self.engine.stats)
         self.max_num_seqs = self.engine.config.scheduler.max_num_seqs
         # Requests handed to the engine that have no output yet (waiting, in
@@ -443,10 +383,6 @@ class LLMReplica:
 
     def metrics_families(self) -> list[Any]:
         return self.metrics.collect()
-
-    def engine_stats(self) -> dict[str, Any]:
-        s = self.engine.stats()
-        return {"replica": self.replica, **{k: v for k, v in vars(s).items() if not k.startswith("_")}}
 
     def record_routing_stats(self) -> dict[str, Any]:
         """Ray Serve routing stats: queue depth and cached prefix blocks (cluster/router.py)."""

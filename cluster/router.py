@@ -31,7 +31,7 @@ Three pieces, one concept:
    between equally loaded ones the replica this router gave the fewest new
    blocks (SGLang's "smallest tree" rule: new prefixes spread out).
 
-3. The Ray Serve adapter, :class:`PrefixAwareRequestRouter` (a
+3. The Ray Serve adapter, ``serve_router.PrefixAwareRequestRouter`` (a
    ``ray.serve.request_router.RequestRouter``): reads each candidate's
    routing stats and the request's ``block_hash_ids`` (the ingress puts them
    in the ``GenerateRequest`` it sends), calls the policy, returns the ranked
@@ -39,7 +39,7 @@ Three pieces, one concept:
    to the request it was chosen for, and records where requests went and
    when they completed. Nothing in it awaits or blocks.
 
-Memory bound (:class:`RouterMemory`): at most ``max_blocks`` (replica, block
+Memory bound (``router_memory.RouterMemory``): at most ``max_blocks`` (replica, block
 id) entries (default 32768, about 8.5 MiB of Python objects, measured) in
 one LRU, and at most ``max_inflight`` in-flight sends (default 16384, about
 6.6 MiB); both also expire by age. So one router (one per model per ingress
@@ -52,10 +52,11 @@ import random
 import sys
 import time
 from array import array
-from collections import OrderedDict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from fleetlm.cluster.router_memory import RouterMemory
 
 # Replica summary ------------------------------------------------------------------------
 
@@ -207,155 +208,6 @@ class RouterConfig:
             raise ValueError(f"imbalance_ratio must be a number >= 1, got {r!r}")
 
 
-# The router's memory of its own decisions -------------------------------------------------
-
-
-class RouterMemory:
-    """What this router sent where, so decisions between stats updates see each other.
-
-    Two bounded structures:
-
-    - blocks: LRU of (replica id, block id) -> last time sent, at most
-      ``max_blocks`` entries; entries older than ``ttl_s`` do not count and
-      are dropped as they reach the LRU front. One entry costs about 270
-      bytes of Python objects (tracemalloc), so 32768 entries are 8.5 MiB.
-    - in flight: (request id, replica id) -> send times of requests not yet
-      completed, at most ``max_inflight`` sends in all (the oldest request
-      dropped first; about 420 bytes each); sends older than
-      ``inflight_ttl_s`` are dropped too, in case a completion is never
-      reported. Keyed by request id AND replica: the sub-requests of one
-      HTTP request (n prompts) share Serve's request id.
-
-    Not thread-safe: one router's event loop owns it.
-    """
-
-    def __init__(self, max_blocks: int = 32768, max_inflight: int = 16384,
-                 ttl_s: float = 30.0, inflight_ttl_s: float = 600.0) -> None:
-        self.max_blocks = max_blocks
-        self.max_inflight = max_inflight
-        self.ttl_s = ttl_s
-        self.inflight_ttl_s = inflight_ttl_s
-        self._blocks: OrderedDict[tuple[str, int], float] = OrderedDict()
-        self._num_blocks: dict[str, int] = {}
-        # The same list object sits in both maps.
-        self._inflight: OrderedDict[tuple[str, str], list[float]] = OrderedDict()
-        self._inflight_by_replica: dict[str, dict[str, list[float]]] = {}
-        self._num_inflight = 0
-
-    @classmethod
-    def from_config(cls, config: RouterConfig) -> RouterMemory:
-        return cls(config.max_memory_blocks, config.max_inflight, config.memory_ttl_s, config.inflight_ttl_s)
-
-    # -- recording -------------------------------------------------------------------
-    def record(self, replica_id: str, block_hash_ids: Iterable[int], now: float) -> None:
-        """Remember that a request with these blocks went to ``replica_id`` at ``now``."""
-        self.expire(now)
-        blocks = self._blocks
-        for h in block_hash_ids:
-            key = (replica_id, h)
-            if key in blocks:
-                blocks.move_to_end(key)
-            else:
-                self._num_blocks[replica_id] = self._num_blocks.get(replica_id, 0) + 1
-            blocks[key] = now
-        while len(blocks) > self.max_blocks:
-            self._drop_oldest_block()
-
-    def sent(self, request_id: str, replica_id: str, now: float) -> None:
-        """A request was accepted by ``replica_id`` at ``now``: it adds to that replica's load."""
-        if self.max_inflight <= 0:
-            return
-        key = (request_id, replica_id)
-        times = self._inflight.get(key)
-        if times is None:
-            times = self._inflight[key] = []
-            self._inflight_by_replica.setdefault(replica_id, {})[request_id] = times
-        times.append(now)
-        self._num_inflight += 1
-        while self._num_inflight > self.max_inflight:
-            self._drop_request(next(iter(self._inflight)))
-
-    def complete(self, request_id: str, replica_id: str) -> None:
-        """One send of the request to the replica ended; unknown ones are ignored."""
-        times = self._inflight.get((request_id, replica_id))
-        if not times:
-            return
-        times.pop(0)
-        self._num_inflight -= 1
-        if not times:
-            self._drop_request((request_id, replica_id))
-
-    def forget_replica(self, replica_id: str) -> None:
-        """The replica is gone: drop everything about it."""
-        for key in [k for k in self._blocks if k[0] == replica_id]:
-            del self._blocks[key]
-        self._num_blocks.pop(replica_id, None)
-        for request_id in list(self._inflight_by_replica.get(replica_id, ())):
-            self._drop_request((request_id, replica_id))
-
-    def expire(self, now: float) -> None:
-        """Drop block entries older than ``ttl_s`` and sends older than ``inflight_ttl_s``."""
-        horizon = now - self.ttl_s
-        while self._blocks and next(iter(self._blocks.values())) < horizon:
-            self._drop_oldest_block()
-        horizon = now - self.inflight_ttl_s
-        while self._inflight:
-            key, times = next(iter(self._inflight.items()))
-            if times[0] >= horizon:
-                break
-            times.pop(0)  # every pass drops one send: the loop ends
-            self._num_inflight -= 1
-            if times:
-                self._inflight.move_to_end(key)
-            else:
-                self._drop_request(key)
-
-    def _drop_oldest_block(self) -> None:
-        (replica_id, _), _ = self._blocks.popitem(last=False)
-        n = self._num_blocks[replica_id] - 1
-        if n:
-            self._num_blocks[replica_id] = n
-        else:
-            del self._num_blocks[replica_id]
-
-    def _drop_request(self, key: tuple[str, str]) -> None:
-        times = self._inflight.pop(key, None)
-        if times is None:
-            return
-        self._num_inflight -= len(times)
-        request_id, replica_id = key
-        per = self._inflight_by_replica.get(replica_id)
-        if per is not None:
-            per.pop(request_id, None)
-            if not per:
-                del self._inflight_by_replica[replica_id]
-
-    # -- queries (pure reads) ---------------------------------------------------------
-    def has_block(self, replica_id: str, block_id: int, now: float) -> bool:
-        t = self._blocks.get((replica_id, block_id))
-        return t is not None and now - t <= self.ttl_s
-
-    def num_blocks(self, replica_id: str) -> int:
-        """Block entries held for ``replica_id`` (expired ones not yet dropped included)."""
-        return self._num_blocks.get(replica_id, 0)
-
-    def inflight_since(self, replica_id: str, since: float | None) -> int:
-        """Sends to ``replica_id`` after ``since`` (all when None) not completed yet."""
-        per = self._inflight_by_replica.get(replica_id)
-        if not per:
-            return 0
-        if since is None:
-            return sum(len(ts) for ts in per.values())
-        return sum(1 for ts in per.values() for t in ts if t > since)
-
-    def __len__(self) -> int:
-        return len(self._blocks)
-
-    @property
-    def num_inflight(self) -> int:
-        return self._num_inflight
-
-
 # The policy -------------------------------------------------------------------------------
 
 
@@ -447,9 +299,6 @@ def choose_replica(request: RoutingRequest, replicas: Sequence[ReplicaStats], me
     return decide(request, replicas, memory, now, config, rng).replica_id
 
 
-# The Ray Serve adapter ---------------------------------------------------------------------
-
-
 def request_block_hash_ids(args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[int, ...]:
     """The prompt's block hash ids carried by a handle call: a ``block_hash_ids``
     keyword argument, or the attribute of an argument (the ``GenerateRequest``)."""
@@ -465,141 +314,9 @@ def request_block_hash_ids(args: Sequence[Any], kwargs: Mapping[str, Any]) -> tu
         return ()
 
 
-def _make_ray_router_class() -> type:
-    # Ray is imported only here, so the policy above (and its unit tests) never need it.
-    from ray.serve.request_router import RequestRouter
-
-    class PrefixAwareRequestRouter(RequestRouter):
-        """Ray Serve request router running :func:`decide` inside Serve's routing path.
-
-        Configure with ``RequestRouterConfig(request_router_class=
-        "fleetlm.cluster.router:PrefixAwareRequestRouter",
-        request_router_kwargs={...RouterConfig fields...})``. Requests are
-        matched to the replica chosen for them (no FIFO mixin: a replica
-        chosen for one prompt must not serve another).
-        """
-
-        def initialize_state(self, **kwargs: Any) -> None:
-            self._config = RouterConfig(**kwargs)
-            self._memory = RouterMemory.from_config(self._config)
-            self._rng = random.Random()
-            # replica id -> (its routing_stats dict, that dict parsed); holding the
-            # dict keeps the identity check sound (no id reuse after a free).
-            self._parsed: dict[Any, tuple[Any, ReplicaStats]] = {}
-
-        def _stats_of(self, replica: Any) -> ReplicaStats:
-            raw = replica.routing_stats
-            key = replica.replica_id
-            cached = self._parsed.get(key)
-            if cached is None or cached[0] is not raw:
-                cached = (raw, ReplicaStats.from_summary(key.unique_id, raw))
-                self._parsed[key] = cached
-            ongoing = None
-            if self._use_replica_queue_len_cache:
-                ongoing = self._replica_queue_len_cache.get(key)
-            stats = cached[1]
-            if ongoing is not None:
-                stats = ReplicaStats(stats.replica_id, stats.num_running, stats.num_waiting,
-                                     stats.kv_cache_usage, stats.block_hash_ids, stats.timestamp, ongoing)
-            return stats
-
-        async def choose_replicas(self, candidate_replicas: list[Any],
-                                  pending_request: Any = None) -> list[list[Any]]:
-            if not candidate_replicas:
-                return []
-            by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
-            request = RoutingRequest(
-                request_block_hash_ids(pending_request.args, pending_request.kwargs)
-                if pending_request is not None else ())
-            now = time.time()
-            decision = decide(request, [self._stats_of(r) for r in candidate_replicas],
-                              self._memory, now, self._config, self._rng)
-            if pending_request is not None:
-                # Every candidate is ranked: if none can take the request now, Serve
-                # must back off before asking again (else its retry loop spins).
-                pending_request.routing_context.should_backoff = True
-                # Tentative: concurrent decisions before this one is accepted see it.
-                self._memory.record(decision.replica_id, request.block_hash_ids, now)
-            chosen = by_id[decision.replica_id]
-            rest = sorted((r for rid, r in by_id.items() if rid != decision.replica_id),
-                          key=lambda r: (decision.loads[r.replica_id.unique_id], r.replica_id.unique_id))
-            return [[chosen], rest] if rest else [[chosen]]
-
-        def _fulfill_next_pending_request(self, replica: Any, request_metadata: Any = None) -> None:
-            # The replica was chosen for the request whose metadata this is. The base
-            # class matches on internal_request_id alone, which the sub-requests of one
-            # HTTP request share (n prompts): match the metadata object itself first.
-            if request_metadata is not None:
-                for pr in self._pending_requests_to_fulfill:
-                    if pr.metadata is request_metadata:
-                        if not pr.future.done():
-                            self._cancel_routing_task_for_pending_request(pr)
-                            self._record_queue_wait_time(pr)
-                            pr.future.set_result(replica)
-                            self._remove_pending_request_from_indices(pr)
-                        return
-            super()._fulfill_next_pending_request(replica, request_metadata)
-
-        def on_request_routed(self, pending_request: Any, replica_id: Any, result: Any) -> None:
-            # Where the request really went (Serve may have used a lower rank).
-            now = time.time()
-            rid = replica_id.unique_id
-            self._memory.record(rid, request_block_hash_ids(pending_request.args, pending_request.kwargs), now)
-            self._memory.sent(pending_request.metadata.internal_request_id, rid, now)
-
-        def on_request_completed(self, replica_id: Any, internal_request_id: str) -> None:
-            self._memory.complete(internal_request_id, replica_id.unique_id)
-
-        def update_replicas(self, replicas: list[Any]) -> None:
-            before = set(self._replica_id_set)
-            super().update_replicas(replicas)
-            for gone in before - set(self._replica_id_set):
-                self._forget(gone)
-
-        def on_replica_actor_died(self, replica_id: Any) -> None:
-            super().on_replica_actor_died(replica_id)
-            self._forget(replica_id)
-
-        def _forget(self, replica_id: Any) -> None:
-            self._parsed.pop(replica_id, None)
-            self._memory.forget_replica(replica_id.unique_id)
-
-    PrefixAwareRequestRouter.__module__ = __name__
-    PrefixAwareRequestRouter.__qualname__ = "PrefixAwareRequestRouter"
-    return PrefixAwareRequestRouter
-
-
-def __getattr__(name: str) -> Any:
-    # ``fleetlm.cluster.router:PrefixAwareRequestRouter`` resolves lazily (module
-    # __getattr__), so importing this module for the policy never imports Ray.
-    if name == "PrefixAwareRequestRouter":
-        cls = _make_ray_router_class()
-        globals()[name] = cls
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-ROUTER_CLASS_PATH = f"{__name__}:PrefixAwareRequestRouter"
-
-
-def request_router_options(config: RouterConfig | None = None) -> dict[str, Any]:
-    """Ray Serve deployment options that put :class:`PrefixAwareRequestRouter` in front of a deployment."""
-    from ray.serve.config import RequestRouterConfig
-
-    kwargs = {} if config is None else {
-        f: getattr(config, f) for f in RouterConfig.__dataclass_fields__
-        if getattr(config, f) != RouterConfig.__dataclass_fields__[f].default}
-    return {"request_router_config": RequestRouterConfig(
-        request_router_class=ROUTER_CLASS_PATH,
-        request_router_kwargs=kwargs,
-        request_routing_stats_period_s=ROUTING_STATS_PERIOD_S,
-        request_routing_stats_timeout_s=ROUTING_STATS_TIMEOUT_S,
-    )}
-
-
 __all__ = [
-    "ROUTER_CLASS_PATH",
     "ROUTING_STATS_PERIOD_S",
+    "ROUTING_STATS_TIMEOUT_S",
     "SUMMARY_MAX_BLOCKS",
     "ReplicaStats",
     "RouterConfig",
@@ -612,7 +329,6 @@ __all__ = [
     "pack_block_ids",
     "replica_load",
     "request_block_hash_ids",
-    "request_router_options",
     "routing_summary",
     "select_summary_blocks",
     "unpack_block_ids",

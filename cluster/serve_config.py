@@ -150,6 +150,9 @@ class ModelDeploymentConfig:
     seed: int = 0
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    # vLLM's name: None: the replica's own process for one device, Ray worker
+    # actors for more; "ray" runs one device as a worker actor too.
+    distributed_executor_backend: str | None = None
     max_model_len: int | None = None          # None: the model's own limit
     max_num_seqs: int | None = None           # None: the engine's default
     max_num_batched_tokens: int | None = None  # None: the engine's default
@@ -167,6 +170,7 @@ class ModelDeploymentConfig:
     warmup: bool | None = None
     compile_cache_dir: str | None = None  # compiled kernels kept across starts; None: ~/.cache/fleetlm on GPU
     load_format: str = "auto"
+    quantization: str | None = None  # vLLM's names (fp8, int8, ...); None: the checkpoint's own (the engine checks)
     # Speculative decoding: vLLM's mapping (engine/spec_config.py); None: off.
     speculative_config: dict | None = None
     num_replicas: int | None = None
@@ -201,6 +205,8 @@ class ModelDeploymentConfig:
         _choice(self.dtype, f"{w}: dtype", DTYPES)
         _int(self.tensor_parallel_size, f"{w}: tensor_parallel_size", 1)
         _int(self.pipeline_parallel_size, f"{w}: pipeline_parallel_size", 1)
+        if self.distributed_executor_backend is not None:
+            _choice(self.distributed_executor_backend, f"{w}: distributed_executor_backend", ("mp", "uni", "ray"))
         _opt_int(self.max_model_len, f"{w}: max_model_len", 1)
         _opt_int(self.max_num_seqs, f"{w}: max_num_seqs", 1)
         _opt_int(self.max_num_batched_tokens, f"{w}: max_num_batched_tokens", 1)
@@ -232,6 +238,8 @@ class ModelDeploymentConfig:
         _set(self, "stream_max_interval_s", _float(self.stream_max_interval_s, f"{w}: stream_max_interval_s",
                                                    low=0.0))
         _choice(self.load_format, f"{w}: load_format", LOAD_FORMATS)
+        if self.quantization is not None:
+            _str(self.quantization, f"{w}: quantization")
         if self.autoscaling is not None:
             if not isinstance(self.autoscaling, AutoscalingConfig):
                 raise ValueError(f"{w}: autoscaling must be an AutoscalingConfig")
@@ -245,6 +253,11 @@ class ModelDeploymentConfig:
     def world_size(self) -> int:
         """Devices (Ray worker actors) one replica of this model needs."""
         return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def uses_worker_actors(self) -> bool:
+        """Whether the replica's engine runs its devices as Ray worker actors (else in its own process)."""
+        return self.world_size > 1 or self.distributed_executor_backend == "ray"
 
     def engine_kwargs(self) -> dict[str, Any]:
         """The engine's settings (EngineArgs / LLM keyword names, as in

@@ -41,6 +41,10 @@ class EngineArgs:
     trust_remote_code: bool = False  # refused: only FleetLM's own model code runs
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    # vLLM's name. None: the engine's own process for one device, Ray actors
+    # for more; "ray" also runs a single device as a Ray actor; "mp"/"uni":
+    # the engine's process (one device only).
+    distributed_executor_backend: str | None = None
     device: str = "auto"
     dtype: str = "auto"
     gpu_memory_utilization: float = 0.9
@@ -49,14 +53,17 @@ class EngineArgs:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     load_format: str = "auto"
+    # vLLM's `quantization`: None reads the checkpoint's quantization_config (or
+    # runs dense); "fp8" / "int8" also quantize a float checkpoint as it loads.
+    quantization: str | None = None
     seed: int = 0
     block_size: int = 16
     num_kv_blocks: int | None = None
     cpu_kv_cache_bytes: int = 2 << 30
     long_prefill_token_threshold: int = 0
     enforce_eager: bool = False
-    # None: on for a single in-process CUDA worker, off otherwise; True forces
-    # it (also on CPU, for tests); TP/PP > 1 (Ray workers) always run synchronously.
+    # None: on for CUDA workers of one pipeline stage, off otherwise; True
+    # forces it (also on CPU, for tests); PP > 1 pipelines micro-batches instead.
     async_scheduling: bool | None = None
     max_n: int = 64
     max_logprobs: int = 20
@@ -88,7 +95,11 @@ class EngineArgs:
         return self.device
 
     def create_engine_config(self) -> EngineConfig:
+        from fleetlm.parallel.formats import resolve_quantization
         from fleetlm.workers.loader import resolve_model
+        from fleetlm.parallel.formats.gguf import keeps_quantized
+        from fleetlm.workers.loader.gguf_format import read_gguf_header
+        from fleetlm.workers.loader.gguf_model import gguf_quantization_config
 
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "block_size", "seed"):
             v = getattr(self, name)
@@ -112,6 +123,13 @@ class EngineArgs:
             dtype = "float32"
         if dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if source.kind == "gguf":  # its block types, as a checkpoint's quantization_config would say
+            hf = {**hf, "quantization_config": gguf_quantization_config(read_gguf_header(source.path))}
+        quantization = resolve_quantization(self.quantization, hf, repr(self.model))
+        if quantization == "gguf" and self.quantization is None and (
+                device == "cpu" or not keeps_quantized(hf["quantization_config"])):
+            # GGUF on CPU (or with block types the kernels do not read): dequantized to float at load.
+            quantization = None
         model_max = int(hf.get("max_position_embeddings") or 2048)
         max_len = self.max_model_len or min(model_max, 32768)
         if max_len > model_max and not hf.get("rope_scaling"):
@@ -127,19 +145,22 @@ class EngineArgs:
             seed=self.seed,
             tokenizer=self.tokenizer,
             chat_template=resolve_chat_template(self.chat_template),
+            quantization=quantization,
         )
-        parallel = ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size, device)
+        parallel = ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size, device,
+                                  executor_backend(self.distributed_executor_backend,
+                                                   self.tensor_parallel_size * self.pipeline_parallel_size))
         validate_parallel(model, parallel)
         if self.warmup not in (None, True, False):
             raise ValueError(f"warmup must be None, true or false, got {self.warmup!r}")
         if self.async_scheduling not in (None, True, False):
             raise ValueError(f"async_scheduling must be None, true or false, got {self.async_scheduling!r}")
-        if self.async_scheduling and parallel.world_size > 1:
+        if self.async_scheduling and parallel.pipeline_parallel_size > 1:
             raise ValueError(
-                "async_scheduling needs a single in-process worker (tensor_parallel_size = "
-                "pipeline_parallel_size = 1); Ray worker groups run synchronously"
+                "async_scheduling needs one pipeline stage (pipeline_parallel_size = 1); with several, "
+                "stages run micro-batches of different requests at once instead"
             )
-        async_scheduling = device == "cuda" and parallel.world_size == 1
+        async_scheduling = device == "cuda" and parallel.pipeline_parallel_size == 1
         if self.async_scheduling is not None:
             async_scheduling = self.async_scheduling
         gpu = device == "cuda"
@@ -197,6 +218,22 @@ def resolve_speculative(value, target: ModelConfig, parallel: ParallelConfig, lo
     draft = ModelConfig(model=spec.model, served_name=source.name, kind=source.kind, path=source.path, hf_config=hf,
                         dtype=target.dtype, max_model_len=target.max_model_len, seed=target.seed)
     return dataclasses.replace(spec, draft=draft)
+
+
+EXECUTOR_BACKENDS = ("mp", "uni", "ray")
+
+
+def executor_backend(name: str | None, world_size: int) -> str:
+    """vLLM's distributed_executor_backend, as FleetLM runs it: "uni" (this process) or "ray"."""
+    if name is None:
+        return "uni" if world_size == 1 else "ray"
+    if name not in EXECUTOR_BACKENDS:
+        raise ValueError(f"distributed_executor_backend must be one of {', '.join(EXECUTOR_BACKENDS)} "
+                         f"(or None), got {name!r}")
+    if name in ("mp", "uni") and world_size > 1:
+        raise ValueError(f"distributed_executor_backend {name!r} runs one device in the engine's process; "
+                         f"tensor_parallel_size x pipeline_parallel_size = {world_size} needs 'ray'")
+    return "ray" if name == "ray" else "uni"
 
 
 def validate_parallel(model: ModelConfig, parallel: ParallelConfig) -> None:

@@ -26,6 +26,9 @@ class ModelConfig:
     seed: int = 0
     tokenizer: str | None = None  # tokenizer source other than the model's (local dir or hub id)
     chat_template: str | None = field(default=None, repr=False)  # overrides the tokenizer's
+    # Weight format of the linear layers: None (dense) or a registered quantization
+    # name (parallel/formats), resolved against config.json's quantization_config.
+    quantization: str | None = None
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.hf_config.get(key, default)
@@ -78,6 +81,8 @@ class ParallelConfig:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     device: str = "cpu"  # "cpu" | "cuda", resolved from "auto" at the edge
+    # "uni": the one worker in the engine's process; "ray": one Ray actor per device.
+    distributed_executor_backend: str = "uni"
 
     @property
     def world_size(self) -> int:
@@ -101,7 +106,7 @@ class EngineConfig:
     parallel: ParallelConfig
     scheduler: SchedulerConfig
     use_cuda_graphs: bool = True
-    # Schedule and launch step N+1 while step N runs (one in-process worker only).
+    # Schedule and launch step N+1 while step N runs (one pipeline stage only).
     async_scheduling: bool = False
     max_n: int = 64
     max_logprobs: int = 20

@@ -70,7 +70,7 @@ def choose_step_mode(async_scheduling: bool, workers) -> StepMode:
         return StepMode.PIPELINED
     if async_scheduling:
         if not workers.supports_async:
-            raise ValueError("async_scheduling needs a single in-process worker")
+            raise ValueError("async_scheduling needs workers that launch steps ahead (one pipeline stage)")
         return StepMode.ASYNC
     return StepMode.SYNC
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fleetlm.kernels import activation, attention, gemv, kv_cache, rmsnorm, rotary
+from fleetlm.kernels import activation, attention, gemv, kv_cache, rmsnorm, rotary, wq_linear
 
 try:
     import triton  # noqa: F401
@@ -37,6 +37,8 @@ class Ops:
     silu_and_mul: Callable[..., torch.Tensor]
     store_kv_cache: Callable[..., None]
     paged_attention: Callable[..., torch.Tensor]
+    # Weights kept quantized (AWQ, GPTQ, GGUF blocks): kernels/wq_linear.py.
+    wq_linear: Callable[..., torch.Tensor]
 
 
 def select_ops(device: torch.device | str, use_triton: bool | None = None) -> Ops:
@@ -61,6 +63,7 @@ def select_ops(device: torch.device | str, use_triton: bool | None = None) -> Op
             silu_and_mul=activation.silu_and_mul,
             store_kv_cache=kv_cache.store_kv_cache,
             paged_attention=attention.paged_attention,
+            wq_linear=wq_linear.wq_linear,
         )
     return Ops(
         backend="torch",
@@ -72,6 +75,7 @@ def select_ops(device: torch.device | str, use_triton: bool | None = None) -> Op
         silu_and_mul=activation.silu_and_mul_ref,
         store_kv_cache=kv_cache.store_kv_cache_ref,
         paged_attention=attention.paged_attention_ref,
+        wq_linear=wq_linear.wq_linear_ref,
     )
 
 

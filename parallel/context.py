@@ -37,6 +37,12 @@ class ParallelContext:
             dist.all_reduce(x, group=self.tp_group)
         return x
 
+    def broadcast_from_first(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` of this stage's TP rank 0, on every TP rank of the stage (in place)."""
+        if self.tp_size > 1:
+            dist.broadcast(x, src=self.pp_rank * self.tp_size, group=self.tp_group)
+        return x
+
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
             return x

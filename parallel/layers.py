@@ -22,6 +22,7 @@ from torch import nn
 
 from fleetlm.parallel.context import ParallelContext
 from fleetlm.parallel.formats import DenseMethod, LinearMethod, ParamSpec
+from fleetlm.parallel.formats.base import copy_block
 
 
 def _split(n: int, parts: int, what: str) -> int:
@@ -34,26 +35,38 @@ def _param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | st
     return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
 
 
-def _copy(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
-    if tuple(dst.shape) != tuple(src.shape):
-        raise ValueError(f"weight {name}: checkpoint shard {tuple(src.shape)} != parameter {tuple(dst.shape)}")
-    dst.copy_(src)
+_copy = copy_block
 
 
 def _read(lazy, spec: ParamSpec, out_range: tuple[int, int] | None, in_range: tuple[int, int] | None):
-    """The block of a checkpoint tensor covering output features ``out_range`` and input features ``in_range``."""
+    """The block of a checkpoint tensor covering output features ``out_range`` and input features ``in_range``.
+
+    A dimension of size 1 is broadcast over the features (a per-tensor
+    scale, or the trailing 1 of ``[out, 1]`` scales): every rank keeps it.
+    Float tensors are read in the layer's dtype; integer and FP8 tensors as
+    stored (a float block for an FP8 tensor is the format's to quantize).
+    """
     cuts: dict[int, slice] = {}
     if out_range is not None and spec.out_dim is not None:
         cuts[spec.out_dim] = spec.element_range(out_range, spec.out_per, "output")
     if in_range is not None and spec.in_dim is not None:
         cuts[spec.in_dim] = spec.element_range(in_range, spec.in_per, "input")
+    cuts = {d: c for d, c in cuts.items() if d >= len(lazy.shape) or lazy.shape[d] != 1}
     if set(cuts) - {0, 1}:
         raise ValueError(f"{spec.name}: only the first two dimensions of a tensor can be split")
-    return lazy.load(rows=cuts.get(0), cols=cuts.get(1))
+    if set(cuts) & set(range(len(lazy.shape), 2)):
+        raise ValueError(f"{spec.name}: checkpoint tensor of shape {lazy.shape} has no dimension to split")
+    dtype = spec.dtype if _CASTABLE.get(spec.dtype) else None
+    return lazy.load(rows=cuts.get(0), cols=cuts.get(1), dtype=dtype)
+
+
+_CASTABLE = {torch.float32: True, torch.float16: True, torch.bfloat16: True}
 
 
 class LinearBase(nn.Module):
     """A linear layer of this rank's ``in_features x out_features``, its tensors owned by ``method``."""
+
+    input_is_parallel = False  # whether the input features are split over the TP ranks (row-parallel)
 
     def __init__(self, in_features: int, out_features: int, bias: bool, ctx: ParallelContext, dtype, device,
                  method: LinearMethod) -> None:
@@ -74,14 +87,18 @@ class LinearBase(nn.Module):
         return spec
 
     def _load_part(self, name: str, lazy, out_range, in_range, out_offset: int, out_size: int | None) -> None:
-        """Copy the checkpoint block into this rank's tensor, at output features [out_offset, +out_size)."""
+        """Hand the checkpoint block to the format, for output features [out_offset, +out_size) of this rank."""
         spec = self._spec(name)
         block = _read(lazy, spec, out_range, in_range)
-        dst = getattr(self, spec.name).data
-        if out_size is not None and spec.out_dim is not None:
-            part = spec.element_range((out_offset, out_offset + out_size), spec.out_per, "output")
-            dst = dst.narrow(spec.out_dim, part.start, part.stop - part.start)
-        _copy(dst, block, name)
+        self.method.load_tensor(self, spec, block, None if out_size is None else (out_offset, out_size), name)
+
+    def part(self, tensor: str, part: tuple[int, int] | None) -> torch.Tensor:
+        """Tensor ``tensor`` of this layer, narrowed to output features ``part`` = (offset, count) (None: whole)."""
+        spec, dst = self.specs[tensor], getattr(self, tensor).data
+        if part is None or spec.out_dim is None:
+            return dst
+        rng = spec.element_range((part[0], part[0] + part[1]), spec.out_per, "output")
+        return dst.narrow(spec.out_dim, rng.start, rng.stop - rng.start)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.apply(self, x, self.bias)
@@ -159,6 +176,8 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 class RowParallelLinear(LinearBase):
     """y = all_reduce(x_shard W_shard^T) (+ b): W's columns (input features) split."""
+
+    input_is_parallel = True
 
     def __init__(self, in_features, out_features, bias, ctx: ParallelContext, dtype, device, method: LinearMethod):
         super().__init__(_split(in_features, ctx.tp_size, "input features"), out_features, bias, ctx, dtype, device,

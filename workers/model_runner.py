@@ -48,6 +48,9 @@ class ModelRunner:
         # The previous launch's sampled tokens (still on the device) and each request's row in them.
         self._last_sampled: torch.Tensor | None = None
         self._last_rows: dict[str, int] = {}
+        # Steps may be launched ahead on a TP > 1 stage: rank 0 broadcasts each
+        # step's sampled ids so that every rank can fill the next one's placeholders.
+        self.share_samples = False
         eos = model_cfg.eos_token_ids
         self.eos_token_ids = list(eos)
         self.drafter = None  # speculative decoding with a draft model (workers/drafter.py)
@@ -240,17 +243,24 @@ class ModelRunner:
             return result
         prompt = self._prompt_logprobs(out, result, row_starts)
         sampling = [out.scheduled[i] for i in sample_idx]
+        req_ids = [s.request_id for s in sampling]
+        proposals = [s.spec_token_ids for s in sampling]
         if not sampling or self.ctx.tp_rank != 0:
             # Every TP rank joins the logits all-gather, but only rank 0
-            # samples: the other ranks' tokens would be discarded.
+            # samples: the other ranks' tokens would be discarded. With
+            # steps launched ahead they still need the ids, for the next
+            # step's placeholders.
             if sampling:
                 self.model.compute_logits(result[logits_indices])
+                if self.share_samples:
+                    num_rows = len(sampling) + sum(len(p) for p in proposals)
+                    self._last_sampled = self.ctx.broadcast_from_first(
+                        torch.empty(num_rows, dtype=torch.int64, device=self.device))
+                    self._remember_rows(req_ids, proposals)
             return PendingOutput([], [], [], prompt=prompt) if prompt and self.ctx.tp_rank == 0 else \
                 PendingOutput.ready(ModelRunnerOutput.empty())
         logits = self.model.compute_logits(result[logits_indices]).float()
-        req_ids = [s.request_id for s in sampling]
         states = [self.states[rid] for rid in req_ids]
-        proposals = [s.spec_token_ids for s in sampling]
         batch = self._sampling_batch(states, proposals)
         sampled = self.sampler(logits, batch)
         tokens, accepted = sampled.sampled_token_ids, None
@@ -269,10 +279,10 @@ class ModelRunner:
                 torch.zeros(len(sampling), dtype=torch.int64, device=self.device)
             drafted = self.drafter.propose(sampling, states, tokens, n_acc, firsts,
                                            meta.block_tables.index_select(0, torch.tensor(sample_idx, device=self.device)))
-        # Placeholders of the next launch read these rows (requests that verified
-        # proposals are never scheduled ahead: their token count is unknown).
         self._last_sampled = tokens
-        self._last_rows = dict(zip(req_ids, firsts.tolist()))
+        self._remember_rows(req_ids, proposals)
+        if self.share_samples:
+            self.ctx.broadcast_from_first(tokens)
         logprobs = None
         if sampled.logprobs is not None:
             logprobs = [sampled.logprob_token_ids, sampled.logprobs, sampled.sampled_ranks]
@@ -280,6 +290,15 @@ class ModelRunner:
                 k = max(n for n in batch.num_logprobs if n is not None)
                 logprobs = list(compute_topk_logprobs(torch.log_softmax(logits, -1), tokens, k))
         return PendingOutput(req_ids, states, proposals, tokens, accepted, logprobs, prompt, drafted)
+
+    def _remember_rows(self, req_ids: list[str], proposals: list[list[int]]) -> None:
+        """Which row of this launch's samples each request's next placeholder reads (requests
+        that verified proposals are never scheduled ahead: their token count is unknown)."""
+        if any(proposals):
+            first_rows = np.cumsum([0] + [1 + len(p) for p in proposals[:-1]]).tolist()
+            self._last_rows = dict(zip(req_ids, first_rows))
+        else:
+            self._last_rows = {rid: i for i, rid in enumerate(req_ids)}
 
     def _graph_query_len(self, out: SchedulerOutput) -> int | None:
         """The query length of the CUDA graph this step runs (its requests padded to it), or None."""

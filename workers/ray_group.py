@@ -1,60 +1,51 @@
 """The workers of a TP x PP replica as Ray actors, seen by the engine as one thing that runs steps.
 
 One actor per device owns its shard of the weights and of the KV cache
-(``Worker``); the actors of a stage all-reduce among themselves and stages
-pass (hidden, residual) to the next over torch.distributed (NCCL on GPU,
-gloo on CPU; see ``fleetlm.parallel.distributed`` and ``.pipeline``). Ray
-carries only control messages.
+(``workers/worker_actor.py``); the actors of a stage all-reduce among
+themselves and stages pass (hidden, residual) to the next over
+torch.distributed (NCCL on GPU, gloo on CPU; see ``fleetlm.parallel``).
+Ray places, starts and watches the actors; the steps do not go through it.
 
-What crosses the actor boundary each step (pickled by Ray, inlined in the
-task when under 100 KiB):
+The control plane, per step:
 
-- engine -> every worker: the step's ``SchedulerOutput`` (W = tp x pp Ray
-  calls). Size: about 60 bytes per scheduled request plus ~5 bytes per
-  token id and per block id (each request's whole block table is resent
-  every step), plus each NEW request's prompt and ``SamplingParams`` once.
-  Measured pickles: a decode step of 8 requests at 64 context is 0.6 KiB,
-  64 requests at 1024 context 15 KiB, 256 requests at 2048 context 155 KiB
-  (block tables dominate; sending only new block ids would shrink it ~20x);
-  a 2048-token prefill of a new request 13 KiB. Small steps are passed by
-  value (inlined in each call's task spec, no object store); a step
-  estimated above ``_PUT_THRESHOLD_BYTES`` is ``ray.put`` once and every
-  worker reads the same object (Ray would otherwise store it once per call).
-  Measured per-step Ray overhead, 6 workers on a loaded 2-core CPU box:
-  5.9 ms (8 req), 9.3 ms (64 req), 31 ms (256 req, put); a Ray compiled
-  graph (shared-memory channels) was slower there, 17 / 25 / 87 ms, its
-  readers spin on the two cores the workers need.
-- last stage's TP rank 0 -> engine: ``ModelRunnerOutput``: one request id
-  and one token id per sampling request (+ k (id, logprob, rank) triples
-  when logprobs are asked): ~30 bytes per request. Every other worker
-  returns ``None``.
+- engine -> workers: the step, encoded once (``workers/step_codec.py``:
+  block tables as what changed since the workers last saw them; new
+  requests' prompts and ``SamplingParams`` once), written once into a
+  shared-memory ring (``workers/shm_ring.py``) that every worker reads. A
+  decode step of 64 requests is about 2 KiB, of 256 requests about 8 KiB,
+  whatever their context length. This needs every worker on the engine's
+  node; a group with a worker elsewhere (pipeline stages on other nodes)
+  sends the same bytes as one Ray call per worker instead.
+- sampling worker (last stage, TP rank 0) -> engine: the step's
+  ``ModelRunnerOutput`` (a request id and its accepted token ids per
+  sampling request, plus logprobs when asked), through a second ring with
+  the engine as its one reader (or as that worker's Ray call's result).
 
-No tensor crosses Ray on the hot path: hidden states go stage to stage over
-the collective backend, logits are gathered over the TP group, and only the
-sampled ids come back. Only the last stage's TP rank 0 samples: the other
-ranks of that stage hold the same gathered logits but their result would be
-discarded, so they skip the sampler (``ModelRunner.launch`` checks
-``ctx.tp_rank``). A rank's share of a step (receive, run, send on) is
-``Worker.execute_stage``; the actor only adds the Ray plumbing.
+With one pipeline stage the workers launch each step without waiting for
+the device, as the engine's own process does, so the engine may schedule
+and send step N + 1 while N runs (asynchronous scheduling): TP ranks other
+than 0 get the sampled ids of step N from rank 0 over the TP group (a tiny
+broadcast on the device), for the placeholders of N + 1. Inside each worker
+decode steps replay CUDA graphs with the TP all-reduces captured in them.
 
 Failure: every wait on the workers is bounded (``step_timeout_s`` per step);
-an actor that died surfaces at once as ``RayActorError`` (``ray.get`` of a
-list raises on the first failed element), a hung collective as a timeout
-(collectives also time out inside the workers, so they unstick). Either
-marks the group failed: a step's ``result()`` raises ``WorkerGroupError`` (now and on
-every later call) and ``check_health`` raises, so the engine fails every
-in-flight request instead of hanging.
+while the engine waits on a ring it asks Ray every few milliseconds whether
+a worker's loop ended (an actor that died surfaces as ``RayActorError``), a
+hung collective surfaces as a timeout (collectives also time out inside the
+workers, so they unstick). Either marks the group failed: the step's
+``result()`` raises ``WorkerGroupError`` (now and on every later call) and
+``check_health`` raises, so the engine fails every in-flight request
+instead of hanging.
 """
 
 from __future__ import annotations
 
 import logging
-import os
+import pickle
 import time
-from dataclasses import dataclass
+from collections import deque
 
 import ray
-import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 from ray.util.placement_group import (
     PlacementGroup,
@@ -67,36 +58,28 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from fleetlm.engine.config import EngineConfig
 from fleetlm.engine.step import ModelRunnerOutput, PendingStep, SchedulerOutput
-from fleetlm.parallel.distributed import create_store, init_distributed, split_rank
 from fleetlm.parallel.placement import PlacementSpec, assign_bundles, check_cluster_fits, stage_bundles
-from fleetlm.workers.worker import Worker
+from fleetlm.workers.shm_ring import RingClosed, RingTimeout, ShmRing
+from fleetlm.workers.step_codec import STOP, StepEncoder
+from fleetlm.workers.worker_actor import StepError, WorkerActor, WorkerInfo
 
 logger = logging.getLogger("fleetlm.ray_group")
 
-
-# Above this a step's SchedulerOutput goes through the object store once
-# instead of being inlined in every worker's call (Ray inlines up to 100 KiB).
+# Above this an encoded step sent by Ray calls goes through the object store
+# once instead of being inlined in every worker's call (Ray inlines up to 100 KiB).
 _PUT_THRESHOLD_BYTES = 64 << 10
 
 
-def _estimate_bytes(out: SchedulerOutput) -> int:
-    """Rough pickled size of a step (ints pickle to ~5 bytes each), without pickling it."""
-    ints = sum(len(s.token_ids) + len(s.block_table) for s in out.scheduled)
-    ints += sum(len(n.prompt_token_ids) for n in out.new_requests)
-    return 64 * len(out.scheduled) + 5 * ints
-
-
 class RayPendingStep(PendingStep):
-    """The workers' calls of one step; the tokens come from the last stage's TP rank 0."""
+    """One launched step; ``result()`` waits for it (bounded), in launch order."""
 
-    def __init__(self, group: RayWorkerGroup, refs: list) -> None:
-        self.group, self.refs = group, refs
+    def __init__(self, group: RayWorkerGroup, index: int) -> None:
+        self.group, self.index = group, index
         self._output: ModelRunnerOutput | None = None
 
     def result(self) -> ModelRunnerOutput:
         if self._output is None:
-            results = self.group._gather(self.refs, self.group.step_timeout_s, "step")
-            self._output = results[self.group.output_rank] or ModelRunnerOutput.empty()
+            self._output = self.group._result(self.index)
         return self._output
 
 
@@ -104,94 +87,15 @@ class WorkerGroupError(RuntimeError):
     """A worker of the replica died, failed or hung; the replica cannot run steps any more."""
 
 
-@dataclass(frozen=True)
-class WorkerInfo:
-    rank: int
-    tp_rank: int
-    pp_rank: int
-    node_id: str
-    node_ip: str
-    bundle_index: int
-    pid: int
-
-
-@ray.remote(max_restarts=0, max_task_retries=0, concurrency_groups={"control": 1})
-class WorkerActor:
-    """A ``Worker`` inside a Ray actor, plus the replica-level plumbing (process
-    group, pipeline send/recv). ``ping`` runs in its own concurrency group so
-    health checks are answered while a step is running."""
-
-    def __init__(self, config: EngineConfig, rank: int, bundle_index: int, cpu_threads: int | None) -> None:
-        if cpu_threads is not None:
-            torch.set_num_threads(cpu_threads)
-        self.config = config
-        self.rank = rank
-        self.bundle_index = bundle_index
-        self.store = None
-        self.worker = None
-        self.ctx = None
-
-    def info(self) -> WorkerInfo:
-        ctx = ray.get_runtime_context()
-        tp_rank, pp_rank = split_rank(self.rank, self.config.parallel.tensor_parallel_size)
-        return WorkerInfo(
-            self.rank, tp_rank, pp_rank, ctx.get_node_id(), ray.util.get_node_ip_address(), self.bundle_index, os.getpid()
-        )
-
-    def create_store(self, timeout_s: float) -> int:
-        """Rank 0: open the rendezvous store on a free port; returns the port."""
-        self.store = create_store(timeout_s)
-        return self.store.port
-
-    def init_distributed(self, master_addr: str, master_port: int, timeout_s: float) -> None:
-        pc = self.config.parallel
-        self.ctx = init_distributed(
-            rank=self.rank,
-            tp_size=pc.tensor_parallel_size,
-            pp_size=pc.pipeline_parallel_size,
-            master_addr=master_addr,
-            master_port=master_port,
-            device=self._device(),
-            timeout_s=timeout_s,
-            store=self.store,
-        )
-
-    def _device(self) -> str:
-        # On CUDA, Ray gives the actor exactly one visible GPU.
-        return "cuda:0" if self.config.parallel.device == "cuda" else "cpu"
-
-    def load(self) -> tuple[float, int]:
-        """Build the worker and load its shard; returns (seconds, KV blocks it can hold)."""
-        self.worker = Worker(self.config, self.ctx, self._device())
-        if self.worker.compile_cache is not None:
-            logger.info("rank %d: compile cache %s (%d entries at start)", self.rank,
-                        self.worker.compile_cache.dir, self.worker.compile_cache.entries_at_start)
-        seconds = self.worker.load_model()
-        return seconds, self.worker.num_available_blocks()
-
-    def init_kv_cache(self, num_blocks: int) -> None:
-        self.worker.init_kv_cache(num_blocks)
-
-    def execute_step(self, out: SchedulerOutput) -> ModelRunnerOutput | None:
-        """Receive from the previous stage, run, send on; tokens from the last stage's TP rank 0 only."""
-        return self.worker.execute_stage(out)
-
-    @ray.method(concurrency_group="control")
-    def ping(self) -> bool:
-        return True
-
-
 class RayWorkerGroup:
     """TP x PP worker actors of one replica, in one placement group the replica owns.
 
     Same interface as ``LocalWorkerGroup`` (``workers/worker_group.py``).
-    Its launches are not asynchronous to the host (each returns once the
-    calls are sent; the engine's async mode needs device-side placeholders
-    the Ray path does not have yet); with pipeline stages, one micro-batch
-    per stage may be in flight.
+    With one pipeline stage its launches are asynchronous to the host (the
+    engine may launch the next step behind one in flight); with several,
+    one micro-batch per stage may be in flight.
     """
 
-    supports_async = False
     compile_cache = None  # each worker points its Triton at the cache itself and logs it
 
     def __init__(
@@ -202,6 +106,7 @@ class RayWorkerGroup:
         step_timeout_s: float = 120.0,
         init_timeout_s: float = 600.0,
         health_timeout_s: float = 10.0,
+        transport: str = "auto",
     ) -> None:
         pc = config.parallel
         self.config = config
@@ -211,6 +116,9 @@ class RayWorkerGroup:
         self.step_timeout_s = step_timeout_s
         self.init_timeout_s = init_timeout_s
         self.health_timeout_s = health_timeout_s
+        if transport not in ("auto", "ring", "ray"):
+            raise ValueError(f"transport must be 'auto', 'ring' or 'ray', got {transport!r}")
+        self.transport = transport
         self.workers: list = []
         self.infos: list[WorkerInfo] = []
         self.pg: PlacementGroup | None = None
@@ -220,6 +128,15 @@ class RayWorkerGroup:
         # The worker whose step result carries the tokens: last stage, TP rank 0.
         self.output_rank = (self.pp_size - 1) * self.tp_size
         self.pipeline_depth = self.pp_size
+        self.supports_async = self.pp_size == 1
+        self.encoder = StepEncoder()
+        self.steps: ShmRing | None = None  # the rings, when every worker is on this node
+        self.results: ShmRing | None = None
+        self._loops: list = []  # each worker's ``serve`` call, while the rings are in use
+        self._calls: deque = deque()  # Ray transport: each launched step's calls, oldest first
+        self._launched = 0  # steps launched so far
+        self._done: dict[int, ModelRunnerOutput] = {}  # results read ahead of their turn
+        self._next_result = 0
         if not ray.is_initialized():
             ray.init()
         try:
@@ -256,14 +173,36 @@ class RayWorkerGroup:
         if self.num_blocks < 1:
             raise RuntimeError("not enough memory for a single KV cache block; lower max_num_seqs or free memory")
         t2 = time.perf_counter()
-        self._gather([w.init_kv_cache.remote(self.num_blocks) for w in self.workers], self.init_timeout_s, "KV cache")
+        graphs = self._gather([w.init_kv_cache.remote(self.num_blocks) for w in self.workers], self.init_timeout_s,
+                              "KV cache")
         # Seconds per start-up phase (the engine adds its warm-up): the slowest worker's.
-        self.startup_seconds = {"workers": t1 - t0, "load_weights": t2 - t1, "kv_cache": time.perf_counter() - t2}
+        self.startup_seconds = {"workers": t1 - t0, "load_weights": t2 - t1,
+                                "kv_cache": time.perf_counter() - t2 - max(graphs)}
+        if max(graphs):
+            self.startup_seconds["cuda_graphs"] = max(graphs)
+        self._open_rings()
         logger.info(
-            "replica of %d workers (tp %d x pp %d) up in %.1f s on nodes %s, %d KV blocks",
+            "replica of %d workers (tp %d x pp %d) up in %.1f s on nodes %s, %d KV blocks; steps by %s",
             self.world_size, self.tp_size, self.pp_size, time.perf_counter() - t0,
             sorted({i.node_id[:8] for i in self.infos}), self.num_blocks,
+            "shared memory" if self.steps is not None else "Ray calls",
         )
+
+    def _open_rings(self) -> None:
+        """Rings when every worker shares this process' node ("auto"); Ray calls otherwise."""
+        here = ray.get_runtime_context().get_node_id()
+        local = all(i.node_id == here for i in self.infos)
+        if self.transport == "ray" or (self.transport == "auto" and not local):
+            return
+        if not local:
+            raise WorkerGroupError("transport 'ring' needs every worker on the engine's node")
+        self.steps = ShmRing.create(num_readers=self.world_size, num_slots=4, slot_bytes=1 << 20)
+        self.results = ShmRing.create(num_readers=1, num_slots=4, slot_bytes=256 << 10, reader=0)
+        self._loops = [
+            w.serve.remote(self.steps.handle, self.results.handle if rank == self.output_rank else None, rank,
+                           self.supports_async)
+            for rank, w in enumerate(self.workers)
+        ]
 
     def _reserve(self) -> list[int]:
         """Reserve (or borrow) the placement group; returns the bundle index of each rank."""
@@ -307,16 +246,59 @@ class RayWorkerGroup:
 
     # -- the step -----------------------------------------------------------------
     def launch(self, out: SchedulerOutput) -> RayPendingStep:
-        """Start a step without waiting for it; ``.result()`` waits (bounded by ``step_timeout_s``).
+        """Send a step without waiting for it; ``.result()`` waits (bounded by ``step_timeout_s``).
 
-        Each actor runs its steps in submission order, so with pipeline
+        Each worker runs its steps in the order sent, so with pipeline
         parallelism several launched steps (over disjoint requests) overlap:
         stage 0 runs step k+1 while stage 1 runs step k.
         """
         self._raise_if_failed()
-        # One Ray call per worker (see the module docstring for sizes).
-        arg = ray.put(out) if _estimate_bytes(out) > _PUT_THRESHOLD_BYTES else out
-        return RayPendingStep(self, [w.execute_step.remote(arg) for w in self.workers])
+        payload = self.encoder.encode(out)
+        if self.steps is not None:
+            self._ring_io(lambda deadline: self.steps.write(payload, deadline, self._loop_ended), "sending a step")
+        else:
+            arg = ray.put(payload) if len(payload) > _PUT_THRESHOLD_BYTES else payload
+            self._calls.append([w.execute.remote(arg) for w in self.workers])
+        self._launched += 1
+        return RayPendingStep(self, self._launched - 1)
+
+    def _result(self, index: int) -> ModelRunnerOutput:
+        """The result of launched step ``index``; results arrive in launch order."""
+        self._raise_if_failed()
+        while index not in self._done:
+            if self.steps is not None:
+                raw = self._ring_io(lambda deadline: self.results.read(deadline, self._loop_ended), "step")
+                result = pickle.loads(raw)
+                if isinstance(result, StepError):
+                    msg = f"rank {result.rank} failed a step: {result.message}"
+                    self._fail(msg)
+                    raise WorkerGroupError(msg)
+            else:
+                results = self._gather(self._calls.popleft(), self.step_timeout_s, "step")
+                result = results[self.output_rank]
+            self._done[self._next_result] = result or ModelRunnerOutput.empty()
+            self._next_result += 1
+        return self._done.pop(index)
+
+    def _ring_io(self, op, what: str):
+        """A ring operation bounded by ``step_timeout_s``, failing the group if a worker died or hung."""
+        try:
+            return op(time.monotonic() + self.step_timeout_s)
+        except RingTimeout as e:
+            msg = f"{what} did not finish within {self.step_timeout_s:g} s (a worker hung or a collective stalled)"
+            self._fail(msg)
+            raise WorkerGroupError(msg) from e
+        except RingClosed:
+            ended, _ = ray.wait(self._loops, num_returns=1, timeout=0)
+            self._gather(ended, self.health_timeout_s, what)  # raises the worker's own error
+            msg = f"a worker's step loop ended during {what}"
+            self._fail(msg)
+            raise WorkerGroupError(msg) from None
+
+    def _loop_ended(self) -> bool:
+        """Whether some worker's loop returned or raised (checked while waiting on a ring)."""
+        ended, _ = ray.wait(self._loops, num_returns=1, timeout=0)
+        return bool(ended)
 
     def _gather(self, refs: list, timeout_s: float, what: str) -> list:
         """``ray.get`` with a bound; any failure marks the group failed and raises ``WorkerGroupError``."""
@@ -373,6 +355,15 @@ class RayWorkerGroup:
         if self._closed:
             return
         self._closed = True
+        if self.steps is not None:
+            if self._failure is None:
+                try:  # let the loops return (and detach) before their actors go
+                    self.steps.write(STOP, time.monotonic() + 2.0, self._loop_ended)
+                    ray.wait(self._loops, num_returns=len(self._loops), timeout=5.0)
+                except (RingTimeout, RingClosed):
+                    pass
+            self.steps.close()
+            self.results.close()
         for w in self.workers:
             try:
                 ray.kill(w, no_restart=True)

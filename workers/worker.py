@@ -32,13 +32,16 @@ class Worker:
             self.compile_cache = use_compile_cache(config.compile_cache_dir, self.device)
         torch.manual_seed(config.model.seed)
         self.runner = ModelRunner(config.model, config.cache, ctx, self.device, config.speculative)
+        # One stage of several TP ranks may get steps launched ahead: see ModelRunner.share_samples.
+        self.runner.share_samples = ctx.tp_size > 1 and ctx.pp_size == 1
 
     def load_model(self) -> float:
         """Load this worker's shard of the weights; returns seconds taken."""
         t0 = time.perf_counter()
         mc = self.config.model
         source = resolve_model(mc.model, "dummy" if mc.kind == "dummy" else "auto")
-        weights = iter_weights(source, device=self.device, dtype=DTYPES[mc.dtype], seed=mc.seed)
+        weights = iter_weights(source, device=self.device, dtype=DTYPES[mc.dtype], seed=mc.seed,
+                               keep_quantized=mc.quantization == "gguf")
         self.runner.load_weights(weights)
         if self.runner.drafter is not None:  # speculative decoding's draft model, beside the target
             dc = self.config.speculative.draft

@@ -53,7 +53,7 @@ class LocalWorkerGroup:
 
 
 def create_worker_group(config: EngineConfig):
-    if config.parallel.world_size == 1:
+    if config.parallel.distributed_executor_backend == "uni":
         return LocalWorkerGroup(config)
     from fleetlm.workers.ray_group import RayWorkerGroup
 

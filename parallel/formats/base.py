@@ -11,10 +11,14 @@ GGUF blocks to come). For one layer it
   to a tensor-parallel rank's share without knowing the format: packed
   dims (8 int4 values per int32) and group-wise scales or zero points (one
   per ``group`` input features) divide the feature offsets;
+- stores each checkpoint block it is given (``load_tensor``: a copy by
+  default; a format that quantizes online turns a float ``weight`` block
+  into its own tensors here, so no layer ever holds the float weight);
 - may fix up the loaded tensors once (``process_weights_after_loading``:
-  repacking, quantizing a float checkpoint online);
+  repacking, scales of merged shards);
 - computes ``y = x W^T (+ b)`` (``apply``), and optionally the fused
-  ``silu(gate) * up`` of a merged gate/up projection (``apply_silu_mul``).
+  ``silu(gate) * up`` of a merged gate/up projection (``apply_silu_mul``);
+
 
 Models never touch a layer's tensors; they call the layer.
 """
@@ -64,6 +68,16 @@ class LinearMethod:
         """Register this rank's tensors on ``layer`` (``in_features x out_features`` per rank)."""
         raise NotImplementedError
 
+    def load_tensor(self, layer: nn.Module, spec: ParamSpec, block: torch.Tensor, part: tuple[int, int] | None,
+                    name: str) -> None:
+        """Store checkpoint ``block`` (this rank's cut of ``name``) as tensor ``spec.name``.
+
+        ``part``: (first output feature, count) of a merged layer's shard the
+        block fills (None: the whole tensor); ``layer.part(spec_name, part)``
+        is the destination view. A block of one element is a per-tensor value.
+        """
+        copy_block(layer.part(spec.name, part), block, name)
+
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         """Called once every tensor of ``layer`` is loaded."""
 
@@ -73,6 +87,20 @@ class LinearMethod:
     def apply_silu_mul(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, silu_and_mul) -> torch.Tensor:
         """``silu(gate) * up`` of a merged [gate; up] projection; formats with a fused kernel override it."""
         return silu_and_mul(self.apply(layer, x, bias))
+
+
+def copy_block(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
+    """``dst.copy_(src)`` of the same shape; integer and FP8 tensors are never converted silently."""
+    if tuple(dst.shape) != tuple(src.shape):
+        raise ValueError(f"weight {name}: checkpoint shard {tuple(src.shape)} != parameter {tuple(dst.shape)}")
+    if dst.dtype != src.dtype and not (_is_float(dst.dtype) and _is_float(src.dtype)):
+        raise ValueError(f"weight {name}: checkpoint dtype {src.dtype} cannot be stored as {dst.dtype}")
+    dst.copy_(src)
+
+
+def _is_float(dtype: torch.dtype) -> bool:
+    """A float type a checkpoint value may be cast to or from (not FP8: its rounding loses the value)."""
+    return dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def register(layer: nn.Module, spec: ParamSpec, device: torch.device | str) -> ParamSpec:

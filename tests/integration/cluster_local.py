@@ -14,7 +14,6 @@ import os
 import shutil
 import socket
 import tempfile
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -78,17 +77,10 @@ def deploy(url: str, args: dict[str, Any], timeout_s: float = 300.0) -> None:
 
     from fleetlm.cluster.app import build_app
 
+    from fleetlm.benchmarks.drill import wait_healthy
+
     serve.run(build_app(args), name=APP, route_prefix="/", blocking=False)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=10).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"app did not become healthy in {timeout_s:.0f} s: {serve.status()}")
-        time.sleep(0.5)
+    wait_healthy(url, timeout_s, serve.status)
 
 
 def undeploy() -> None:

@@ -155,5 +155,20 @@ def test_async_scheduling_argument():
     assert EngineArgs(**tiny).create_engine_config().async_scheduling is False  # auto: CUDA only
     assert EngineArgs(**tiny, async_scheduling=True).create_engine_config().async_scheduling is True
     assert EngineArgs(**tiny, tensor_parallel_size=2).create_engine_config().async_scheduling is False
-    with pytest.raises(ValueError, match="single in-process worker"):
-        EngineArgs(**tiny, tensor_parallel_size=2, async_scheduling=True).create_engine_config()
+    # One stage of Ray workers launches steps ahead too; pipeline stages run micro-batches instead.
+    assert EngineArgs(**tiny, tensor_parallel_size=2, async_scheduling=True).create_engine_config().async_scheduling
+    with pytest.raises(ValueError, match="one pipeline stage"):
+        EngineArgs(**tiny, pipeline_parallel_size=2, async_scheduling=True).create_engine_config()
+
+
+def test_distributed_executor_backend_argument():
+    from fleetlm.engine.args import EngineArgs
+
+    tiny = dict(model="tiny-llama-8h4kv", load_format="dummy", device="cpu")
+    backend = lambda **kw: EngineArgs(**tiny, **kw).create_engine_config().parallel.distributed_executor_backend  # noqa: E731
+    assert backend() == "uni" and backend(distributed_executor_backend="mp") == "uni"
+    assert backend(tensor_parallel_size=2) == "ray" and backend(distributed_executor_backend="ray") == "ray"
+    with pytest.raises(ValueError, match="needs 'ray'"):
+        backend(tensor_parallel_size=2, distributed_executor_backend="mp")
+    with pytest.raises(ValueError, match="must be one of mp, uni, ray"):
+        backend(distributed_executor_backend="multiproc")

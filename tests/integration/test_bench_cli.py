@@ -22,7 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from fleetlm.cluster import bench
+from fleetlm.benchmarks import cli as bench
+from fleetlm.benchmarks.model_shape import ModelShape, count_params
+from fleetlm.benchmarks.offline import prefix_prompts, resolve_prefix_shape
+from fleetlm.benchmarks.records import BenchError
 
 MODEL = "smollm2-135m-instruct"
 VOCAB = 49152
@@ -71,13 +74,13 @@ def test_param_count_matches_the_loaders_dummy_shapes():
     for name in dummy_config_names():
         config = json.loads((_configs_dir() / f"{name}.json").read_text())
         expected = sum(math.prod(shape) for _, shape in dummy_tensor_shapes(config))
-        assert bench.count_params(config) == expected, name
+        assert count_params(config) == expected, name
     config = json.loads((_configs_dir() / "llama-3.1-8b.json").read_text())
-    assert bench.count_params(config) == 8_030_261_248  # 16.06 GB in bf16, the figure
+    assert count_params(config) == 8_030_261_248  # 16.06 GB in bf16, the figure
 
 
 def test_request_flops_by_hand():
-    shape = bench.ModelShape(vocab_size=10, hidden_size=4, intermediate_size=8, num_layers=2, num_heads=2,
+    shape = ModelShape(vocab_size=10, hidden_size=4, intermediate_size=8, num_layers=2, num_heads=2,
                              num_kv_heads=1, head_dim=2, tie_word_embeddings=True)
     # per layer: q 4*4 + k,v 2*4*2 + o 4*4 + mlp 3*4*8 = 16 + 16 + 16 + 96
     assert shape.linear_params == 2 * 144
@@ -91,16 +94,16 @@ def test_request_flops_by_hand():
 
 
 def test_prefix_shapes_and_prompts():
-    assert bench.resolve_prefix_shape(None, None, 0.9) == (2222, 2000)
-    assert bench.resolve_prefix_shape(None, 64, 0.8) == (80, 64)
-    assert bench.resolve_prefix_shape(100, None, 0.5) == (100, 50)
-    assert bench.resolve_prefix_shape(None, None, 0.0) == (2222, 0)
-    with pytest.raises(bench.BenchError):
-        bench.resolve_prefix_shape(100, 50, 0.5)
-    prefix, prompts = bench.prefix_prompts(3, 20, 8, 1000, seed=0)
+    assert resolve_prefix_shape(None, None, 0.9) == (2222, 2000)
+    assert resolve_prefix_shape(None, 64, 0.8) == (80, 64)
+    assert resolve_prefix_shape(100, None, 0.5) == (100, 50)
+    assert resolve_prefix_shape(None, None, 0.0) == (2222, 0)
+    with pytest.raises(BenchError):
+        resolve_prefix_shape(100, 50, 0.5)
+    prefix, prompts = prefix_prompts(3, 20, 8, 1000, seed=0)
     assert len(prefix) == 8 and all(p[:8] == prefix and len(p) == 20 for p in prompts)
     assert len({tuple(p[8:]) for p in prompts}) == 3
-    _, unshared = bench.prefix_prompts(3, 20, 0, 1000, seed=0)
+    _, unshared = prefix_prompts(3, 20, 0, 1000, seed=0)
     assert all(p[:8] != prefix for p in unshared)  # a different stream from the shared prefix
 
 
@@ -144,7 +147,7 @@ def test_latency(make_llm, tmp_path):
     assert f["mbu"] == pytest.approx(f["achieved_gbps"] / rec["config"]["ceilings"]["copy_gbps"])
     from fleetlm.workers.loader import resolve_model
 
-    assert f["weight_bytes_per_step"] == 4 * bench.count_params(resolve_model(MODEL).hf_config)  # float32
+    assert f["weight_bytes_per_step"] == 4 * count_params(resolve_model(MODEL).hf_config)  # float32
 
 
 def test_prefix_on_and_off(make_llm, tmp_path):

@@ -30,7 +30,8 @@ import pytest
 
 from cluster_local import MODEL, deploy, local_serve, replica_counts
 
-from fleetlm.cluster.drill import StreamResult, stream_completion, worker_actor_pids
+from fleetlm.benchmarks.drill import worker_actor_pids
+from fleetlm.benchmarks.sse_client import StreamResult, session, stream_completion
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -57,7 +58,7 @@ def request_body(prompt: str) -> dict:
 async def run_all(base: str, on_progress=None) -> list[StreamResult]:
     """All PROMPTS streamed at once; ``on_progress(streams)`` runs while they arrive."""
     streams = [StreamResult() for _ in PROMPTS]
-    async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=64)) as http:
+    async with session(64) as http:
         tasks = [asyncio.ensure_future(stream_completion(http, base, request_body(p), AUTH, into=s))
                  for p, s in zip(PROMPTS, streams)]
         if on_progress is not None:

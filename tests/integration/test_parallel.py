@@ -99,6 +99,20 @@ def test_embedded_model_matches_single_device(ray_local, smol_reference, tp, pp)
     assert tokens == smol_reference
 
 
+@pytest.mark.parametrize("tp,backend", [(3, None), (1, "ray")], ids=["tp3", "tp1-ray"])
+def test_steps_launched_ahead_over_the_ring_match_single_device(ray_local, smol_reference, tp, backend):
+    """Asynchronous scheduling through Ray workers: steps go over the shared-memory ring, the
+    engine sends step N + 1 before N's tokens are back, TP ranks share the sampled ids."""
+    llm = LLM(tensor_parallel_size=tp, distributed_executor_backend=backend, async_scheduling=True, **SMOL)
+    try:
+        group = llm.engine.workers
+        assert group.steps is not None  # every worker on this node: steps by shared memory
+        assert _tokens(llm, PROMPTS) == smol_reference
+        assert llm.engine.num_steps_ahead > 0
+    finally:
+        llm.engine.shutdown()
+
+
 @pytest.mark.parametrize("tp,pp", [(4, 1), (2, 2)], ids=["tp4", "tp2xpp2"])  # TP=2: two replicas below
 def test_dummy_model_matches_single_device(ray_local, tiny_reference, tp, pp):
     # 8 query heads, 4 KV heads: at TP=4 one KV head per rank, ...

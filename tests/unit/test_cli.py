@@ -63,7 +63,7 @@ def test_chat_template_is_a_file_or_a_template(tmp_path):
 
 
 def test_bench_base_url_takes_the_openai_client_form():
-    from fleetlm.cluster.bench import server_root
+    from fleetlm.benchmarks.serve_load import server_root
 
     assert server_root("http://h:8000/v1") == "http://h:8000"
     assert server_root("http://h:8000/v1/") == "http://h:8000"

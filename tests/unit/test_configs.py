@@ -562,7 +562,8 @@ def test_allow_list_is_the_dataclass_fields():
         "gpu_memory_utilization", "enable_prefix_caching", "async_scheduling", "load_format", "num_replicas",
         "autoscaling", "max_waiting_requests", "max_waiting_tokens", "stream_chunks_per_s", "stream_max_interval_s",
         "tokenizer", "chat_template", "trust_remote_code", "seed", "long_prefill_token_threshold", "block_size",
-        "enforce_eager", "warmup", "compile_cache_dir", "speculative_config"}
+        "enforce_eager", "warmup", "compile_cache_dir", "distributed_executor_backend", "quantization",
+        "speculative_config"}
 
 
 def test_every_engine_argument_is_a_model_key_and_a_serve_flag():
@@ -940,3 +941,20 @@ def test_stream_pacing_settings():
     for bad in (dict(stream_chunks_per_s=0), dict(stream_chunks_per_s="fast"), dict(stream_max_interval_s=-1)):
         with pytest.raises(ValueError, match="stream_"):
             ModelDeploymentConfig(**bad)
+
+
+def test_worker_actors_get_their_own_bundles_even_for_one_device():
+    """With distributed_executor_backend "ray" a one-device replica places a worker actor,
+    so the replica must reserve a bundle for it instead of holding the device itself."""
+    from fleetlm.cluster.app import replica_deployment_options
+
+    from fleetlm.parallel.placement import PlacementSpec
+
+    app = parse_app_args({"models": [{"model": "tiny", "device": "cuda"}]})
+    inproc = replica_deployment_options(app.models[0], app)
+    assert inproc["ray_actor_options"]["num_gpus"] == 1 and "placement_group_bundles" not in inproc
+    app = parse_app_args({"models": [{"model": "tiny", "device": "cuda", "distributed_executor_backend": "ray"}]})
+    opts = replica_deployment_options(app.models[0], app)
+    assert "num_gpus" not in opts["ray_actor_options"]
+    worker = PlacementSpec.for_device("cuda").worker_resources()
+    assert opts["placement_group_bundles"] == [{"CPU": 1}, worker] and worker.get("GPU") == 1

@@ -17,7 +17,7 @@ import pytest
 from fleetlm.cluster import errors, migration
 from fleetlm.cluster.errors import OpenAIError
 from fleetlm.cluster.migration import MigratingJob, continuation, is_retryable
-from fleetlm.cluster.replica import ChoiceDelta, GenerateChunk, ReplicaError
+from fleetlm.cluster.messages import ChoiceDelta, GenerateChunk, ReplicaError
 from fleetlm.engine.sampling_params import SamplingParams
 
 from ray import exceptions as ray_exc
@@ -248,7 +248,8 @@ class ResumingEngine:
 def test_replica_resumes_a_migrated_sequence_through_the_engine():
     """The continuation keeps the original prompt and budget; the engine gets the tokens
     already sent as prior output (they count toward max_tokens, penalties and seeds)."""
-    from fleetlm.cluster.replica import GenerateRequest, LLMReplica
+    from fleetlm.cluster.messages import GenerateRequest
+    from fleetlm.cluster.replica import LLMReplica
     from fleetlm.cluster.serve_config import ModelDeploymentConfig
 
     eng = ResumingEngine()

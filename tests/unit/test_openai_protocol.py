@@ -11,28 +11,15 @@ import httpx
 import pytest
 
 from fleetlm.cluster import errors
-from fleetlm.cluster.app import OpenAIServer, _map_exception, create_app
-from fleetlm.cluster.migration import MigratingJob
+from fleetlm.cluster.backend import map_exception
+from fleetlm.cluster.chat import ChatCompletionRequest, chat_logprobs
+from fleetlm.cluster.completions import CompletionRequest, completion_logprobs
 from fleetlm.cluster.errors import OpenAIError
-from fleetlm.cluster.openai_protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    TokenLogprob,
-    chat_logprobs,
-    check_limits,
-    completion_logprobs,
-    parse_request,
-    resolve_max_tokens,
-    sampling_kwargs,
-)
-from fleetlm.cluster.replica import (
-    ChoiceDelta,
-    DeltaTracker,
-    GenerateChunk,
-    ModelInfo,
-    ReplicaError,
-    ReplicaHealth,
-)
+from fleetlm.cluster.messages import ChoiceDelta, GenerateChunk, ModelInfo, ReplicaError, ReplicaHealth, TokenLogprob
+from fleetlm.cluster.migration import MigratingJob
+from fleetlm.cluster.protocol import parse_request
+from fleetlm.cluster.replica import DeltaTracker
+from fleetlm.cluster.server import OpenAIServer, create_app
 from fleetlm.cluster.serve_config import ServeAppConfig
 from fleetlm.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from fleetlm.engine.sampling_params import SamplingParams
@@ -153,33 +140,33 @@ LIMITS = ServeAppConfig(max_n=4, max_logprobs=5, max_stop_sequences=2, max_stop_
      {"prompt": "x", "max_tokens": 3, "min_tokens": 4}, "min_tokens"),
 ])
 def test_limits_at_limit_and_one_over(cls, ok, bad, param):
-    check_limits(parse_request(cls, ok), LIMITS)
+    parse_request(cls, ok).check_limits(LIMITS)
     with pytest.raises(OpenAIError) as ei:
-        check_limits(parse_request(cls, bad), LIMITS)
+        parse_request(cls, bad).check_limits(LIMITS)
     assert (ei.value.status_code, ei.value.param) == (400, param)
 
 
 def test_resolve_max_tokens():
     comp = parse_request(CompletionRequest, {"prompt": "x"})
     chat = parse_request(ChatCompletionRequest, {"messages": CHAT})
-    assert resolve_max_tokens(comp, 10, 100, None) == 16
-    assert resolve_max_tokens(comp, 90, 100, None) == 10
-    assert resolve_max_tokens(chat, 10, 100, None) == 90
-    assert resolve_max_tokens(chat, 10, 100, 32) == 32
+    assert comp.resolve_max_tokens(10, 100, None) == 16
+    assert comp.resolve_max_tokens(90, 100, None) == 10
+    assert chat.resolve_max_tokens(10, 100, None) == 90
+    assert chat.resolve_max_tokens(10, 100, 32) == 32
     with pytest.raises(OpenAIError) as ei:
-        resolve_max_tokens(chat, 100, 100, None)
+        chat.resolve_max_tokens(100, 100, None)
     assert ei.value.param == "messages"
     with pytest.raises(OpenAIError) as ei:
-        resolve_max_tokens(comp, 101, 100, None)
+        comp.resolve_max_tokens(101, 100, None)
     assert ei.value.param == "prompt"
     explicit = parse_request(ChatCompletionRequest, {"messages": CHAT, "max_completion_tokens": 91})
-    assert resolve_max_tokens(parse_request(ChatCompletionRequest, {"messages": CHAT, "max_completion_tokens": 90}),
-                              10, 100, None) == 90
+    assert parse_request(ChatCompletionRequest, {"messages": CHAT, "max_completion_tokens": 90}).resolve_max_tokens(
+        10, 100, None) == 90
     with pytest.raises(OpenAIError) as ei:
-        resolve_max_tokens(explicit, 10, 100, None)
+        explicit.resolve_max_tokens(10, 100, None)
     assert ei.value.param == "max_completion_tokens"
     with pytest.raises(OpenAIError) as ei:
-        resolve_max_tokens(parse_request(CompletionRequest, {"prompt": "x", "max_tokens": 33}), 1, 100, 32)
+        parse_request(CompletionRequest, {"prompt": "x", "max_tokens": 33}).resolve_max_tokens(1, 100, 32)
     assert ei.value.param == "max_tokens"
 
 
@@ -188,14 +175,14 @@ def test_sampling_kwargs_build_sampling_params():
         "messages": CHAT, "n": 2, "temperature": 0.5, "top_p": 0.9, "stop": "x", "seed": 7,
         "presence_penalty": 0.1, "frequency_penalty": 0.2, "top_k": 0, "min_p": 0.05,
         "repetition_penalty": 1.1, "min_tokens": 2, "ignore_eos": True, "logprobs": True, "top_logprobs": 3})
-    sp = SamplingParams(**sampling_kwargs(req, 12))
+    sp = SamplingParams(**req.sampling_kwargs(12))
     assert (sp.n, sp.max_tokens, sp.temperature, sp.top_p, sp.top_k, sp.min_p, sp.seed) == (2, 12, 0.5, 0.9, 0, 0.05, 7)
     assert (sp.stop, sp.presence_penalty, sp.frequency_penalty, sp.repetition_penalty) == (["x"], 0.1, 0.2, 1.1)
     assert (sp.min_tokens, sp.ignore_eos, sp.logprobs) == (2, True, 3)
-    plain = SamplingParams(**sampling_kwargs(parse_request(ChatCompletionRequest, {"messages": CHAT}), 5))
+    plain = SamplingParams(**parse_request(ChatCompletionRequest, {"messages": CHAT}).sampling_kwargs(5))
     assert (plain.temperature, plain.logprobs, plain.seed, plain.stop) == (1.0, None, None, [])
     no_top = parse_request(ChatCompletionRequest, {"messages": CHAT, "logprobs": True})
-    assert sampling_kwargs(no_top, 5)["logprobs"] == 0
+    assert no_top.sampling_kwargs(5)["logprobs"] == 0
 
 
 def test_logprob_shapes():
@@ -530,7 +517,7 @@ def test_job_merges_streams_and_close_cancels_unfinished():
         b = FakeStream([GenerateChunk(), GenerateChunk(finished=True)], delay=10)
         streams = iter([a, b])
         reqs = [SimpleNamespace(request_id=f"r-{i}", params=SamplingParams()) for i in range(2)]
-        job = MigratingJob(lambda req: next(streams), reqs, 1, _map_exception)
+        job = MigratingJob(lambda req: next(streams), reqs, 1, map_exception)
         i, chunk = await job.next()
         assert (i, chunk.finished) == (0, True)
         job.close()
@@ -588,7 +575,7 @@ def _replica(engine, max_queued=1):
 
 
 def _greq(rid="r1"):
-    from fleetlm.cluster.replica import GenerateRequest
+    from fleetlm.cluster.messages import GenerateRequest
 
     return GenerateRequest(rid, [1, 2, 3], SamplingParams(max_tokens=3))
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from fleetlm.cluster.openai_protocol import ChatCompletionRequest, ChatMessage, CompletionRequest
+from fleetlm.cluster.chat import ChatCompletionRequest, ChatMessage
+from fleetlm.cluster.completions import CompletionRequest
 from fleetlm.cluster.openapi import openapi_document
 from fleetlm.cluster.serve_config import parse_app_args
 

@@ -200,4 +200,7 @@ def tensor_bytes(file_map: np.ndarray, info: GGUFTensorInfo) -> np.ndarray:
     """One tensor's raw bytes as a [num_rows, row_bytes] view of the map;
     indexing rows of it touches only those rows' pages."""
     nbytes = info.num_rows * info.row_bytes
+    if info.offset + nbytes > file_map.size:
+        raise ValueError(f"GGUF tensor {info.name}: the file is truncated ({info.qtype.name} {list(info.shape)} needs "
+                         f"{nbytes} bytes at offset {info.offset}, the file has {file_map.size})")
     return file_map[info.offset : info.offset + nbytes].reshape(info.num_rows, info.row_bytes)

@@ -10,6 +10,12 @@ from HF's "first half / second half" rotary layout to interleaved pairs):
 GGUF row h*D + 2*i + s holds HF row h*D + s*D/2 + i (D = head_dim, s in {0, 1},
 using num_key_value_heads for k). We read GGUF rows through that map, so
 weights come out in HF's layout and HF's rotate_half rotary applies.
+
+Kept quantized (``quantization="gguf"``, the default on GPU): the linear
+projections whose block type the kernels read (``parallel/formats/
+gguf_blocks.py``) come as their raw blocks instead, uint8 ``[N, K / B, T]``
+(rows permuted the same way; a tensor-parallel cut of the input features
+takes whole blocks). ``gguf_quantization_config`` names each projection's type.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+from gguf import GGML_QUANT_SIZES
 from gguf.quants import dequantize
 
 from fleetlm.workers.loader.gguf_format import GGUFHeader, GGUFTensorInfo, map_file, tensor_bytes
@@ -95,10 +102,18 @@ def gguf_hf_config(header: GGUFHeader) -> dict[str, Any]:
         # Dequantized GGUF weights are exact in float32, not in 16-bit types.
         "torch_dtype": "float32",
     }
+
     for gguf_key, hf_key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("padding", "pad_token_id")):
         if f"tokenizer.ggml.{gguf_key}_token_id" in md:
             config[hf_key] = int(md[f"tokenizer.ggml.{gguf_key}_token_id"])
     return config
+
+
+def gguf_quantization_config(header: GGUFHeader) -> dict[str, Any]:
+    """The ``quantization_config`` of a GGUF file run kept quantized: each projection's block type."""
+    types = {hf_tensor_name(name)[: -len(".weight")]: info.qtype.name for name, info in header.tensors.items()
+             if len(info.shape) == 2 and _is_projection(name)}
+    return {"quant_method": "gguf", "tensor_types": types}
 
 
 def _rope_scaling(header: GGUFHeader, arch: str) -> dict[str, Any] | None:
@@ -148,10 +163,19 @@ def hf_tensor_name(gguf_name: str) -> str:
     raise ValueError(f"unknown GGUF tensor {gguf_name!r}")
 
 
+def _is_projection(gguf_name: str) -> bool:
+    layer = _LAYER_RE.fullmatch(gguf_name.rpartition(".")[0])
+    return bool(layer) and _LAYER_NAMES.get(layer[2], "").endswith("_proj") and gguf_name.endswith(".weight")
+
+
 def iter_gguf_weights(
-    header: GGUFHeader, hf_config: dict[str, Any], *, device: torch.device, dtype: torch.dtype
+    header: GGUFHeader, hf_config: dict[str, Any], *, device: torch.device, dtype: torch.dtype,
+    keep_quantized: bool = False,
 ) -> Iterator[tuple[str, LazyTensor]]:
-    """(HF name, LazyTensor) for every tensor of the file, in file order."""
+    """(HF name, LazyTensor) for every tensor of the file, in file order; with ``keep_quantized``
+    the projections of a block type the kernels read come as raw blocks (see the module docstring)."""
+    from fleetlm.parallel.formats.gguf_blocks import BLOCKS
+
     file_map = map_file(header.path)
     for info in header.tensors.values():
         if len(info.shape) > 2:
@@ -162,6 +186,11 @@ def iter_gguf_weights(
             rotary_heads = hf_config["num_attention_heads"]
         elif ".self_attn.k_proj." in hf_name:
             rotary_heads = hf_config["num_key_value_heads"]
+        if keep_quantized and _is_projection(info.name) and info.qtype.name in BLOCKS:
+            block, size = BLOCKS[info.qtype.name]
+            shape = (info.shape[0], info.shape[1] // block, size)
+            yield hf_name, LazyTensor(shape, torch.uint8, device, _RawBlocks(file_map, info, rotary_heads))
+            continue
         reader = _GGUFReader(file_map, info, rotary_heads)
         yield hf_name, LazyTensor(info.shape, dtype, device, reader)
 
@@ -188,6 +217,21 @@ class _GGUFReader:
         if not values.flags.writeable:  # an F32 tensor is a view of the read-only map
             values = values.copy()
         return torch.from_numpy(values)
+
+
+class _RawBlocks(_GGUFReader):
+    """Raw quantization blocks [rows, blocks, bytes] of one GGUF projection (HF row order)."""
+
+    def __call__(self, rows: slice, cols: slice | None) -> torch.Tensor:
+        raw = tensor_bytes(self.file_map, self.info)
+        index: slice | np.ndarray = rows
+        if self.rotary_heads is not None:
+            index = _gguf_rows(np.arange(rows.start, rows.stop), self.info.shape[0], self.rotary_heads)
+        block, size = GGML_QUANT_SIZES[self.info.qtype]
+        values = np.ascontiguousarray(raw[index]).reshape(-1, self.info.shape[1] // block, size)
+        if cols is not None:
+            values = values[:, cols]
+        return torch.from_numpy(np.array(values))  # a copy: the map is read-only
 
 
 def _gguf_rows(hf_rows: np.ndarray, num_rows: int, num_heads: int) -> np.ndarray:

@@ -30,27 +30,31 @@ class LazyTensor:
     device: torch.device
     read: Reader = field(repr=False)
 
-    def load(self, rows: slice | None = None, cols: slice | None = None) -> torch.Tensor:
+    def load(self, rows: slice | None = None, cols: slice | None = None,
+             dtype: torch.dtype | None = ...) -> torch.Tensor:  # type: ignore[assignment]
         """Read `self[rows, cols]`. Slices must be contiguous (step 1); `cols`
         needs a 2-D tensor. Only the requested block is read where the source
-        allows it."""
+        allows it. `dtype`: the result's (default: this tensor's `dtype`;
+        None: as the source stores it, for quantized tensors)."""
+        if dtype is ...:
+            dtype = self.dtype
         if not self.shape:  # a scalar (e.g. a quantization scale)
             if rows is not None or cols is not None:
                 raise ValueError("a 0-D tensor cannot be sliced")
-            return self.read(None, None).to(device=self.device, dtype=self.dtype)
+            return self.read(None, None).to(device=self.device, dtype=dtype)
         row_slice = _normalize(rows, self.shape[0], "rows")
         col_slice = None
         if cols is not None:
-            if len(self.shape) != 2:
-                raise ValueError(f"cols= needs a 2-D tensor, this one has shape {self.shape}")
+            if len(self.shape) < 2:
+                raise ValueError(f"cols= needs a 2-D (or higher) tensor, this one has shape {self.shape}")
             col_slice = _normalize(cols, self.shape[1], "cols")
         out = self.read(row_slice, col_slice)
         expected = (row_slice.stop - row_slice.start,) + (
-            (col_slice.stop - col_slice.start,) if col_slice is not None else tuple(self.shape[1:])
+            (col_slice.stop - col_slice.start, *self.shape[2:]) if col_slice is not None else tuple(self.shape[1:])
         )
         if tuple(out.shape) != expected:
             raise RuntimeError(f"reader returned shape {tuple(out.shape)}, expected {expected}")
-        return out.to(device=self.device, dtype=self.dtype).contiguous()
+        return out.to(device=self.device, dtype=dtype).contiguous()
 
 
 def _normalize(s: slice | None, size: int, what: str) -> slice:

@@ -28,11 +28,13 @@ def iter_weights(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    keep_quantized: bool = False,
 ) -> Iterator[tuple[str, LazyTensor]]:
     """(HF name, LazyTensor) for every stored weight of `source`; loads give
     `dtype` tensors on `device`. A tied lm_head is not yielded (as in HF
     checkpoints): the model ties it to model.embed_tokens.weight. `seed` only
-    matters for dummy weights. Bad arguments raise here, not on first next()."""
+    matters for dummy weights; `keep_quantized` gives a GGUF file's projections
+    as raw blocks (quantization="gguf"). Bad arguments raise here, not on first next()."""
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating point type, got {dtype}")
     device = torch.device(device)
@@ -40,7 +42,8 @@ def iter_weights(
         tensors = list(iter_hf_weights(Path(source.path), device=device, dtype=dtype))
     elif source.kind == "gguf":
         header = read_gguf_header(source.path)
-        tensors = list(iter_gguf_weights(header, source.hf_config, device=device, dtype=dtype))
+        tensors = list(iter_gguf_weights(header, source.hf_config, device=device, dtype=dtype,
+                                         keep_quantized=keep_quantized))
     elif source.kind == "dummy":
         tensors = list(iter_dummy_weights(source.hf_config, device=device, dtype=dtype, seed=seed))
     else:

@@ -117,7 +117,7 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, ctx: ParallelContext, ops, dtype: torch.dtype, device, methods=None) -> None:
         super().__init__()
         self.cfg, self.ctx = cfg, ctx
-        methods = methods or linear_methods(ops)
+        methods = methods or linear_methods(ops, cfg.quantization or "dense", cfg.get("quantization_config"))
         self.layer_range = stage_layers(cfg.num_layers, ctx.pp_size, ctx.pp_rank)
         self.tie_embeddings = bool(cfg.get("tie_word_embeddings", False))
         self.embed_tokens = (

@@ -2,10 +2,9 @@
 
 - :func:`local_app`: a fresh local Ray cluster (its own temp dir), Serve's HTTP
   proxy on 127.0.0.1, ``build_app(args)`` deployed; torn down on exit.
-- :class:`StreamResult` / :func:`stream_completion`: one streaming completion
-  read event by event, with the per-token strings (``logprobs``), the text,
-  the arrival time of every event carrying tokens, and any SSE error event;
-  optionally the client walks away after some events (a disconnect).
+- :func:`run_streams`: many streaming completions at once through the one
+  SSE client (``sse_client.stream_completion``), with a watcher beside them
+  (to kill something mid-stream);
 - :func:`debug_invariants`, :func:`wait_idle`, :func:`metric_ledger`: the
   app's own account of itself once traffic stops (``/debug/invariants``, the
   ``fleetlm_requests_{accepted,finished}_total`` counters of ``/metrics``).
@@ -18,22 +17,37 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import socket
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+
+from fleetlm.benchmarks.sse_client import StreamResult, session, stream_completion
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_healthy(base: str, timeout_s: float, status: Callable[[], Any] | None = None) -> None:
+    """Poll ``/health`` until 200; a TimeoutError after ``timeout_s`` (with ``status()`` in its message)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(base + "/health", timeout=10).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            detail = f": {status()}" if status is not None else ""
+            raise TimeoutError(f"the app did not become healthy in {timeout_s:.0f} s{detail}")
+        time.sleep(0.5)
 
 
 @contextlib.contextmanager
@@ -64,16 +78,7 @@ def local_app(args: dict[str, Any], *, num_cpus: int | None = None, num_gpus: in
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(args), name=app_name, route_prefix="/", blocking=False)
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + startup_timeout_s
-        while True:
-            try:
-                if httpx.get(base + "/health", timeout=10).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the app did not become healthy in {startup_timeout_s:.0f} s")
-            time.sleep(0.5)
+        wait_healthy(base, startup_timeout_s)
         yield base
     finally:
         try:
@@ -82,91 +87,6 @@ def local_app(args: dict[str, Any], *, num_cpus: int | None = None, num_gpus: in
         finally:
             ray.shutdown()
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-@dataclass
-class StreamResult:
-    """What one client received from a streaming completion."""
-
-    status: int | None = None
-    tokens: list[str] = field(default_factory=list)  # per-token strings (logprobs), in order
-    text: str = ""
-    finish_reason: str | None = None
-    usage: dict[str, Any] | None = None
-    errors: list[dict[str, Any]] = field(default_factory=list)  # SSE error events
-    done: bool = False  # saw data: [DONE]
-    disconnected: bool = False  # the client left on purpose
-    timed_out: bool = False
-    t_start: float = 0.0
-    times: list[float] = field(default_factory=list)  # monotonic arrival of each event with tokens
-    num_tokens_per_event: list[int] = field(default_factory=list)
-    body: str | None = None  # non-200 answer
-
-    @property
-    def ttft_s(self) -> float | None:
-        return self.times[0] - self.t_start if self.times else None
-
-    def gap_around(self, t: float) -> float | None:
-        """Seconds between the last token event before ``t`` and the first after it."""
-        before = [x for x in self.times if x <= t]
-        after = [x for x in self.times if x > t]
-        if not before or not after:
-            return None
-        return after[0] - before[-1]
-
-
-async def stream_completion(http: httpx.AsyncClient, base: str, body: dict[str, Any],
-                            headers: dict[str, str] | None = None, *, path: str = "/v1/completions",
-                            leave_after_events: int | None = None, timeout_s: float = 300.0,
-                            into: StreamResult | None = None) -> StreamResult:
-    """POST a streaming request and read it to ``[DONE]`` (or leave after that many token events).
-
-    ``into``: fill this result as events arrive (so a watcher sees the progress).
-    """
-    out = into if into is not None else StreamResult()
-    out.t_start = time.monotonic()
-    chat = path.endswith("/chat/completions")
-    try:
-        async with http.stream("POST", base + path, json={**body, "stream": True}, headers=headers or {},
-                               timeout=timeout_s) as r:
-            out.status = r.status_code
-            if r.status_code != 200:
-                out.body = (await r.aread()).decode(errors="replace")[:500]
-                return out
-            async for line in r.aiter_lines():
-                if not line.startswith("data: "):
-                    continue
-                data = line[len("data: "):]
-                if data == "[DONE]":
-                    out.done = True
-                    break
-                event = json.loads(data)
-                if "error" in event:
-                    out.errors.append(event["error"])
-                    continue
-                if event.get("usage"):
-                    out.usage = event["usage"]
-                for c in event.get("choices", ()):
-                    piece = (c.get("delta") or {}).get("content") or "" if chat else c.get("text") or ""
-                    out.text += piece
-                    lp = c.get("logprobs")
-                    toks = []
-                    if lp and not chat:
-                        toks = lp.get("tokens") or []
-                    elif lp and chat:
-                        toks = [e["token"] for e in lp.get("content") or []]
-                    if toks or piece:
-                        out.tokens.extend(toks)
-                        out.times.append(time.monotonic())
-                        out.num_tokens_per_event.append(len(toks))
-                    if c.get("finish_reason"):
-                        out.finish_reason = c["finish_reason"]
-                if leave_after_events is not None and len(out.times) >= leave_after_events:
-                    out.disconnected = True
-                    break  # leaving the block closes the connection mid-stream
-    except httpx.TimeoutException:
-        out.timed_out = True
-    return out
 
 
 def debug_invariants(base: str, headers: dict[str, str] | None = None, timeout_s: float = 30.0) -> dict[str, Any]:
@@ -265,8 +185,7 @@ async def run_streams(base: str, bodies: list[dict[str, Any]], headers: dict[str
                       timeout_s: float = 300.0) -> list[StreamResult]:
     """Run the streams concurrently; ``await on_progress(live results)`` runs beside them (to kill something)."""
     live = [StreamResult() for _ in bodies]
-    limits = httpx.Limits(max_connections=max(64, 2 * len(bodies)))
-    async with httpx.AsyncClient(timeout=timeout_s, limits=limits) as http:
+    async with session(max(64, 2 * len(bodies))) as http:
         tasks = [asyncio.ensure_future(stream_completion(http, base, b, headers, timeout_s=timeout_s, into=live[i]))
                  for i, b in enumerate(bodies)]
         try:
@@ -279,6 +198,5 @@ async def run_streams(base: str, bodies: list[dict[str, Any]], headers: dict[str
     return live
 
 
-__all__ = ["StreamResult", "debug_invariants", "free_port", "kill_busiest_replica", "kill_one_worker",
-           "local_app", "metric_ledger", "percentile", "replica_actor_names", "run_streams",
-           "stream_completion", "wait_idle", "worker_actor_pids"]
+__all__ = ["debug_invariants", "free_port", "kill_busiest_replica", "kill_one_worker", "local_app", "metric_ledger",
+           "percentile", "replica_actor_names", "run_streams", "wait_healthy", "wait_idle", "worker_actor_pids"]
