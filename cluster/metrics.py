@@ -36,6 +36,10 @@ ENGINE_STATS_METRICS: dict[str, str] = {
     "fleetlm_kv_cache_usage_ratio": "kv_cache_usage",
     "fleetlm_prefix_cache_queried_tokens_total": "prefix_cache_queried_tokens",
     "fleetlm_prefix_cache_hit_tokens_total": "prefix_cache_hit_tokens",
+    "fleetlm_spec_decode_verifies_total": "spec_decode_verifies",
+    "fleetlm_spec_decode_proposed_tokens_total": "spec_decode_proposed_tokens",
+    "fleetlm_spec_decode_accepted_tokens_total": "spec_decode_accepted_tokens",
+    "fleetlm_spec_decode_emitted_tokens_total": "spec_decode_emitted_tokens",
 }
 
 

@@ -88,6 +88,10 @@ DESIGN_METRICS = frozenset({
     "fleetlm_request_errors_total",
     "fleetlm_requests_accepted_total",
     "fleetlm_requests_finished_total",
+    "fleetlm_spec_decode_verifies_total",
+    "fleetlm_spec_decode_proposed_tokens_total",
+    "fleetlm_spec_decode_accepted_tokens_total",
+    "fleetlm_spec_decode_emitted_tokens_total",
 })
 
 

@@ -220,3 +220,15 @@ def test_preemption_and_prefix_hits_make_the_draft_start_over():
     (x,) = s.schedule(draft=True).scheduled
     # The cache does not vouch for the draft's K/V of those blocks: the draft computes them.
     assert x.start_pos == 8 and x.draft_token_ids == list(range(100, 108))
+
+
+def test_engine_counters_are_exported_as_metrics():
+    from fleetlm.cluster.metrics import ServeMetrics, render
+    from fleetlm.engine.llm_engine import EngineStats
+
+    stats = EngineStats(num_running=1, num_waiting=0, kv_cache_usage=0.5, prefix_cache_queried_tokens=0,
+                        prefix_cache_hit_tokens=0, num_preemptions=0, spec_decode_verifies=10,
+                        spec_decode_proposed_tokens=40, spec_decode_accepted_tokens=30, spec_decode_emitted_tokens=40)
+    text = render([ServeMetrics("m", "r", lambda: stats).collect()]).decode()
+    for name, value in (("verifies", 10), ("proposed_tokens", 40), ("accepted_tokens", 30), ("emitted_tokens", 40)):
+        assert f'fleetlm_spec_decode_{name}_total{{model="m",replica="r"}} {value:.1f}' in text
