@@ -324,10 +324,10 @@ class LLMEngine:
 
     def _process_step(self, out: SchedulerOutput, result: ModelRunnerOutput, emit_unfinished: bool) -> list[RequestOutput]:
         self.num_steps += 1
-        reqs = self.scheduler.requests_in_flight(out.step_id)
+        reqs = self.scheduler.requests_in_flight(out.step_id) if out.num_spec_tokens or out.draft else None
         results = self.scheduler.update_from_output(out, result.by_request())
         outputs = self.outputs.process(results, result.logprobs_by_request(), emit_unfinished, result.prompt_logprobs)
-        if self.spec is not None:
+        if self.spec is not None and (out.num_spec_tokens or out.draft):
             self.spec.after_step(out, result, reqs)
         return outputs
 

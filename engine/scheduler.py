@@ -185,6 +185,7 @@ class Scheduler:
 
         new_requests = []
         out = []
+        total_spec = 0
         for req, n, look in scheduled:
             if req.request_id not in self._seen_by_workers:
                 self._seen_by_workers.add(req.request_id)
@@ -200,6 +201,7 @@ class Scheduler:
             req.num_computed_tokens += n
             req.num_pending_tokens += sample
             req.num_spec_in_flight = num_spec
+            total_spec += num_spec
             req.spec_token_ids = []  # used (or dropped: proposals are for one step)
             out.append(
                 ScheduledRequest(
@@ -224,6 +226,8 @@ class Scheduler:
             finished_request_ids=finished,
             preempted_request_ids=[r.request_id for r in preempted],
             step_id=step_id,
+            num_spec_tokens=total_spec,
+            draft=draft and bool(out),
         )
 
     def update_from_output(self, out: SchedulerOutput, accepted: dict[str, list[int]]) -> list[tuple[Request, list[int]]]:

@@ -77,6 +77,9 @@ class SchedulerOutput:
     finished_request_ids: list[str] = field(default_factory=list)  # workers drop their state
     preempted_request_ids: list[str] = field(default_factory=list)
     step_id: int = 0  # matches the step's result to the requests it scheduled
+    # Speculative decoding, summed up so that steps without it cost no per-request scan:
+    num_spec_tokens: int = 0  # proposals verified this step, over all requests
+    draft: bool = False  # the draft model runs this step (ScheduledRequest.draft_token_ids)
 
     @property
     def num_batched_tokens(self) -> int:

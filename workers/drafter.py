@@ -83,10 +83,6 @@ class Drafter:
         self.graphs.capture()
 
     # -- one step --------------------------------------------------------------
-    @staticmethod
-    def runs(out: SchedulerOutput) -> bool:
-        return any(s.draft_token_ids is not None for s in out.scheduled)
-
     def _forward(self, ids, pos, meta: AttentionMetadata, num_reqs: int | None) -> torch.Tensor:
         """``num_reqs``: requests of ``max_seqlen_q`` query tokens each (None: ragged, no graph)."""
         if self.graphs is not None and num_reqs is not None and self.graphs.can_run(num_reqs, meta.max_seqlen_q):

@@ -151,7 +151,7 @@ class ModelRunner:
         # Logits at each sampling request's last 1 + num_spec_tokens positions.
         sample_idx = [i for i, s in enumerate(sched) if s.sample]
         ends = cu[:-1] + q_lens
-        if any(s.num_spec_tokens for s in sched):
+        if out.num_spec_tokens:
             logit_pos = np.fromiter((ends[i] - sched[i].num_logits + j for i in sample_idx
                                      for j in range(sched[i].num_logits)), dtype=np.int64)
         else:
@@ -236,7 +236,7 @@ class ModelRunner:
             result = self.graphs.run(ids, pos, meta)
         else:
             result = self.model(ids, pos, meta, self.kv_caches, hidden, residual)
-        drafting = self.drafter is not None and self.drafter.runs(out)
+        drafting = self.drafter is not None and out.draft
         if drafting:
             self.drafter.catch_up(out, self._prepare, ids, pos, meta, len(out.scheduled) if graph_q else None)
         if not self.ctx.is_last_stage:
@@ -264,7 +264,7 @@ class ModelRunner:
         batch = self._sampling_batch(states, proposals)
         sampled = self.sampler(logits, batch)
         tokens, accepted = sampled.sampled_token_ids, None
-        if any(proposals):
+        if out.num_spec_tokens:
             rows, firsts = proposal_rows(proposals)
             (props_d,) = self._upload(torch.int64, rows)
             accepted = tokens == props_d

@@ -43,8 +43,10 @@ class StepEncoder:
             if table[:keep] != held[:keep]:
                 keep = next(i for i, (a, b) in enumerate(zip(table, held)) if a != b)
             self._sent[s.request_id] = table
-            rows.append((s.request_id, s.token_ids, s.start_pos, keep, table[keep:], s.sample, s.num_spec_tokens))
-        msg = (out.step_id, rows, out.new_requests, out.finished_request_ids, out.preempted_request_ids)
+            rows.append((s.request_id, s.token_ids, s.start_pos, keep, table[keep:], s.sample, s.num_spec_tokens,
+                         s.draft_token_ids, s.num_draft_tokens))
+        msg = (out.step_id, rows, out.new_requests, out.finished_request_ids, out.preempted_request_ids,
+               out.num_spec_tokens, out.draft)
         return pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
 
 
@@ -55,15 +57,16 @@ class StepDecoder:
         self._tables: dict[str, list[int]] = {}
 
     def decode(self, payload: bytes) -> SchedulerOutput:
-        step_id, rows, new_requests, finished, preempted = pickle.loads(payload)
+        step_id, rows, new_requests, finished, preempted, num_spec_tokens, draft = pickle.loads(payload)
         for rid in finished:
             self._tables.pop(rid, None)
         for rid in preempted:
             self._tables.pop(rid, None)
         scheduled = []
-        for rid, token_ids, start_pos, keep, new_blocks, sample, num_spec in rows:
+        for rid, token_ids, start_pos, keep, new_blocks, sample, num_spec, draft_ids, num_draft in rows:
             table = self._tables.setdefault(rid, [])
             del table[keep:]
             table.extend(new_blocks)
-            scheduled.append(ScheduledRequest(rid, token_ids, start_pos, list(table), sample, num_spec))
-        return SchedulerOutput(scheduled, new_requests, finished, preempted, step_id)
+            scheduled.append(ScheduledRequest(rid, token_ids, start_pos, list(table), sample, num_spec,
+                                              draft_ids, num_draft))
+        return SchedulerOutput(scheduled, new_requests, finished, preempted, step_id, num_spec_tokens, draft)

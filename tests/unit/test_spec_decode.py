@@ -232,3 +232,12 @@ def test_engine_counters_are_exported_as_metrics():
     text = render([ServeMetrics("m", "r", lambda: stats).collect()]).decode()
     for name, value in (("verifies", 10), ("proposed_tokens", 40), ("accepted_tokens", 30), ("emitted_tokens", 40)):
         assert f'fleetlm_spec_decode_{name}_total{{model="m",replica="r"}} {value:.1f}' in text
+
+
+def test_the_remote_step_codec_carries_proposals_and_draft_fields():
+    from fleetlm.engine.step import ScheduledRequest, SchedulerOutput
+    from fleetlm.workers.step_codec import StepDecoder, StepEncoder
+
+    out = SchedulerOutput([ScheduledRequest("a", [5, 60, 61], 7, [1, 2], True, 2, [3, 4], 2),
+                           ScheduledRequest("b", [9], 3, [5], True)], step_id=4, num_spec_tokens=2, draft=True)
+    assert StepDecoder().decode(StepEncoder().encode(out)) == out
