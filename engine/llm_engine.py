@@ -327,8 +327,10 @@ class LLMEngine:
         reqs = self.scheduler.requests_in_flight(out.step_id) if out.num_spec_tokens or out.draft else None
         results = self.scheduler.update_from_output(out, result.by_request())
         outputs = self.outputs.process(results, result.logprobs_by_request(), emit_unfinished, result.prompt_logprobs)
-        if self.spec is not None and (out.num_spec_tokens or out.draft):
-            self.spec.after_step(out, result, reqs)
+        if self.spec is not None:
+            self.spec.observe_step(out)
+            if out.num_spec_tokens or out.draft:
+                self.spec.after_step(out, result, reqs)
         return outputs
 
     # -- state -----------------------------------------------------------------

@@ -13,8 +13,10 @@ Methods (vLLM's names and keys):
 
 The adaptive off switch (``engine/spec_policy.py``): ``disable_by_batch_size``
 (vLLM's name) turns speculation off for a step whose running batch is larger;
-``min_acceptance_rate`` (FleetLM's) pauses proposals for a request whose
-measured acceptance fell below it, probing again every ``probe_interval`` steps.
+per request, proposals pause while they do not pay (by default: measured
+tokens per verify against the measured cost of a verify step; with
+``min_acceptance_rate``, FleetLM's, against that acceptance rate), probing
+again every ``probe_interval`` steps.
 
 Torch-free: the Serve config validates a model entry's mapping with
 ``parse_speculative_config`` before anything is loaded.
@@ -44,9 +46,11 @@ class SpeculativeConfig:
     # Speculate only in steps whose running batch holds at most this many
     # requests: past it a verify step costs more than it wins (compute bound).
     disable_by_batch_size: int = 32
-    # A request whose acceptance (accepted / proposed, a moving average) falls
-    # below this stops proposing; it tries again every probe_interval steps.
-    min_acceptance_rate: float = 0.1
+    # None: a request proposes while the tokens a verify yields it beat the
+    # measured cost of a speculating step over a plain one; a number: while its
+    # acceptance rate (accepted / proposed, a moving average) reaches it (0:
+    # always). A paused request tries again every probe_interval steps.
+    min_acceptance_rate: float | None = None
     probe_interval: int = 16
     # The draft's resolved ModelConfig (built by EngineArgs; None for ngram).
     draft: Any = dataclasses.field(default=None, repr=False, compare=False)

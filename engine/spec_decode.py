@@ -92,12 +92,16 @@ class SpecDecoder:
             draft = draft or req.num_draft_tokens > 0
         return draft
 
+    def observe_step(self, out: SchedulerOutput) -> None:
+        """Every processed step: its duration feeds the policy's measured cost of speculating."""
+        self.policy.observe_step(bool(out.num_spec_tokens or out.draft), len(out.scheduled))
+
     def blocks_ahead(self, running: Sequence[Request]) -> bool:
         if not self.policy.step_on(len(running)):
             return False
-        if self.ngram is None:
-            return True  # the draft proposes every step while on
-        return any(self.ngram.match(req) is not None for req in running)
+        if self.ngram is None:  # the draft proposes every step for the requests it pays for
+            return any(self.policy.would_propose(req) for req in running)
+        return any(self.policy.would_propose(req) and self.ngram.match(req) is not None for req in running)
 
     def after_step(self, out: SchedulerOutput, result: ModelRunnerOutput, reqs: Sequence[Request]) -> None:
         """``reqs``: the requests ``out`` scheduled, in order (some may have ended since)."""

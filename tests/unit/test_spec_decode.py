@@ -138,10 +138,15 @@ def test_policy_pauses_a_request_that_never_agrees_and_probes_it():
         pol.observe(r, 4, 0)
         verifies += 1
     assert verifies == 7 and pol.rate(r) < 0.1
-    assert [pol.request_on(r) for _ in range(6)] == [False, True, False, False, True, False]
+    seen = []
+    for _ in range(7):  # the probes' clock is processed steps
+        pol.observe_step(False, batch_size=1)
+        seen.append((pol.would_propose(r), pol.request_on(r)))
+    assert seen == [(False, False), (False, False), (True, True), (False, False), (False, False), (True, True),
+                    (False, False)]
     for _ in range(3):
         pol.observe(r, 4, 4)  # the text turned repetitive: back on
-    assert pol.request_on(r)
+    assert pol.request_on(r) and pol.would_propose(r)
 
 
 def test_decoder_proposes_only_for_decodes_and_only_below_the_batch_size():
@@ -241,3 +246,23 @@ def test_the_remote_step_codec_carries_proposals_and_draft_fields():
     out = SchedulerOutput([ScheduledRequest("a", [5, 60, 61], 7, [1, 2], True, 2, [3, 4], 2),
                            ScheduledRequest("b", [9], 3, [5], True)], step_id=4, num_spec_tokens=2, draft=True)
     assert StepDecoder().decode(StepEncoder().encode(out)) == out
+
+
+def test_policy_by_default_weighs_tokens_per_verify_against_the_measured_cost(monkeypatch):
+    from fleetlm.engine import spec_policy
+
+    cfg = parse_speculative_config({"method": "ngram", "num_speculative_tokens": 4, "probe_interval": 100})
+    pol = SpecPolicy(cfg)
+    clock = [0.0]
+    monkeypatch.setattr(spec_policy.time, "perf_counter", lambda: clock[0])
+    for speculating, seconds in [(False, 1.0)] * 4 + [(True, 2.0)] * 4:
+        clock[0] += seconds
+        pol.observe_step(speculating, batch_size=1)
+    clock[0] += 100.0  # the engine idled: not a step
+    pol.observe_step(False, batch_size=1)
+    assert pol.cost_ratio() == pytest.approx(2.0)
+    good, bad = req([1]), req([2], rid="b")
+    for _ in range(4):
+        pol.observe(good, 4, 2)  # 3 tokens a verify: pays at a cost of 2
+        pol.observe(bad, 4, 0)  # 1 token a verify: does not
+    assert pol.request_on(good) and not pol.request_on(bad)
