@@ -12,7 +12,9 @@ synthetic requests that take each path once:
 - decodes at batch sizes 1, 3, 16 and up to 64 (the GEMV at one row, the
   batched GEMMs, the sampler at each size class);
 - every sampling path: greedy, temperature with top-p/top-k/min-p, the three
-  penalties, seeded sampling, logprobs and prompt logprobs.
+  penalties, seeded sampling, logprobs and prompt logprobs;
+- with speculative decoding, a prompt that repeats itself (verify steps, and
+  the draft model's steps), greedy and sampled.
 
 Afterwards the prefix cache is emptied and the counters the metrics read are
 zeroed, so the warm-up leaves no trace a client or an operator could see. The
@@ -106,6 +108,11 @@ def warm_up(engine, time_limit_s: float = 300.0) -> WarmupReport:
         w.run(f"decode_bs{bs}", [(w.prompt(min(8, room)), four) for _ in range(bs)])
     variants = [(w.prompt(min(12, room)), dataclasses.replace(p, max_tokens=3, ignore_eos=True))
                 for p in SAMPLING_VARIANTS]
+    if engine.spec is not None:
+        # Verify steps (and the draft model's steps): a prompt that repeats itself gets proposals.
+        pattern = w.prompt(min(8, room // 4))
+        rep = (pattern * 4)[: max(1, room - 8)]
+        w.run("speculative", [(rep, four) for _ in range(3)] + [(rep, dataclasses.replace(four, temperature=0.8))])
     w.run("sampling_batch", variants)
     for i, spec in enumerate(variants):  # each alone: the batch-1 path of each
         w.run(f"sampling_{i}", [spec])

@@ -7,9 +7,7 @@ verify k proposals) runs the graph captured for ``q`` and the smallest
 batch size >= its own; the extra rows are padding that writes no KV (slot
 -1) and reads ``q`` finite slots (seq_len q). Inputs live in static buffers
 that each replay overwrites. Attention's launch grid is fixed at capture by
-passing ``max_seqlen_k = max_model_len``. Verify shapes (q > 1) are captured
-only up to the batch size speculation runs at (``query_lens`` maps each q to
-its largest batch).
+passing ``max_seqlen_k = max_model_len``.
 """
 
 from __future__ import annotations
@@ -26,16 +24,13 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model, kv_caches, max_num_seqs: int, max_model_len: int, block_size: int, device,
-                 query_lens: dict[int, int] | None = None):
+                 query_lens: tuple[int, ...] = (1,)):
         self.model, self.kv_caches = model, kv_caches
         self.sizes = capture_sizes(max_num_seqs)
         self.max_bs = self.sizes[-1]
-        # query length -> the batch sizes captured for it
-        limits = query_lens or {1: max_num_seqs}
-        self.sizes_of = {q: capture_sizes(min(limits[q], max_num_seqs)) for q in sorted(limits)}
-        self.query_lens = tuple(self.sizes_of)
+        self.query_lens = tuple(sorted(set(query_lens)))
         self.max_model_len = max_model_len
-        max_tokens = max(self.sizes_of[q][-1] * q for q in self.query_lens)
+        max_tokens = self.max_bs * self.query_lens[-1]
         max_blocks = -(-max_model_len // block_size)
         z = lambda *shape, dt=torch.int32: torch.zeros(shape, dtype=dt, device=device)  # noqa: E731
         self.input_ids = z(max_tokens, dt=torch.int64)
@@ -65,7 +60,7 @@ class DecodeGraphs:
         # Largest first, so smaller graphs reuse its memory pool.
         for q in reversed(self.query_lens):
             self.seq_lens.fill_(q)
-            for bs in reversed(self.sizes_of[q]):
+            for bs in reversed(self.sizes):
                 n = bs * q
                 args = (self.input_ids[:n], self.positions[:n], self._meta(bs, q), self.kv_caches)
                 self.model(*args)  # warm up: autotuning / lazy init outside the capture
@@ -76,21 +71,21 @@ class DecodeGraphs:
                 self.graphs[bs, q] = graph
         torch.cuda.synchronize()
 
-    def padded_size(self, n: int, q: int = 1) -> int | None:
-        for s in self.sizes_of.get(q, ()):
+    def padded_size(self, n: int) -> int | None:
+        for s in self.sizes:
             if s >= n:
                 return s
         return None
 
     def can_run(self, num_reqs: int, query_len: int | None) -> bool:
         """A step of ``num_reqs`` requests that all compute ``query_len`` tokens (None: they differ)."""
-        return query_len in self.sizes_of and self.padded_size(num_reqs, query_len) is not None
+        return query_len in self.query_lens and self.padded_size(num_reqs) is not None
 
     def run(self, input_ids, positions, meta: AttentionMetadata) -> torch.Tensor:
         q = meta.max_seqlen_q
         n = input_ids.shape[0]
         reqs = n // q
-        bs = self.padded_size(reqs, q)
+        bs = self.padded_size(reqs)
         self.input_ids[:n].copy_(input_ids, non_blocking=True)
         self.positions[:n].copy_(positions, non_blocking=True)
         self.slot_mapping[:n].copy_(meta.slot_mapping, non_blocking=True)

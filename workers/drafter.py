@@ -74,32 +74,32 @@ class Drafter:
                            torch.zeros(shape, dtype=self.dtype, device=self.device))
                           for _ in range(self.model.num_local_layers)]
 
-    def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
+    def capture_cuda_graphs(self, max_batch: int, max_model_len: int) -> None:
+        """Decode graphs up to ``max_batch`` x (k + 1) rows: the proposal loop's one token per
+        request, and the catch-up over a verify step's tokens, one row per token."""
         from fleetlm.workers.cuda_graphs import DecodeGraphs
 
-        bs = min(max_num_seqs, self.max_batch)
-        self.graphs = DecodeGraphs(self.model, self.kv_caches, bs, max_model_len, self.block_size, self.device,
-                                   query_lens={1: bs, self.k + 1: bs})
+        self.graphs = DecodeGraphs(self.model, self.kv_caches, max_batch * (self.k + 1), max_model_len,
+                                   self.block_size, self.device)
         self.graphs.capture()
 
     # -- one step --------------------------------------------------------------
-    def _forward(self, ids, pos, meta: AttentionMetadata, num_reqs: int | None) -> torch.Tensor:
-        """``num_reqs``: requests of ``max_seqlen_q`` query tokens each (None: ragged, no graph)."""
-        if self.graphs is not None and num_reqs is not None and self.graphs.can_run(num_reqs, meta.max_seqlen_q):
+    def _forward(self, ids, pos, meta: AttentionMetadata, rows: int | None) -> torch.Tensor:
+        """``rows``: the metadata's rows when each has one query token (a decode graph may run it)."""
+        if self.graphs is not None and rows is not None and self.graphs.can_run(rows, 1):
             return self.graphs.run(ids, pos, meta)
         return self.model(ids, pos, meta, self.kv_caches)
 
-    def catch_up(self, out: SchedulerOutput, prepare, ids, pos, meta: AttentionMetadata,
-                 num_reqs: int | None) -> None:
+    def catch_up(self, out: SchedulerOutput, prepare, ids, pos, meta: AttentionMetadata, rows: int | None) -> None:
         """The draft's K/V of the step's tokens (and of those it missed before them): on the
-        target's own inputs ``ids, pos, meta`` (``num_reqs`` as in ``_forward``) unless it missed some."""
+        target's own inputs ``ids, pos, meta`` (``rows`` as in ``_forward``) unless it missed some."""
         if any(s.draft_token_ids for s in out.scheduled):
             shadow = SchedulerOutput([dataclasses.replace(
                 s, token_ids=s.draft_token_ids + s.token_ids, start_pos=s.start_pos - len(s.draft_token_ids),
                 num_spec_tokens=0, sample=False) for s in out.scheduled])
             ids, pos, meta = prepare(shadow)[:3]
-            num_reqs = None
-        self._forward(ids, pos, meta, num_reqs)
+            rows = None
+        self._forward(ids, pos, meta, rows)
 
     def reject(self, logits: torch.Tensor, batch: SamplingBatch, tokens: torch.Tensor, accepted: torch.Tensor,
                req_ids: list[str], proposals: list[list[int]], firsts: np.ndarray):

@@ -87,14 +87,13 @@ class ModelRunner:
         from fleetlm.workers.cuda_graphs import DecodeGraphs
 
         t0 = time.perf_counter()
-        query_lens = {1: max_num_seqs}
-        if self.spec is not None:  # verify steps, at the batch sizes speculation runs at
-            query_lens[self.spec.num_verify_tokens] = min(max_num_seqs, self.spec.disable_by_batch_size)
-        self.graphs = DecodeGraphs(self.model, self.kv_caches, max_num_seqs, max_model_len, self.block_size,
-                                   self.device, query_lens)
+        rows = max_num_seqs
+        if self.spec is not None:  # verify steps run as decode steps of one row per token (see _prepare)
+            rows = max(rows, min(max_num_seqs, self.spec.disable_by_batch_size) * self.spec.num_verify_tokens)
+        self.graphs = DecodeGraphs(self.model, self.kv_caches, rows, max_model_len, self.block_size, self.device)
         self.graphs.capture()
         if self.drafter is not None:
-            self.drafter.capture_cuda_graphs(max_num_seqs, max_model_len)
+            self.drafter.capture_cuda_graphs(min(max_num_seqs, self.spec.disable_by_batch_size), max_model_len)
         return time.perf_counter() - t0
 
     # -- one step ----------------------------------------------------------------
@@ -118,44 +117,42 @@ class ModelRunner:
         dev = flat.to(self.device, non_blocking=True)
         return [t.view(a.shape) for t, a in zip(dev.split([a.size for a in arrays]), arrays)]
 
-    def _prepare(self, out: SchedulerOutput, pad_to: int | None = None):
-        """Device inputs of a step. ``pad_to``: every request takes ``pad_to`` query rows (a CUDA
-        graph's uniform shape); rows past its own tokens repeat its last position, write no KV
-        and are never read back, and its seq_len counts them, so its real rows attend as unpadded."""
+    # A verify step whose requests each compute at most this many tokens runs as a decode step
+    # of one row per token (see _prepare); longer ones (prefill chunks) keep one row per request.
+    VERIFY_AS_DECODE_MAX_Q = 16
+
+    def _prepare(self, out: SchedulerOutput, per_token: bool = False):
+        """Device inputs of a step. ``per_token``: the attention metadata has one row per token:
+        token j of a request computing tokens from ``start`` attends ``start + j + 1`` keys through
+        the request's block table, exactly as in a decode step. A short verify step then runs the
+        split-K decode kernel (and the decode CUDA graphs, at batch = its token count) instead of
+        the prefill kernel's few programs per request."""
         sched = out.scheduled
         q_lens = np.fromiter((len(s.token_ids) for s in sched), dtype=np.int64, count=len(sched))
         starts = np.fromiter((s.start_pos for s in sched), dtype=np.int64, count=len(sched))
-        width = q_lens if pad_to is None else np.full_like(q_lens, pad_to)
         cu = np.zeros(len(sched) + 1, dtype=np.int64)
-        np.cumsum(width, out=cu[1:])
-        seq_lens = starts + width
-        tokens = np.fromiter((t for s in sched for t in s.token_ids), dtype=np.int64, count=int(q_lens.sum()))
+        np.cumsum(q_lens, out=cu[1:])
+        seq_lens = starts + q_lens
+        input_ids = np.fromiter((t for s in sched for t in s.token_ids), dtype=np.int64, count=int(cu[-1]))
         # positions: start_pos of each request + offset within its chunk
-        req_of_token = np.repeat(np.arange(len(sched)), width)
-        offset = np.arange(cu[-1]) - cu[:-1][req_of_token]
-        if pad_to is None:
-            input_ids, positions = tokens, starts[req_of_token] + offset
-        else:
-            real = offset < q_lens[req_of_token]
-            input_ids = np.zeros(int(cu[-1]), dtype=np.int64)
-            input_ids[real] = tokens
-            positions = starts[req_of_token] + np.minimum(offset, q_lens[req_of_token] - 1)
+        req_of_token = np.repeat(np.arange(len(sched)), q_lens)
+        positions = starts[req_of_token] + (np.arange(cu[-1]) - cu[:-1][req_of_token])
         max_blocks = max(len(s.block_table) for s in sched)
         tables = np.zeros((len(sched), max_blocks), dtype=np.int64)
         for i, s in enumerate(sched):
             tables[i, : len(s.block_table)] = s.block_table
         bs = self.block_size
         slots = tables[req_of_token, positions // bs] * bs + positions % bs
-        if pad_to is not None:
-            slots[~real] = -1
         # Logits at each sampling request's last 1 + num_spec_tokens positions.
         sample_idx = [i for i, s in enumerate(sched) if s.sample]
-        ends = cu[:-1] + q_lens
         if out.num_spec_tokens:
-            logit_pos = np.fromiter((ends[i] - sched[i].num_logits + j for i in sample_idx
+            logit_pos = np.fromiter((cu[i + 1] - sched[i].num_logits + j for i in sample_idx
                                      for j in range(sched[i].num_logits)), dtype=np.int64)
         else:
-            logit_pos = ends[sample_idx] - 1
+            logit_pos = cu[1:][sample_idx] - 1
+        row_starts = cu[:-1]
+        if per_token:
+            cu, seq_lens, tables = np.arange(cu[-1] + 1), positions + 1, tables[req_of_token]
         # Placeholders: tokens sampled by the previous launch, still on the device.
         holes = np.flatnonzero(input_ids == PLACEHOLDER)
         rows = self._rows_of_previous_launch(sched, req_of_token[holes])
@@ -170,10 +167,10 @@ class ModelRunner:
             cu_seqlens_q=cu_d,
             seq_lens=seq_lens_d,
             block_tables=tables_d,
-            max_seqlen_q=int(width.max()),
+            max_seqlen_q=1 if per_token else int(q_lens.max()),
             max_seqlen_k=int(seq_lens.max()),
         )
-        return ids, pos, meta, sample_idx, logits_indices, cu[:-1]
+        return ids, pos, meta, sample_idx, logits_indices, row_starts
 
     def _rows_of_previous_launch(self, sched, reqs_with_holes: np.ndarray) -> np.ndarray:
         rows = np.empty(len(reqs_with_holes), dtype=np.int64)
@@ -228,17 +225,21 @@ class ModelRunner:
         self._update_states(out)
         if out.is_empty:
             return PendingOutput.ready(ModelRunnerOutput.empty())
-        graph_q = self._graph_query_len(out) if hidden is None else None
-        pad = graph_q if graph_q and any(len(s.token_ids) < graph_q for s in out.scheduled) else None
-        ids, pos, meta, sample_idx, logits_indices, row_starts = self._prepare(out, pad)
+        per_token = bool(out.num_spec_tokens) and max(len(s.token_ids) for s in out.scheduled) <= \
+            self.VERIFY_AS_DECODE_MAX_Q
+        ids, pos, meta, sample_idx, logits_indices, row_starts = self._prepare(out, per_token)
         self._last_sampled, self._last_rows = None, {}
-        if graph_q:
+        rows = out.num_batched_tokens if per_token else len(out.scheduled)
+        q = meta.max_seqlen_q
+        uniform = q == 1 or all(len(s.token_ids) == q for s in out.scheduled)
+        graph = self.graphs is not None and hidden is None and self.graphs.can_run(rows, q if uniform else None)
+        if graph:
             result = self.graphs.run(ids, pos, meta)
         else:
             result = self.model(ids, pos, meta, self.kv_caches, hidden, residual)
         drafting = self.drafter is not None and out.draft
         if drafting:
-            self.drafter.catch_up(out, self._prepare, ids, pos, meta, len(out.scheduled) if graph_q else None)
+            self.drafter.catch_up(out, self._prepare, ids, pos, meta, rows if q == 1 else None)
         if not self.ctx.is_last_stage:
             return result
         prompt = self._prompt_logprobs(out, result, row_starts)
@@ -277,8 +278,11 @@ class ModelRunner:
             counts = np.fromiter((len(p) for p in proposals), dtype=np.int64, count=len(proposals))
             n_acc = num_accepted(accepted, firsts, counts) if accepted is not None else \
                 torch.zeros(len(sampling), dtype=torch.int64, device=self.device)
+            # Each sampling request's block table: its row (its first token's, one row per token).
+            table_rows = row_starts[sample_idx] if per_token else np.asarray(sample_idx, dtype=np.int64)
+            (table_rows_d,) = self._upload(torch.int64, table_rows)
             drafted = self.drafter.propose(sampling, states, tokens, n_acc, firsts,
-                                           meta.block_tables.index_select(0, torch.tensor(sample_idx, device=self.device)))
+                                           meta.block_tables.index_select(0, table_rows_d))
         self._last_sampled = tokens
         self._remember_rows(req_ids, proposals)
         if self.share_samples:
@@ -299,19 +303,6 @@ class ModelRunner:
             self._last_rows = dict(zip(req_ids, first_rows))
         else:
             self._last_rows = {rid: i for i, rid in enumerate(req_ids)}
-
-    def _graph_query_len(self, out: SchedulerOutput) -> int | None:
-        """The query length of the CUDA graph this step runs (its requests padded to it), or None."""
-        if self.graphs is None:
-            return None
-        q_lens = [len(s.token_ids) for s in out.scheduled]
-        q = max(q_lens)
-        if not self.graphs.can_run(len(q_lens), q):
-            return None
-        # A padded row's seq_len reaches start + q: it must stay inside the graph's block tables.
-        if min(q_lens) < q and any(s.start_pos + q > self.model_cfg.max_model_len for s in out.scheduled):
-            return None
-        return q
 
     # Prompt positions whose logits are computed at once for prompt logprobs (bounds the
     # float32 [rows, vocab] scratch: 512 x 128k vocab = 256 MiB).
