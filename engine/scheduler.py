@@ -124,7 +124,10 @@ class Scheduler:
         cfg = self.config
         budget = cfg.max_num_batched_tokens
         cap = cfg.long_prefill_token_threshold or budget
-        scheduled: list[tuple[Request, int, int]] = []  # request, tokens, draft lookahead
+        # request, tokens, draft lookahead (-1: the draft does not run for it this step)
+        scheduled: list[tuple[Request, int, int]] = []
+        # The draft's tokens this step (its catch-up included) are bounded like the target's.
+        draft_budget = cfg.max_num_batched_tokens if draft else 0
         preempted: list[Request] = []
 
         i = 0
@@ -140,8 +143,8 @@ class Scheduler:
             n = min(req.num_tokens - req.num_computed_tokens, budget, cap)
             if not ahead and n == req.num_tokens - req.num_computed_tokens:
                 n += self._num_spec(req, budget - n)
-            look = self._num_draft(req, req.num_computed_tokens, n) if draft else 0
-            while not self.blocks.allocate_slots(req, n + look):
+            look, draft_budget = self._num_draft(req, req.num_computed_tokens, n, draft_budget) if draft else (-1, 0)
+            while not self.blocks.allocate_slots(req, n + max(look, 0)):
                 if ahead:
                     # Blocks already added to earlier requests' tables are the
                     # ones they need next anyway; nothing else changed.
@@ -168,8 +171,8 @@ class Scheduler:
                 hits = self.blocks.get_computed_blocks(req)
                 num_cached = len(hits) * self.block_size
                 n = min(req.num_tokens - num_cached, budget, cap)
-                look = self._num_draft(req, num_cached, n) if draft else 0
-                if not self.blocks.allocate_slots(req, n + look, hits):
+                look, draft_budget = self._num_draft(req, num_cached, n, draft_budget) if draft else (-1, 0)
+                if not self.blocks.allocate_slots(req, n + max(look, 0), hits):
                     break
                 self.waiting.popleft()
                 req.num_computed_tokens = num_cached
@@ -211,8 +214,8 @@ class Scheduler:
                     block_table=list(self.blocks.blocks_of(req.request_id)),
                     sample=sample,
                     num_spec_tokens=num_spec,
-                    draft_token_ids=req.token_ids[req.num_draft_computed : start] if draft else None,
-                    num_draft_tokens=look,
+                    draft_token_ids=req.token_ids[req.num_draft_computed : start] if look >= 0 else None,
+                    num_draft_tokens=max(look, 0),
                 )
             )
         finished, self._finished_since_last_step = self._finished_since_last_step, []
@@ -227,7 +230,7 @@ class Scheduler:
             preempted_request_ids=[r.request_id for r in preempted],
             step_id=step_id,
             num_spec_tokens=total_spec,
-            draft=draft and bool(out),
+            draft=any(look >= 0 for _, _, look in scheduled),
         )
 
     def update_from_output(self, out: SchedulerOutput, accepted: dict[str, list[int]]) -> list[tuple[Request, list[int]]]:
@@ -293,15 +296,19 @@ class Scheduler:
         room_len = self.config.max_model_len - req.num_tokens - 1
         return max(0, min(len(req.spec_token_ids), budget, room_out, room_len))
 
-    def _num_draft(self, req: Request, start: int, n: int) -> int:
-        """Proposals the draft model makes for ``req`` after a step computing its tokens
-        ``start ... start + n - 1``: none unless the step samples; the draft's KV of them
-        must fit max_model_len."""
+    def _num_draft(self, req: Request, start: int, n: int, budget: int) -> tuple[int, int]:
+        """(proposals the draft model makes for ``req`` after a step computing its tokens
+        ``start ... start + n - 1``, or -1 when the draft does not run for it; the draft's budget
+        left). The draft runs when the tokens it missed plus the step's fit the budget; it
+        proposes only if the step samples, and its KV of the proposals must fit max_model_len."""
+        work = start - req.num_draft_computed + n
+        if work > budget:
+            return -1, budget
         if not req.num_draft_tokens or start + n < req.num_tokens:
-            return 0
+            return 0, budget - work
         last = start + n - 1  # position of the step's last token
         room_out = req.params.max_tokens - req.num_output_tokens - 2  # this step's token, the next step's
-        return max(0, min(req.num_draft_tokens, self.config.max_model_len - 1 - last, room_out))
+        return max(0, min(req.num_draft_tokens, self.config.max_model_len - 1 - last, room_out)), budget - work
 
     def _roll_back(self, req: Request, num_rejected: int) -> None:
         """Forget the K/V of ``num_rejected`` trailing proposals; give back the blocks only they used."""

@@ -93,10 +93,11 @@ class Drafter:
     def catch_up(self, out: SchedulerOutput, prepare, ids, pos, meta: AttentionMetadata, rows: int | None) -> None:
         """The draft's K/V of the step's tokens (and of those it missed before them): on the
         target's own inputs ``ids, pos, meta`` (``rows`` as in ``_forward``) unless it missed some."""
-        if any(s.draft_token_ids for s in out.scheduled):
+        mine = [s for s in out.scheduled if s.draft_token_ids is not None]
+        if len(mine) < len(out.scheduled) or any(s.draft_token_ids for s in mine):
             shadow = SchedulerOutput([dataclasses.replace(
                 s, token_ids=s.draft_token_ids + s.token_ids, start_pos=s.start_pos - len(s.draft_token_ids),
-                num_spec_tokens=0, sample=False) for s in out.scheduled])
+                num_spec_tokens=0, sample=False) for s in mine])
             ids, pos, meta = prepare(shadow)[:3]
             rows = None
         self._forward(ids, pos, meta, rows)

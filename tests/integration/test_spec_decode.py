@@ -95,8 +95,11 @@ def _same(got: dict, ref: dict) -> None:
 
 @pytest.fixture(scope="module")
 def draft_llm(embedded_model):
-    llm = LLM(model=embedded_model, **KV, speculative_config={
-        "model": embedded_model, "num_speculative_tokens": 3, "min_acceptance_rate": 0.0})
+    # Off above 6 running requests: batch 16 moves across the switch both ways, so the draft
+    # falls behind (asynchronous steps without it) and catches up.
+    llm = LLM(model=embedded_model, **KV, async_scheduling=True, speculative_config={
+        "model": embedded_model, "num_speculative_tokens": 3, "min_acceptance_rate": 0.0,
+        "disable_by_batch_size": 6})
     yield llm
     llm.engine.shutdown()
 
@@ -117,7 +120,24 @@ def test_draft_model_same_as_target_accepts_nearly_all(draft_llm, reference):
     got = _runs(draft_llm)
     _same(got, reference)
     proposed, accepted = _spec_counts(draft_llm, before)
-    assert proposed > 200 and accepted / proposed > 0.9, (proposed, accepted)
+    assert proposed > 100 and accepted / proposed > 0.9, (proposed, accepted)
+
+
+def _resume(llm: LLM, ref, cut: int = 5):
+    """A request migrated after ``cut`` tokens (resumed from its prior output) continues exactly."""
+    eng = llm.engine
+    prior = list(ref.outputs[0].token_ids[:cut])
+    eng.add_group(eng.make_group("resumed", ref.prompt_token_ids, GREEDY, prior_output_token_ids=prior))
+    done = None
+    while done is None:
+        done = next((o for o in eng.step() if o.finished and o.request_id == "resumed"), None)
+    return prior + list(done.outputs[0].token_ids)
+
+
+def test_migrated_requests_resume_exactly(draft_llm, ngram_llm, reference):
+    ref = reference["alone"][0]
+    assert _resume(draft_llm, ref) == list(ref.outputs[0].token_ids)
+    assert _resume(ngram_llm, ref) == list(ref.outputs[0].token_ids)
 
 
 def test_draft_model_seeded_sampling_is_reproducible(draft_llm):

@@ -266,3 +266,29 @@ def test_policy_by_default_weighs_tokens_per_verify_against_the_measured_cost(mo
         pol.observe(good, 4, 2)  # 3 tokens a verify: pays at a cost of 2
         pol.observe(bad, 4, 0)  # 1 token a verify: does not
     assert pol.request_on(good) and not pol.request_on(bad)
+
+
+def test_the_drafts_catch_up_is_bounded_by_the_step_budget():
+    s = Scheduler(SchedulerConfig(max_num_batched_tokens=16, max_num_seqs=8, max_model_len=256),
+                  CacheConfig(block_size=BS), 64)
+    r = req(range(100, 112))  # 12 prompt tokens
+    r.num_draft_tokens = 2
+    s.add_request(r)
+    out = s.schedule()  # the prefill without the draft
+    s.update_from_output(out, {"a": [1]})
+    for t in range(2, 7):  # five decodes without it: 17 tokens behind, more than the budget
+        out = s.schedule()
+        s.update_from_output(out, {"a": [t]})
+    out = s.schedule(draft=True)
+    (x,) = out.scheduled
+    assert (x.draft_token_ids, x.num_draft_tokens, out.draft) == (None, 0, False)
+    r2 = req(range(200, 204), rid="b")  # a newcomer fits: it drafts
+    r2.num_draft_tokens = 2
+    s.update_from_output(out, {"a": [7]})
+    s.add_request(r2)
+    out = s.schedule(draft=True)
+    assert [(y.request_id, y.draft_token_ids is None, y.num_draft_tokens) for y in out.scheduled] == [
+        ("a", True, 0), ("b", False, 2)]
+    assert out.draft
+    s.update_from_output(out, {"a": [8], "b": [9]})
+    s.blocks.check_invariants()
