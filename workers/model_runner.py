@@ -53,6 +53,7 @@ class ModelRunner:
         self.share_samples = False
         eos = model_cfg.eos_token_ids
         self.eos_token_ids = list(eos)
+        self.verify_as_decode = device.type == "cuda"
         self.drafter = None  # speculative decoding with a draft model (workers/drafter.py)
         if spec is not None and spec.uses_draft_model:
             from fleetlm.workers.drafter import Drafter
@@ -117,8 +118,9 @@ class ModelRunner:
         dev = flat.to(self.device, non_blocking=True)
         return [t.view(a.shape) for t, a in zip(dev.split([a.size for a in arrays]), arrays)]
 
-    # A verify step whose requests each compute at most this many tokens runs as a decode step
-    # of one row per token (see _prepare); longer ones (prefill chunks) keep one row per request.
+    # On a GPU, a verify step whose requests each compute at most this many tokens runs as a
+    # decode step of one row per token (see _prepare); longer ones (prefill chunks) keep one row
+    # per request. On CPU the torch attention runs one call per row: one per request is cheaper.
     VERIFY_AS_DECODE_MAX_Q = 16
 
     def _prepare(self, out: SchedulerOutput, per_token: bool = False):
@@ -225,8 +227,8 @@ class ModelRunner:
         self._update_states(out)
         if out.is_empty:
             return PendingOutput.ready(ModelRunnerOutput.empty())
-        per_token = bool(out.num_spec_tokens) and max(len(s.token_ids) for s in out.scheduled) <= \
-            self.VERIFY_AS_DECODE_MAX_Q
+        per_token = self.verify_as_decode and bool(out.num_spec_tokens) and \
+            max(len(s.token_ids) for s in out.scheduled) <= self.VERIFY_AS_DECODE_MAX_Q
         ids, pos, meta, sample_idx, logits_indices, row_starts = self._prepare(out, per_token)
         self._last_sampled, self._last_rows = None, {}
         rows = out.num_batched_tokens if per_token else len(out.scheduled)

@@ -209,3 +209,26 @@ def test_draft_model_perturbed_copy_rejects_most(reference, perturbed_draft, emb
         assert proposed > 150 and 0.02 < accepted / proposed < 0.4, (proposed, accepted)
     finally:
         llm.engine.shutdown()
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_verify_steps_as_decode_rows_give_the_same_tokens(method):
+    """The GPU's layout of a verify step (one attention row per token, ``verify_as_decode``) on
+    the CPU: the same tokens and acceptance as one row per request."""
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 2} \
+        if method == "ngram" else {"model": "tiny-llama-8h4kv", "num_speculative_tokens": 3}
+    llm = LLM(model="tiny-llama-8h4kv", load_format="dummy", max_model_len=256,
+              speculative_config={**spec, "min_acceptance_rate": 0.0})
+    runner = llm.engine.workers.worker.runner
+    prompts = [[(7 * i + j) % 500 + 3 for j in range(10 + i)] * 2 for i in range(8)]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    results = []
+    for per_token in (False, True):
+        runner.verify_as_decode = per_token
+        before = llm.engine.stats()
+        outs = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        s = llm.engine.stats()
+        results.append((outs, s.spec_decode_proposed_tokens - before.spec_decode_proposed_tokens,
+                        s.spec_decode_accepted_tokens - before.spec_decode_accepted_tokens))
+    assert results[0] == results[1] and results[0][1] > 50
+    llm.engine.shutdown()
