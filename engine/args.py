@@ -6,8 +6,9 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from fleetlm.engine.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
-from fleetlm.engine.spec_config import SpeculativeConfig, parse_speculative_config
+from fleetlm.engine.config import (CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig,
+                                   SpeculativeConfig)
+from fleetlm.engine.spec_config import parse_speculative_config
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_COMPILE_CACHE = Path.home() / ".cache" / "fleetlm" / "compile"

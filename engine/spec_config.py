@@ -24,45 +24,13 @@ Torch-free: the Serve config validates a model entry's mapping with
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
+from fleetlm.engine.config import MAX_SPECULATIVE_TOKENS, SpeculativeConfig
+
 METHODS = ("ngram", "draft_model")
-# Verify steps run CUDA graphs of query length k + 1, captured per batch size:
-# beyond this the captures cost more memory and start-up than speculation wins.
-MAX_SPECULATIVE_TOKENS = 15
 NGRAM_DEFAULT_LOOKUP = 5
-
-
-@dataclass(frozen=True)
-class SpeculativeConfig:
-    method: str
-    num_speculative_tokens: int
-    prompt_lookup_max: int = 0  # ngram only
-    prompt_lookup_min: int = 0
-    model: str | None = None  # draft_model only: what the user named
-    # Speculate only in steps whose running batch holds at most this many
-    # requests: past it a verify step costs more than it wins (compute bound).
-    disable_by_batch_size: int = 32
-    # None: a request proposes while the tokens a verify yields it beat the
-    # measured cost of a speculating step over a plain one; a number: while its
-    # acceptance rate (accepted / proposed, a moving average) reaches it (0:
-    # always). A paused request tries again every probe_interval steps.
-    min_acceptance_rate: float | None = None
-    probe_interval: int = 16
-    # The draft's resolved ModelConfig (built by EngineArgs; None for ngram).
-    draft: Any = dataclasses.field(default=None, repr=False, compare=False)
-
-    @property
-    def uses_draft_model(self) -> bool:
-        return self.method == "draft_model"
-
-    @property
-    def num_verify_tokens(self) -> int:
-        """Query tokens of a full verify step of one request: the newest token plus k proposals."""
-        return 1 + self.num_speculative_tokens
 
 
 _KEYS = ("method", "model", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",

@@ -30,7 +30,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from fleetlm.engine.request import Request
-from fleetlm.engine.spec_config import SpeculativeConfig
+from fleetlm.engine.config import SpeculativeConfig
 from fleetlm.engine.spec_ngram import NgramProposer
 from fleetlm.engine.spec_policy import SpecPolicy
 from fleetlm.engine.step import ModelRunnerOutput, SchedulerOutput

@@ -28,7 +28,7 @@ import time
 import weakref
 
 from fleetlm.engine.request import Request
-from fleetlm.engine.spec_config import SpeculativeConfig
+from fleetlm.engine.config import SpeculativeConfig
 
 # Weight of the newest sample in the moving averages: a request that never
 # agrees is paused within a few verifies, one that usually agrees survives a miss.

@@ -33,7 +33,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from fleetlm.engine.spec_config import MAX_SPECULATIVE_TOKENS, SpeculativeConfig
+from fleetlm.engine.config import MAX_SPECULATIVE_TOKENS, SpeculativeConfig
 from fleetlm.engine.step import ScheduledRequest, SchedulerOutput
 from fleetlm.workers.attention import AttentionMetadata
 from fleetlm.workers.models import model_class

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from fleetlm.engine.config import CacheConfig, ModelConfig
-from fleetlm.engine.spec_config import SpeculativeConfig
+from fleetlm.engine.config import SpeculativeConfig
 from fleetlm.engine.sampling_params import needs_output_history
 from fleetlm.engine.step import PLACEHOLDER, ModelRunnerOutput, SchedulerOutput
 from fleetlm.kernels import select_ops
