@@ -88,5 +88,5 @@ def test_temperature_one_outputs_follow_the_target_distribution(llm):
     # The outputs are random (not a few fixed strings), and the test can tell distributions apart.
     assert (ref_pairs > 0).sum() > 20
     skewed = ref_pairs.clone()
-    skewed[ref_pairs.argmax()] += N // 10
+    skewed[ref_pairs.argmax()] += N // 4  # N/4 more samples of one outcome
     assert homogeneity_p_value(pairs, skewed) < 1e-3
