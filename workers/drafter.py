@@ -103,35 +103,35 @@ class Drafter:
         self._forward(ids, pos, meta, rows)
 
     def reject(self, logits: torch.Tensor, batch: SamplingBatch, tokens: torch.Tensor, accepted: torch.Tensor,
-               req_ids: list[str], proposals: list[list[int]], firsts: np.ndarray):
+               req_ids: list[str], proposals: list[list[int]], firsts: np.ndarray, upload):
         """Rejection sampling for the rows verifying this drafter's sampled proposals
-        (deterministic ones keep the comparison the caller made)."""
+        (deterministic ones keep the comparison the caller made). ``upload(dtype, *arrays)``:
+        the runner's host->device copy that does not wait for the device."""
         if self._q is None:
             return tokens, accepted
         q_all, q_row = self._q
-        rows, q_idx = [], []
+        rows, q_idx, x = [], [], []
         for rid, props, first in zip(req_ids, proposals, firsts.tolist()):
             r = q_row.get(rid)
             if r is not None and props:
                 rows += range(first, first + len(props))
-                q_idx += [(r, j) for j in range(len(props))]
+                q_idx += [r * q_all.shape[1] + j for j in range(len(props))]
+                x += props
         if not rows:
             return tokens, accepted
-        dev = logits.device
-        rows_d = torch.tensor(rows, device=dev)
+        rows_d, qi, x_d = upload(torch.int64, np.array(rows), np.array(q_idx), np.array(x))
         p = self.sampler.probabilities(logits, batch).index_select(0, rows_d)
-        qi = torch.tensor(q_idx, device=dev)
-        q = q_all[qi[:, 0], qi[:, 1]]
-        x = torch.tensor([t for rid, props in zip(req_ids, proposals) if rid in q_row for t in props], device=dev)
-        acc, tok = rejection_sample(p, q, x, [batch.seeds[r] for r in rows], [batch.seed_offsets[r] for r in rows])
+        q = q_all.flatten(0, 1).index_select(0, qi)
+        acc, tok = rejection_sample(p, q, x_d, [batch.seeds[r] for r in rows], [batch.seed_offsets[r] for r in rows])
         tokens, accepted = tokens.clone(), accepted.clone()
         tokens[rows_d], accepted[rows_d] = tok, acc
         return tokens, accepted
 
     def propose(self, sampling: list[ScheduledRequest], states: list[ReqState], tokens: torch.Tensor,
-                num_accepted: torch.Tensor, firsts: np.ndarray, block_tables: torch.Tensor):
+                num_accepted: torch.Tensor, firsts: np.ndarray, block_tables: torch.Tensor, upload):
         """Proposals for the next step: ``[B', kmax]`` on the device and, per row, (index into
-        ``sampling``, how many of its tokens count). None when no request asked."""
+        ``sampling``, how many of its tokens count). None when no request asked. ``upload`` as
+        in ``reject``."""
         who = [i for i, s in enumerate(sampling) if s.num_draft_tokens]
         if not who:
             self._q = None
@@ -143,13 +143,12 @@ class Drafter:
         # (the token fed first) at last - m + n + 1.
         ends = np.array([sampling[i].start_pos + len(sampling[i].token_ids) for i in who], dtype=np.int64)
         base = ends - np.array([sampling[i].num_spec_tokens for i in who], dtype=np.int64)
-        who_d = torch.tensor(who, device=dev)
+        who_d, firsts_d, base_d, counts_d = upload(torch.int64, np.array(who), firsts[who], base, counts)
         n = num_accepted.index_select(0, who_d)
-        tok = tokens.index_select(0, torch.from_numpy(firsts[who]).to(dev) + n)
-        pos = torch.from_numpy(base).to(dev) + n
+        tok = tokens.index_select(0, firsts_d + n)
+        pos = base_d + n
         tables = block_tables.index_select(0, who_d)
         width = tables.shape[1]
-        counts_d = torch.from_numpy(counts).to(dev)
         batch = self._sampling_batch([states[i] for i in who], dev)
         # Output index of each request's first row this step (the runner counted the step's own token).
         firsts_out = [states[i].num_sampled - 1 for i in who]

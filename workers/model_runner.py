@@ -272,19 +272,20 @@ class ModelRunner:
             (props_d,) = self._upload(torch.int64, rows)
             accepted = tokens == props_d
             if self.drafter is not None:
-                tokens, accepted = self.drafter.reject(logits, batch, tokens, accepted, req_ids, proposals, firsts)
+                tokens, accepted = self.drafter.reject(logits, batch, tokens, accepted, req_ids, proposals, firsts,
+                                                       self._upload)
         else:
             firsts = np.arange(len(sampling), dtype=np.int64)
         drafted = None
         if drafting:
             counts = np.fromiter((len(p) for p in proposals), dtype=np.int64, count=len(proposals))
-            n_acc = num_accepted(accepted, firsts, counts) if accepted is not None else \
-                torch.zeros(len(sampling), dtype=torch.int64, device=self.device)
+            n_acc = num_accepted(accepted, *self._upload(torch.int64, firsts, counts), int(counts.max())) \
+                if accepted is not None else torch.zeros(len(sampling), dtype=torch.int64, device=self.device)
             # Each sampling request's block table: its row (its first token's, one row per token).
             table_rows = row_starts[sample_idx] if per_token else np.asarray(sample_idx, dtype=np.int64)
             (table_rows_d,) = self._upload(torch.int64, table_rows)
             drafted = self.drafter.propose(sampling, states, tokens, n_acc, firsts,
-                                           meta.block_tables.index_select(0, table_rows_d))
+                                           meta.block_tables.index_select(0, table_rows_d), self._upload)
         self._last_sampled = tokens
         self._remember_rows(req_ids, proposals)
         if self.share_samples:

@@ -74,13 +74,10 @@ def rejection_sample(p: torch.Tensor, q: torch.Tensor, x: torch.Tensor, seeds: S
     return accepted, torch.where(accepted, x.squeeze(1), drawn)
 
 
-def num_accepted(accepted: torch.Tensor, firsts: np.ndarray, counts: np.ndarray) -> torch.Tensor:
-    """``[B]`` number of leading accepted rows of each request (``counts`` proposals from row ``firsts``)."""
-    width = max(1, int(counts.max()) if counts.size else 1)
-    dev = accepted.device
-    cols = torch.arange(width, device=dev)
-    first = torch.from_numpy(firsts).to(dev, non_blocking=True)
-    count = torch.from_numpy(counts).to(dev, non_blocking=True)
-    idx = (first.unsqueeze(1) + cols).clamp_(max=accepted.shape[0] - 1)
-    flags = accepted[idx] & (cols < count.unsqueeze(1))
+def num_accepted(accepted: torch.Tensor, firsts: torch.Tensor, counts: torch.Tensor, width: int) -> torch.Tensor:
+    """``[B]`` number of leading accepted rows of each request (``counts[i]`` proposals from row
+    ``firsts[i]``; ``width`` >= every count), on the device."""
+    cols = torch.arange(max(1, width), device=accepted.device)
+    idx = (firsts.unsqueeze(1) + cols).clamp_(max=accepted.shape[0] - 1)
+    flags = accepted[idx] & (cols < counts.unsqueeze(1))
     return flags.to(torch.int64).cumprod(1).sum(1)

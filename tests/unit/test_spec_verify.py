@@ -7,7 +7,6 @@ control applies the same test against q and must reject it).
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -81,6 +80,7 @@ def test_rows_and_accepted_counts():
     assert rows.tolist() == [5, 6, NO_PROPOSAL, NO_PROPOSAL, 7, 8, 9, NO_PROPOSAL]
     assert firsts.tolist() == [0, 3, 4]
     flags = torch.tensor([True, False, True, True, True, True, False, True])
-    counts = np.array([2, 0, 3])
-    assert num_accepted(flags, firsts, counts).tolist() == [1, 0, 2]
-    assert num_accepted(torch.ones(8, dtype=torch.bool), firsts, counts).tolist() == [2, 0, 3]
+    counts = torch.tensor([2, 0, 3])
+    firsts = torch.from_numpy(firsts)
+    assert num_accepted(flags, firsts, counts, 3).tolist() == [1, 0, 2]
+    assert num_accepted(torch.ones(8, dtype=torch.bool), firsts, counts, 3).tolist() == [2, 0, 3]
