@@ -104,8 +104,9 @@ class Scheduler:
         also computes as many of them as the budget, max_tokens and
         max_model_len allow, to verify them; the result rolls back the
         positions of those rejected (``update_from_output``). ``draft``: the
-        draft model runs this step (catching up on every scheduled request's
-        tokens) and proposes for the requests that ask it
+        draft model runs this step, over each scheduled request's tokens
+        preceded by those it missed, as far as a token budget of its own
+        goes, and proposes for the requests that ask it
         (``Request.num_draft_tokens``); their blocks cover that many positions
         more, for the draft's KV of its proposals (given back with the result).
 

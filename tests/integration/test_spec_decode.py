@@ -232,3 +232,20 @@ def test_verify_steps_as_decode_rows_give_the_same_tokens(method):
                         s.spec_decode_accepted_tokens - before.spec_decode_accepted_tokens))
     assert results[0] == results[1] and results[0][1] > 50
     llm.engine.shutdown()
+
+
+def test_cpu_benchmark_smoke(tmp_path):
+    """benchmarks/spec_decode.py on the CPU (the figures in benchmarks/RESULTS.md come from a longer run):
+    it writes its record, n-gram proposals on the copy-heavy prompts are mostly accepted, and the
+    outputs are the same with and without speculation."""
+    import json
+
+    from fleetlm.benchmarks import spec_decode
+
+    assert spec_decode.main(["--device", "cpu", "--parts", "copy", "--max-tokens", "24", "--budget-s", "30",
+                             "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("spec-decode-*.json")
+    copy = json.loads(path.read_text())["figures"]["copy"]
+    assert copy["greedy_outputs_identical"] is True
+    assert copy["acceptance_rate"] > 0.5 and copy["mean_accepted_length"] > 2.5, copy
+    assert copy["decode_tokens_per_s_on"] > 0 and copy["decode_tokens_per_s_off"] > 0
