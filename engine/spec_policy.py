@@ -12,8 +12,8 @@ share of a step is no longer hidden behind the device's. So:
 - per request, by measured acceptance: each verify updates moving averages
   of the request's acceptance rate (accepted / proposed) and of the tokens
   it yields (1 + accepted). By default (``min_acceptance_rate`` None) a
-  request proposes while its tokens per verify beat the measured cost of a
-  speculating step relative to a plain one (moving averages of the time
+  request proposes while its tokens per verify beat, by 10%, the measured
+  cost of a speculating step relative to a plain one (moving averages of the time
   between step completions, each kind at batch sizes speculation runs at);
   with ``min_acceptance_rate`` set, while its acceptance rate reaches that.
   A paused request tries again once every ``probe_interval`` steps (its text
@@ -37,6 +37,8 @@ EMA_WEIGHT = 0.3
 # (a verify step at small batch on a GPU, with the host's share exposed).
 DEFAULT_COST_RATIO = 1.3
 _MIN_SAMPLES = 3
+# Speculate only where it wins at least this much (measurements are noisy, probes cost).
+_MARGIN = 1.1
 # A gap this many times the usual step is the engine idling, not a step.
 _OUTLIER = 4.0
 
@@ -86,7 +88,7 @@ class SpecPolicy:
     def _pays(self, st: _Request) -> bool:
         if self.min_rate is not None:
             return st.rate.value >= self.min_rate
-        return st.tokens.value >= self.cost_ratio()
+        return st.tokens.value >= _MARGIN * self.cost_ratio()
 
     def request_on(self, req: Request) -> bool:
         """Whether ``req`` proposes this step (a paused request: once every probe_interval steps)."""
