@@ -348,6 +348,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--parts", default="copy,chat,batch64,verify,offswitch,draft")
     ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--num-prompts", type=int, default=4, help="prompts per batch-1 workload (at most 4)")
     ap.add_argument("--budget-s", type=float, default=450.0)
     ap.add_argument("--out", default=os.environ.get("OUT") or ".")
     ns = ap.parse_args(argv)
@@ -382,9 +383,11 @@ def main(argv=None) -> int:
             for part in small:
                 try:
                     if part == "copy":
-                        figures["copy"] = part_workload(llm, ns.device, COPY_TASKS, 1, ns.max_tokens, deadline(0.2), roof)
+                        figures["copy"] = part_workload(llm, ns.device, COPY_TASKS[:ns.num_prompts], 1, ns.max_tokens,
+                                                        deadline(0.2), roof)
                     elif part == "chat":
-                        figures["chat"] = part_workload(llm, ns.device, CHAT_TASKS, 1, ns.max_tokens, deadline(0.15), roof)
+                        figures["chat"] = part_workload(llm, ns.device, CHAT_TASKS[:ns.num_prompts], 1, ns.max_tokens,
+                                                        deadline(0.15), roof)
                     else:
                         figures["batch64_copy"] = part_workload(llm, ns.device, COPY_TASKS, 64, 128, deadline(0.06), roof)
                         figures["batch64_chat"] = part_workload(llm, ns.device, CHAT_TASKS, 64, 128, deadline(0.06), roof)
@@ -426,7 +429,7 @@ def main(argv=None) -> int:
     checks = _checks(figures)
     figures["checks"] = checks
     config = {"model": ns.model, "big": ns.big, "draft": ns.draft, "device": ns.device, "parts": parts,
-              "max_tokens": ns.max_tokens, "ngram": NGRAM, "budget_s": ns.budget_s}
+              "max_tokens": ns.max_tokens, "num_prompts": ns.num_prompts, "ngram": NGRAM, "budget_s": ns.budget_s}
     path = write_record(make_record("spec-decode", config, figures, device=ns.device), results_dir=ns.out)
     _table(figures, checks)
     print(f"record: {path}")

@@ -242,8 +242,8 @@ def test_cpu_benchmark_smoke(tmp_path):
 
     from fleetlm.benchmarks import spec_decode
 
-    assert spec_decode.main(["--device", "cpu", "--parts", "copy", "--max-tokens", "24", "--budget-s", "30",
-                             "--out", str(tmp_path)]) == 0
+    assert spec_decode.main(["--device", "cpu", "--parts", "copy", "--num-prompts", "1", "--max-tokens", "32",
+                             "--budget-s", "20", "--out", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("spec-decode-*.json")
     copy = json.loads(path.read_text())["figures"]["copy"]
     assert copy["greedy_outputs_identical"] is True

@@ -292,3 +292,13 @@ def test_the_drafts_catch_up_is_bounded_by_the_step_budget():
     assert out.draft
     s.update_from_output(out, {"a": [8], "b": [9]})
     s.blocks.check_invariants()
+
+
+def test_serve_config_carries_the_mapping_to_the_engine():
+    from fleetlm.cluster.serve_config import ModelDeploymentConfig
+
+    spec = {"method": "ngram", "num_speculative_tokens": 3}
+    entry = ModelDeploymentConfig(speculative_config=spec)
+    assert entry.engine_kwargs()["speculative_config"] == spec
+    with pytest.raises(ValueError, match="speculative_config must be a mapping"):
+        ModelDeploymentConfig(speculative_config="ngram")
