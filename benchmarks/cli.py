@@ -34,6 +34,7 @@ from fleetlm.benchmarks.offline import (
     run_throughput,
 )
 from fleetlm.benchmarks.records import BenchError, make_record, write_record
+from fleetlm.engine.config import KV_CACHE_DTYPES
 from fleetlm.benchmarks.serve_load import fetch_model_name, run_serve, server_root
 
 
@@ -42,6 +43,7 @@ ENGINE_FLAGS = (
     "model", "load_format", "dtype", "device", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
     "gpu_memory_utilization", "tensor_parallel_size", "pipeline_parallel_size", "enforce_eager",
     "enable_prefix_caching", "num_kv_blocks", "block_size", "quantization",
+    "kv_cache_dtype",
 )
 
 
@@ -51,6 +53,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--load-format", choices=("auto", "safetensors", "gguf", "dummy"))
     g.add_argument("--quantization", help="weight format (awq, gptq, gguf, ...; default: the checkpoint's own); "
                    "dummy weights take a config.json with a quantization_config as --model")
+    g.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES,
+                   help="KV cache storage: auto (the model's dtype) or fp8 = fp8_e4m3 (E4M3 with scales)")
     g.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"))
     g.add_argument("--device", choices=("auto", "cpu", "cuda"))
     g.add_argument("--max-num-seqs", type=int)

@@ -34,6 +34,8 @@ import time
 import traceback
 from pathlib import Path
 
+from fleetlm.benchmarks.records import git_commit
+
 ROOT = Path(__file__).resolve().parents[1]
 FORMATS = {
     "bf16": None,
@@ -94,13 +96,6 @@ def _card() -> dict:
         return {"card": None}
     return {"card": torch.cuda.get_device_name(), "torch": torch.__version__}
 
-
-def _commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or None
-    except Exception:  # noqa: BLE001
-        return None
 
 
 def _copy_bandwidth(torch) -> float:
@@ -211,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=470.0)
     ns = ap.parse_args(argv)
     start = time.monotonic()
-    record: dict = {"bench": "gpu_quant", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": _commit(),
+    record: dict = {"bench": "gpu_quant", "date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": git_commit(),
                     "model": ns.model, "formats": FORMATS, "targets": {f"{f}/b{b}": v for (f, b), v in TARGETS.items()}}
     try:
         record.update(_card())

@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from fleetlm.benchmarks.records import git_commit
+
 CHILD = r"""
 import json, random, sys, time
 import torch
@@ -128,7 +130,7 @@ def main() -> int:
     import torch
 
     record = {"what": "ray worker path vs in-process, TP=1", "card": torch.cuda.get_device_name(0),
-              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": _commit(), "model": ns.model,
+              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": git_commit(), "model": ns.model,
               "runs": runs, "summary": summary}
     out = Path(ns.out) / f"ray-path-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -142,13 +144,6 @@ def main() -> int:
     print(f"record: {out}")
     return 0
 
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 if __name__ == "__main__":

@@ -56,7 +56,10 @@ def versions() -> dict[str, str | None]:
 
 
 def git_commit(root: Path = REPO_ROOT) -> str:
-    """``git rev-parse HEAD`` of the source tree, or "unknown" (no git, or a copied tree)."""
+    """``FLEETLM_GIT_COMMIT`` if set (a copied tree whose .git is not its own, as on the device
+    machines), else ``git rev-parse HEAD`` of the source tree, else "unknown"."""
+    if os.environ.get("FLEETLM_GIT_COMMIT"):
+        return os.environ["FLEETLM_GIT_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10

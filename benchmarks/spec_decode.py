@@ -6,7 +6,7 @@
 One process, every part bounded in time (``--budget-s``, 450 by default); a
 part that fails is recorded and the rest still run. A/B comparisons use one
 engine with its speculation switched on and off between rounds
-(``LLMEngine.speculative_decoding``; off is the exact path of an engine built
+(``LLMEngine.spec.enabled``; off is the exact path of an engine built
 without it), rounds alternated, greedy, the same prompts.
 
 Parts (checks the issue asks, on one H100/H200):
@@ -150,7 +150,7 @@ def _ab_rounds(llm, device: str, run, rounds: int, deadline: float) -> dict:
         for on in ((False, True) if r % 2 == 0 else (True, False)):
             if time.monotonic() > deadline and done >= 2:
                 break
-            eng.speculative_decoding = on
+            eng.spec.enabled = on
             _sync(device)
             t = time.perf_counter()
             n, outs, dec_s, dec_n = run()
@@ -164,7 +164,7 @@ def _ab_rounds(llm, device: str, run, rounds: int, deadline: float) -> dict:
             done += 1
             print(f"  round {r} speculation {'on ' if on else 'off'}: {n} tokens in "
                   f"{time.perf_counter() - t:.2f} s", file=sys.stderr, flush=True)
-    eng.speculative_decoding = True
+    eng.spec.enabled = True
     v, p, a, e = (x - y for x, y in zip(_spec_counts(eng), before))
     off, on = side[False], side[True]
 
@@ -226,7 +226,7 @@ def part_verify(llm, device: str, deadline: float, ceilings: dict, batches=(1, 8
     from fleetlm import SamplingParams
 
     eng = llm.engine
-    eng.speculative_decoding = False  # proposals come from here, not from lookups
+    eng.spec.enabled = False  # proposals come from here, not from lookups
     eng.async_scheduling = False
     rng = random.Random(0)
     vocab = eng.model_config.vocab_size
@@ -272,7 +272,7 @@ def part_verify(llm, device: str, deadline: float, ceilings: dict, batches=(1, 8
                                                  flops / (ceilings.get("matmul_tflops", 1e9) * 1e12)) * 1e3
         out[f"batch{b}"] = row
     eng.async_scheduling = eng.config.async_scheduling
-    eng.speculative_decoding = True
+    eng.spec.enabled = True
     return out
 
 
@@ -322,7 +322,7 @@ def part_draft(model: str, draft: str, device: str, deadline: float) -> dict:
     for on in (False, True, False, True):
         if time.monotonic() > deadline:
             break
-        eng.speculative_decoding = on
+        eng.spec.enabled = on
         out = llm.generate(prompt, params)[0]
         m = out.metrics
         n = len(out.outputs[0].token_ids) - 1

@@ -112,6 +112,10 @@ class EngineAwareAutoscalingPolicy:
     def __init__(self, waiting_threshold: float = 1.0, kv_high_watermark: float = 0.9) -> None:
         self.waiting_threshold = waiting_threshold
         self.kv_high_watermark = kv_high_watermark
+        # Instantiated in Serve's controller: make its downscales cache-aware there (scale_down.py).
+        from fleetlm.cluster.scale_down import install
+
+        install()
 
     def __call__(self, ctx: Any) -> tuple[float, dict[str, Any]]:
         params = ScalingParams(

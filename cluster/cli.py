@@ -40,7 +40,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from fleetlm.cluster.lifecycle import SUPERVISED_ENV, Signals, drain, log, supervise
-from fleetlm.cluster.serve_config import EMBEDDED_MODEL, ModelDeploymentConfig, parse_app_args
+from fleetlm.cluster.serve_config import (
+    EMBEDDED_MODEL,
+    KV_CACHE_DTYPES,
+    TOOL_CALL_PARSERS,
+    ModelDeploymentConfig,
+    parse_app_args,
+)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -54,7 +60,10 @@ SERVE_APP_KEYS = frozenset({"name", "route_prefix", "import_path", "args", "runt
 
 # Routes the API key guards: every one but the load balancer's and Prometheus'.
 GUARDED_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/version", "/openapi.json",
-                  "/debug/invariants")
+                  "/debug/invariants", "/dashboard", "/dashboard/data", "/dashboard/static/dashboard.js",
+                  "/dashboard/static/dashboard.css", "/dashboard/static/uPlot.iife.min.js",
+                  "/dashboard/static/uPlot.min.css")
+LORA_ROUTES = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")  # guarded too; only with --enable-lora
 OPEN_ROUTES = ("/health", "/ping", "/metrics")
 
 
@@ -79,6 +88,7 @@ ENGINE_DECIDES = {
     "max_num_batched_tokens": "8192 on GPU, 2048 on CPU",
     "cpu_kv_cache_bytes": "2 GiB",
     "num_kv_blocks": "sized from --gpu-memory-utilization on GPU, --cpu-kv-cache-bytes on CPU",
+    "kv_cache_dtype": "auto",
     "async_scheduling": "on for one in-process CUDA worker",
     "warmup": "on GPU",
     "compile_cache_dir": "~/.cache/fleetlm/compile on GPU",
@@ -86,6 +96,10 @@ ENGINE_DECIDES = {
     "quantization": "the checkpoint's own (none: its dtype)",
     "chat_template": "the model's own",
     "max_waiting_tokens": "off",
+    "max_cpu_loras": "max_loras",
+    "enable_lora": "off",
+    "max_loras": "1",
+    "max_lora_rank": "16",
 }
 
 # vLLM's names where vLLM has the flag; the others are FleetLM's model entry keys.
@@ -118,6 +132,8 @@ MODEL_FLAGS: tuple[ModelFlag, ...] = (
     ModelFlag("gpu_memory_utilization", {"type": float}, "fraction of GPU memory for weights, activations and KV"),
     ModelFlag("cpu_kv_cache_bytes", {"type": int}, "KV cache bytes of one replica on CPU"),
     ModelFlag("num_kv_blocks", {"type": int}, "fixed KV cache size in blocks"),
+    ModelFlag("kv_cache_dtype", {"choices": KV_CACHE_DTYPES},
+              "KV cache storage: auto (the model's dtype) or fp8 = fp8_e4m3 (E4M3 with scales: twice the tokens)"),
     ModelFlag("enable_prefix_caching", {"action": argparse.BooleanOptionalAction, "default": None},
               "reuse the KV blocks of shared prompt prefixes"),
     ModelFlag("enforce_eager", {"action": "store_true", "default": None}, "no CUDA graphs"),
@@ -134,6 +150,18 @@ MODEL_FLAGS: tuple[ModelFlag, ...] = (
     ModelFlag("max_waiting_tokens", {"type": int}, "prompt tokens of the model allowed to wait (then 429)"),
     ModelFlag("stream_chunks_per_s", {"type": float}, "SSE chunks a replica sends a second over all its streams"),
     ModelFlag("stream_max_interval_s", {"type": float}, "most seconds between two chunks of one stream"),
+    ModelFlag("tool_call_parser", {"choices": TOOL_CALL_PARSERS},
+              "how the model writes tool calls (llama3_json: Llama 3.1+; hermes: Hermes, Qwen 2.5, and models "
+              "whose template does not render tools)"),
+    ModelFlag("enable_auto_tool_choice", {"action": "store_true", "default": None},
+              "serve tool_choice 'auto' (needs --tool-call-parser)"),
+    ModelFlag("enable_lora", {"action": "store_true", "default": None},
+              "serve LoRA adapters, each request choosing one by sending its name as `model`"),
+    ModelFlag("max_loras", {"type": int}, "adapters one step may use (device slots per replica)"),
+    ModelFlag("max_lora_rank", {"type": int}, "largest adapter rank (it sizes every slot)"),
+    ModelFlag("max_cpu_loras", {"type": int}, "adapters each worker keeps in host memory"),
+    ModelFlag("lora_modules", {"nargs": "+", "metavar": "NAME=PATH"},
+              "PEFT adapters every replica reads at start (more: POST /v1/load_lora_adapter)"),
 )
 
 
@@ -183,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", help=f"HTTP host (default: {DEFAULT_HOST})")
     srv.add_argument("--port", type=int, help=f"HTTP port (default: {DEFAULT_PORT})")
     srv.add_argument("--api-key", help="require `Authorization: Bearer <key>` on " + ", ".join(GUARDED_ROUTES)
+                     + " (with --enable-lora also " + ", ".join(LORA_ROUTES) + ")"
                      + " (" + ", ".join(OPEN_ROUTES) + " stay open for load balancers and Prometheus; "
                      "they carry no prompts or outputs) (default: FLEETLM_API_KEY, else no key)")
     srv.add_argument("--config", help="Serve config YAML (configs/serve/*.yaml) or a YAML mapping of app args")
@@ -202,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     eng = s.add_argument_group("model and engine (one model; several need --config)")
     for flag in MODEL_FLAGS:
         text = flag.help
-        if flag.dest not in ("model", "served_model_name", "trust_remote_code"):
+        if flag.dest not in ("model", "served_model_name", "trust_remote_code", "lora_modules"):
             text += f" (default: {_flag_default(flag.entry_key)})"
         eng.add_argument("--" + flag.dest.replace("_", "-"), dest=flag.dest, help=text, **flag.kwargs)
     sub.add_parser("bench", help="run benchmarks (fleetlm bench --help)", add_help=False)

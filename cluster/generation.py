@@ -67,10 +67,17 @@ class Prepared:
     n: int
     want_logprobs: bool
     ticket: Ticket | None = None  # admission (released when the request ends)
+    lora: Any = None  # the LoRA adapter the request names (fleetlm.engine.lora.LoRARequest)
 
     @property
     def model(self) -> str:
+        """The served (base) model: ledgers, metrics and admission are per base model."""
         return self.backend.name
+
+    @property
+    def response_model(self) -> str:
+        """What the response calls the model: the adapter's name when the request named one."""
+        return self.lora.lora_name if self.lora is not None else self.backend.name
 
 
 # --- the accumulator ---------------------------------------------------------------
@@ -176,7 +183,9 @@ class Endpoint:
     async def prepare(self, body: Any) -> Prepared:
         server = self.server
         req = parse_request(self.request_cls, body)
-        backend = server.backend(req.model)
+        if req.constrained:  # a grammar new to this process can take a while to check: not on the loop
+            await asyncio.to_thread(req.check_guided)
+        backend, lora = server.resolve(req.model)
         req.check_limits(server.config)
         self.check(req)
         try:
@@ -199,7 +208,8 @@ class Endpoint:
                 request_id=f"{api_id}-{i}",
                 prompt_token_ids=ids,
                 params=params,
-                block_hash_ids=_block_hash_ids(ids, info) if prefix_aware else (),
+                block_hash_ids=_block_hash_ids(ids, info, lora) if prefix_aware else (),
+                lora_request=lora,
             ))
         n = req.n or 1
         ticket = None
@@ -207,7 +217,7 @@ class Endpoint:
         if admission is not None:
             ticket = admission.admit([len(p) for p in prompts], n, param="prompt" if len(prompts) > 1 else "n")
         return Prepared(api_id, req, backend, gen_reqs, [len(p) for p in prompts], echo_texts, n,
-                        req.num_logprobs() is not None, ticket)
+                        req.num_logprobs() is not None, ticket, lora)
 
     # -- running -----------------------------------------------------------------------------
     async def handle(self, request: Request) -> Response:
@@ -224,6 +234,8 @@ class Endpoint:
             body = await server.read_json(request)
             if isinstance(body, dict) and isinstance(body.get("model"), str):
                 model = body["model"]
+                adapter = server.adapters.get(model)
+                model = adapter.base if adapter is not None else model  # errors count under the base model
             p = await self.prepare(body)
             model = p.model
             ending = server.ledger_for(p.model).accept(p.ticket.release if p.ticket is not None else None)
@@ -240,7 +252,7 @@ class Endpoint:
                 choices = await self._collect(p, job, first)
                 ending.end(choices.reason())
                 return JSONResponse(response_body(
-                    self.object_name, p.api_id, now(), p.model,
+                    self.object_name, p.api_id, now(), p.response_model,
                     [self.final_choice(p, s) for s in choices.states], choices.usage(p.prompt_lens)))
             finally:
                 if not handed_off:
@@ -296,7 +308,7 @@ class Endpoint:
         inc = p.req.include_usage
 
         def event(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
-            return sse(chunk_body(self.chunk_object_name, p.api_id, created, p.model, choices, usage, inc))
+            return sse(chunk_body(self.chunk_object_name, p.api_id, created, p.response_model, choices, usage, inc))
 
         choices = Choices(len(p.gen_reqs), p.n, keep_output=False)
         try:
@@ -324,10 +336,12 @@ class Endpoint:
         yield SSE_DONE
 
 
-def _block_hash_ids(ids: list[int], info: ModelInfo) -> tuple[int, ...]:
+def _block_hash_ids(ids: list[int], info: ModelInfo, lora: Any = None) -> tuple[int, ...]:
+    """The engine's own block hashes (keyed by the adapter, as its prefix cache is)."""
     from fleetlm.engine.block_hash import block_hash_id, hash_prompt_blocks
 
-    return tuple(block_hash_id(h) for h in hash_prompt_blocks(ids, info.block_size))
+    key = lora.cache_key if lora is not None else None
+    return tuple(block_hash_id(h) for h in hash_prompt_blocks(ids, info.block_size, key))
 
 
 def _raise_chunk_error(chunk: GenerateChunk, req: Any) -> None:

@@ -37,6 +37,9 @@ class GenerateRequest:
     # 0 for a new request; k for its k-th re-submission after a replica failed
     # (admitted once already: no replica-side queue limit applies).
     attempt: int = 0
+    # The LoRA adapter it runs with (fleetlm.engine.lora.LoRARequest), None for the
+    # base model; it travels with the request when it migrates.
+    lora_request: Any = None
 
 
 @dataclass
@@ -79,6 +82,8 @@ class ModelInfo:
     vocab_size: int
     tokenizer: Any  # the engine's own tokenizer, so the ingress counts tokens the same way
     max_num_seqs: int = 0  # running-batch seats per replica (ingress admission)
+    tool_call_parser: str | None = None  # tool calling (cluster/tool_calling.py)
+    enable_auto_tool_choice: bool = False
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,8 @@ EXPORTED_METRICS: tuple[MetricSpec, ...] = (
                "Prompt tokens looked up in the prefix cache."),
     MetricSpec("fleetlm_prefix_cache_hit_tokens_total", "counter",
                "Prompt tokens found in the prefix cache (KV reused, not recomputed)."),
+    MetricSpec("fleetlm_num_preemptions_total", "counter",
+               "Running requests preempted (KV blocks freed, recomputed later) by the engine."),
     # Speculative decoding (engine/spec_decode.py), counted by the engine; 0 without it.
     # Acceptance rate = accepted / proposed; mean accepted length = emitted / verifies.
     MetricSpec("fleetlm_spec_decode_verifies_total", "counter",
@@ -116,6 +118,22 @@ EXPORTED_METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("fleetlm_request_errors_total", "counter",
                "Requests that failed, by reason (abort, error, timeout, ...).",
                labels=BASE_LABELS + ("reason",)),
+    # Multi-LoRA: per adapter (lora_name), and the replica's device slots.
+    MetricSpec("fleetlm_lora_requests_total", "counter",
+               "Requests that finished on the replica with a LoRA adapter, by adapter.",
+               labels=BASE_LABELS + ("lora_name",)),
+    MetricSpec("fleetlm_lora_prompt_tokens_total", "counter",
+               "Prompt tokens of finished requests with a LoRA adapter, by adapter.",
+               labels=BASE_LABELS + ("lora_name",)),
+    MetricSpec("fleetlm_lora_generation_tokens_total", "counter",
+               "Output tokens of finished requests with a LoRA adapter, by adapter.",
+               labels=BASE_LABELS + ("lora_name",)),
+    MetricSpec("fleetlm_lora_resident_adapters", "gauge",
+               "LoRA adapters in the replica's device slots now."),
+    MetricSpec("fleetlm_lora_loads_total", "counter",
+               "LoRA adapters loaded into a device slot (a first use or a swap)."),
+    MetricSpec("fleetlm_lora_evictions_total", "counter",
+               "LoRA adapters evicted from a device slot to make room for another."),
 )
 
 EXPORTED_METRIC_NAMES: frozenset[str] = frozenset(m.name for m in EXPORTED_METRICS)

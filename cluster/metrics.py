@@ -36,6 +36,10 @@ ENGINE_STATS_METRICS: dict[str, str] = {
     "fleetlm_kv_cache_usage_ratio": "kv_cache_usage",
     "fleetlm_prefix_cache_queried_tokens_total": "prefix_cache_queried_tokens",
     "fleetlm_prefix_cache_hit_tokens_total": "prefix_cache_hit_tokens",
+    "fleetlm_num_preemptions_total": "num_preemptions",
+    "fleetlm_lora_resident_adapters": "num_lora_resident",
+    "fleetlm_lora_loads_total": "lora_loads",
+    "fleetlm_lora_evictions_total": "lora_evictions",
     "fleetlm_spec_decode_verifies_total": "spec_decode_verifies",
     "fleetlm_spec_decode_proposed_tokens_total": "spec_decode_proposed_tokens",
     "fleetlm_spec_decode_accepted_tokens_total": "spec_decode_accepted_tokens",
@@ -56,7 +60,10 @@ class _EngineStatsCollector:
         if stats is None:
             return
         for spec in self._specs:
-            value = float(getattr(stats, ENGINE_STATS_METRICS[spec.name]))
+            value = getattr(stats, ENGINE_STATS_METRICS[spec.name], None)
+            if value is None:  # a stats object without the field (a test's stand-in engine)
+                continue
+            value = float(value)
             if spec.kind == "counter":
                 fam = CounterMetricFamily(spec.name, spec.help, labels=BASE_LABELS)
             else:
@@ -126,6 +133,12 @@ class ServeMetrics:
     def request_error(self, reason: str) -> None:
         self._child("fleetlm_request_errors_total", reason).inc()
 
+    def lora_request(self, lora_name: str, prompt_tokens: int, generation_tokens: int) -> None:
+        """A request that ran with adapter ``lora_name`` finished."""
+        self._child("fleetlm_lora_requests_total", lora_name).inc()
+        self._child("fleetlm_lora_prompt_tokens_total", lora_name).inc(prompt_tokens)
+        self._child("fleetlm_lora_generation_tokens_total", lora_name).inc(generation_tokens)
+
     # -- export --------------------------------------------------------------
     def collect(self) -> list[Metric]:
         """This process's metric families (picklable, for the ingress to merge)."""
@@ -169,7 +182,11 @@ class _Static:
 
 
 def render(groups: Iterable[Iterable[Metric]]) -> bytes:
-    """Prometheus text exposition of the merged families."""
+    """Prometheus text exposition of the merged families, and their vLLM-compatible names
+    (``metric_aliases.py``)."""
+    from fleetlm.cluster.metric_aliases import vllm_alias_families
+
+    families = merge_families(groups)
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Static(merge_families(groups)))
+    registry.register(_Static(families + vllm_alias_families(families)))
     return generate_latest(registry)

@@ -178,9 +178,11 @@ class LLMReplica:
                 EngineArgs.from_kwargs(**engine_args_kwargs(model, max_n, max_logprobs)))
         self.engine = engine
         self.name = model.name
+        self._load_lora_modules(model)
         self.max_queued_requests = max_queued_requests
         self.stream_chunks_per_s = model.stream_chunks_per_s
         self.stream_max_interval_s = model.stream_max_interval_s
+        self.tool_call_parser, self.enable_auto_tool_choice = model.tool_call_parser, bool(model.enable_auto_tool_choice)
         self.replica = replica_id()
         self.metrics = ServeMetrics(self.name, self.replica, self.engine.stats)
         self.max_num_seqs = self.engine.config.scheduler.max_num_seqs
@@ -242,15 +244,16 @@ class LLMReplica:
             pending_text = ""
             coalesce = lambda: stream_interval_s(  # noqa: E731
                 self._open_streams, self.stream_chunks_per_s, self.stream_max_interval_s)
+            lora = {"lora_request": req.lora_request} if req.lora_request is not None else {}
             if req.resume_token_ids:
                 pending_text = unreleased_text(self.engine.tokenizer, req.prompt_token_ids, req.params,
                                                req.resume_token_ids, req.resume_text_len)
                 outputs = self.engine.generate(req.prompt_token_ids, req.params, req.request_id,
                                                prior_output_token_ids=list(req.resume_token_ids),
-                                               coalesce_s=coalesce)
+                                               coalesce_s=coalesce, **lora)
             else:
                 outputs = self.engine.generate(req.prompt_token_ids, req.params, req.request_id,
-                                               coalesce_s=coalesce)
+                                               coalesce_s=coalesce, **lora)
             async for out in outputs:
                 now = time.monotonic()
                 if not accepted:
@@ -286,6 +289,9 @@ class LLMReplica:
                     reasons = [c.finish_reason for c in out.outputs]
                     bad = next((r for r in reasons if r not in ("stop", "length")), None)
                     self.metrics.request_finished(bad or reasons[0], e2e)
+                    if req.lora_request is not None:
+                        self.metrics.lora_request(req.lora_request.lora_name, len(out.prompt_token_ids),
+                                                  sum(len(c.token_ids) for c in out.outputs))
                 yield chunk
                 if finished:
                     return
@@ -319,6 +325,29 @@ class LLMReplica:
                 except (asyncio.CancelledError, Exception):  # noqa: BLE001 - abort is best effort, idempotent
                     pass
 
+    # -- LoRA adapters (cluster/lora_adapters.py) -----------------------------------
+    def _load_lora_modules(self, model: ModelDeploymentConfig) -> None:
+        """The config's ``lora_modules``, checked and read before the replica serves (a bad one fails its start)."""
+        from fleetlm.cluster.lora_adapters import lora_request
+
+        for name, path in model.lora_modules or ():
+            try:
+                self.engine.engine.add_lora(lora_request(name, path, model.name))
+            except ValueError as e:
+                raise ValueError(f"model {model.name!r}: lora_modules: {e}") from None
+
+    async def add_lora(self, lora_request: Any) -> str | None:
+        """Check and read an adapter: None when done, else why not (a 400 for the client)."""
+        try:
+            await self.engine.add_lora(lora_request)
+        except ValueError as e:
+            return str(e)
+        return None
+
+    async def remove_lora(self, lora_int_id: int) -> bool:
+        """Forget an adapter; requests already running with it finish with it."""
+        return await self.engine.remove_lora(lora_int_id)
+
     # -- control plane -----------------------------------------------------------
     def model_info(self) -> ModelInfo:
         mc = self.engine.model_config
@@ -329,6 +358,8 @@ class LLMReplica:
             vocab_size=mc.vocab_size,
             tokenizer=self.engine.tokenizer,
             max_num_seqs=self.max_num_seqs,
+            tool_call_parser=self.tool_call_parser,
+            enable_auto_tool_choice=self.enable_auto_tool_choice,
         )
 
     def healthy(self) -> bool:

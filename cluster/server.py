@@ -5,8 +5,10 @@ ledgers and admission, the open jobs and the draining flag. The generation
 routes are two :class:`~fleetlm.cluster.generation.Endpoint` objects
 (``completions.py``, ``chat.py``); the rest are small:
 
-- ``/v1/models`` (with ``max_model_len`` once a replica has answered),
-  ``/version``;
+- ``/v1/models`` (with ``max_model_len`` once a replica has answered; LoRA
+  adapters with their base model as ``parent``), ``/version``;
+- with LoRA on for some model, ``/v1/load_lora_adapter`` and
+  ``/v1/unload_lora_adapter`` (``lora_adapters.py``);
 - ``/health`` and ``/ping`` (200 only when every replica of every model is
   healthy; 503 while draining);
 - ``/metrics``: every replica's families and the ingress's own;
@@ -32,6 +34,13 @@ from fleetlm.cluster.completions import CompletionsEndpoint
 from fleetlm.cluster.errors import OpenAIError
 from fleetlm.cluster.http_plumbing import authenticate, error_response, install_error_handlers, read_json
 from fleetlm.cluster.ledger import Ledger
+from fleetlm.cluster.lora_adapters import (
+    LORA_PATHS,
+    AdapterRegistry,
+    adapter_card,
+    load_lora_adapter,
+    unload_lora_adapter,
+)
 from fleetlm.cluster.messages import ModelInfo
 from fleetlm.cluster.metrics import CONTENT_TYPE_LATEST, ServeMetrics, render
 from fleetlm.cluster.migration import MigratingJob
@@ -60,6 +69,9 @@ class OpenAIServer:
         self._api_key = config.api_key.encode() if config.api_key else None
         self.completions = CompletionsEndpoint(self)
         self.chat = ChatEndpoint(self)
+        lora = [m for m in config.models if m.enable_lora and m.name in backends]
+        self.lora_models = tuple(m.name for m in lora)
+        self.adapters = AdapterRegistry(tuple(backends), {m.name: m.lora_modules or () for m in lora})
 
     # -- lifecycle (called by the CLI through the ingress deployment) -----------
     def start_draining(self) -> int:
@@ -105,6 +117,14 @@ class OpenAIServer:
         if b is None:
             raise errors.model_not_found(model)
         return b
+
+    def resolve(self, model: str | None) -> tuple[ModelBackend, Any]:
+        """The backend serving ``model`` and the LoRA adapter it names (None: a base model)."""
+        if model is not None and model not in self.backends:
+            adapter = self.adapters.get(model)
+            if adapter is not None:
+                return self.backends[adapter.base], adapter.request
+        return self.backend(model), None
 
     def _metrics_for(self, model: str) -> ServeMetrics:
         m = self._metrics.get(model)
@@ -156,6 +176,7 @@ class OpenAIServer:
         infos = await asyncio.gather(*(self._info_soon(b) for b in self.backends.values()))
         data = [model_card(name, self._created, info.max_model_len if info else None)
                 for name, info in zip(self.backends, infos)]
+        data += [adapter_card(a, self._created) for a in list(self.adapters.adapters.values())]
         return JSONResponse({"object": "list", "data": data})
 
     @staticmethod
@@ -199,7 +220,7 @@ class OpenAIServer:
         vocab = {info.vocab_size for b in self.backends.values() if (info := b.cached_info()) is not None}
         return JSONResponse(openapi_document(
             self.config, vocab_size=vocab.pop() if len(vocab) == 1 and len(self.backends) == 1 else None,
-            extra_paths=DEBUG_PATHS))
+            extra_paths={**DEBUG_PATHS, **(LORA_PATHS if self.lora_models else {})}))
 
     async def debug_invariants(self, request: Request) -> Response:
         """Per model: every replica's engine invariants, the ingress ledger and admission.
@@ -224,11 +245,15 @@ class OpenAIServer:
         return JSONResponse({"ok": ok, "ingress": self.replica, "inflight_http": self.inflight,
                              "models": models, "ledger": ledgers})
 
-    async def metrics(self) -> Response:
+    async def metric_groups(self) -> list[Any]:
+        """Every replica's metric families, then the ingress's own: what ``/metrics`` renders."""
         results = await asyncio.gather(*(b.metrics() for b in self.backends.values()), return_exceptions=True)
         groups = [fams for r in results if isinstance(r, list) for fams in r]
         groups.extend(m.collect() for m in self._metrics.values())
-        return Response(render(groups), media_type=CONTENT_TYPE_LATEST)
+        return groups
+
+    async def metrics(self) -> Response:
+        return Response(render(await self.metric_groups()), media_type=CONTENT_TYPE_LATEST)
 
 
 _ERROR_SCHEMA = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
@@ -289,6 +314,19 @@ def create_app(server: OpenAIServer) -> FastAPI:
     async def debug_invariants(request: Request) -> Response:
         return await server.debug_invariants(request)
 
+    if server.lora_models:  # loading adapters from server paths is on only where LoRA is
+
+        @app.post("/v1/load_lora_adapter")
+        async def load_lora(request: Request) -> Response:
+            return await load_lora_adapter(server, request)
+
+        @app.post("/v1/unload_lora_adapter")
+        async def unload_lora(request: Request) -> Response:
+            return await unload_lora_adapter(server, request)
+
+    from fleetlm.cluster.dashboard import add_dashboard_routes
+
+    add_dashboard_routes(app, server)  # /dashboard: the live page (cluster/dashboard.py)
     install_error_handlers(app)
     return app
 

@@ -1,20 +1,25 @@
 """Speculative decoding, engine side: who proposes what before each step, and what came of it.
 
-The engine calls three hooks (``engine/llm_engine.py``):
+The engine calls two hooks (``engine/llm_engine.py``):
 
-- ``before_schedule``: unless the policy (``spec_policy.py``) turns this step
-  off, give each running decode its proposals: n-gram lookups on the host
-  (``Request.spec_token_ids``), or the number of tokens the draft model
-  should propose after the step (``Request.num_draft_tokens``; the draft runs
-  in the workers, ``workers/drafter.py``). Returns whether the draft model
-  runs in the step.
-- ``blocks_ahead``: whether the next step must wait for the one in flight
-  (asynchronous scheduling): proposals are made from real tokens, so a step
-  that will carry some is scheduled synchronously. Without a likely proposal
-  (an n-gram miss, a large batch) steps go ahead as without speculation.
-- ``after_step``: count proposed / accepted / emitted tokens, feed each
-  request's acceptance to the policy, and hand the draft model's new
-  proposals to their requests.
+- ``prepare_step`` before scheduling a step. A step scheduled ahead of the
+  one in flight (asynchronous scheduling) is refused (None) when proposals
+  are likely (``blocks_ahead``): they are made from real tokens, so such a
+  step is scheduled synchronously; without a likely proposal (an n-gram
+  miss, a large batch) steps go ahead as without speculation. Otherwise,
+  unless the policy (``spec_policy.py``) turns the step off,
+  ``before_schedule`` gives each running decode its proposals: n-gram
+  lookups on the host (``Request.spec_token_ids``), or the number of tokens
+  the draft model should propose after the step (``Request.num_draft_tokens``;
+  the draft runs in the workers, ``workers/drafter.py``). Returns whether
+  the draft model runs in the step.
+- ``after_step``: time the step for the policy, count proposed / accepted /
+  emitted tokens, feed each request's acceptance to the policy, and hand the
+  draft model's new proposals to their requests.
+
+``enabled`` switches the configured speculation off and on (A/B runs on one
+engine, between requests): off, the hooks do nothing and steps are exactly
+those of an engine without it.
 
 Where a third proposer goes (an EAGLE-style head): like the draft model it
 runs in the workers right after the target (it reads the target's last hidden
@@ -68,6 +73,22 @@ class SpecDecoder:
             self.k, config.prompt_lookup_min, config.prompt_lookup_max)
         self.stats = SpecDecodeStats()
         self._was_on = False
+        self.enabled = True
+
+    def prepare_step(self, scheduler, ahead: bool) -> bool | None:
+        """Whether the draft model runs in the next step; None: do not schedule it ahead."""
+        if not self.enabled:
+            return False
+        if ahead:
+            return None if self.blocks_ahead(scheduler.running) else False
+        return self.before_schedule(scheduler.running, scheduler.waiting)
+
+    def stats_fields(self) -> dict[str, int]:
+        """``EngineStats``' speculative counters."""
+        st = self.stats
+        return {"spec_decode_verifies": st.num_verifies, "spec_decode_proposed_tokens": st.num_proposed_tokens,
+                "spec_decode_accepted_tokens": st.num_accepted_tokens,
+                "spec_decode_emitted_tokens": st.num_emitted_tokens}
 
     def reset_stats(self) -> None:
         self.stats = SpecDecodeStats()
@@ -92,10 +113,6 @@ class SpecDecoder:
             draft = draft or req.num_draft_tokens > 0
         return draft
 
-    def observe_step(self, out: SchedulerOutput) -> None:
-        """Every processed step: its duration feeds the policy's measured cost of speculating."""
-        self.policy.observe_step(bool(out.num_spec_tokens or out.draft), len(out.scheduled))
-
     def blocks_ahead(self, running: Sequence[Request]) -> bool:
         if not self.policy.step_on(len(running)):
             return False
@@ -103,8 +120,15 @@ class SpecDecoder:
             return any(self.policy.would_propose(req) for req in running)
         return any(self.policy.would_propose(req) and self.ngram.match(req) is not None for req in running)
 
-    def after_step(self, out: SchedulerOutput, result: ModelRunnerOutput, reqs: Sequence[Request]) -> None:
-        """``reqs``: the requests ``out`` scheduled, in order (some may have ended since)."""
+    def after_step(self, out: SchedulerOutput, result: ModelRunnerOutput, reqs: Sequence[Request] | None) -> None:
+        """Every processed step. ``reqs``: the requests ``out`` scheduled, in order (some may have
+        ended since), when it verified proposals or ran the draft model."""
+        if not self.enabled:
+            return
+        speculating = bool(out.num_spec_tokens or out.draft)
+        self.policy.observe_step(speculating, len(out.scheduled))
+        if not speculating:
+            return
         accepted = result.by_request()
         proposals = result.proposals_by_request()
         st = self.stats

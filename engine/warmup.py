@@ -13,6 +13,10 @@ synthetic requests that take each path once:
   batched GEMMs, the sampler at each size class);
 - every sampling path: greedy, temperature with top-p/top-k/min-p, the three
   penalties, seeded sampling, logprobs and prompt logprobs;
+- structured output, when its grammar engine is installed: a guided request
+  beside a free one builds the tokenizer's grammar table (1-2 s for a large
+  vocabulary, which the first user of ``response_format`` would otherwise
+  wait for) and takes the token-bitmask kernel and deferred sampling once;
 - with speculative decoding, a prompt that repeats itself (verify steps, and
   the draft model's steps), greedy and sampled.
 
@@ -25,11 +29,12 @@ are aborted (and the warm-up reports it did not finish).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import random
 import time
 from dataclasses import dataclass, field
 
-from fleetlm.engine.sampling_params import SamplingParams
+from fleetlm.engine.sampling_params import GuidedDecodingParams, SamplingParams
 
 SAMPLING_VARIANTS = (
     SamplingParams(temperature=0.0),
@@ -116,6 +121,9 @@ def warm_up(engine, time_limit_s: float = 300.0) -> WarmupReport:
     w.run("sampling_batch", variants)
     for i, spec in enumerate(variants):  # each alone: the batch-1 path of each
         w.run(f"sampling_{i}", [spec])
+    if importlib.util.find_spec("xgrammar") is not None:
+        guided = SamplingParams(temperature=0.0, max_tokens=4, guided_decoding=GuidedDecodingParams(json_object=True))
+        w.run("guided", [(w.prompt(min(12, room)), guided), (w.prompt(min(12, room)), four)])
     engine.reset_after_warmup()
     w.report.seconds = time.monotonic() - t0
     return w.report

@@ -31,7 +31,13 @@ class Worker:
         if config.compile_cache_dir is not None:  # before anything compiles
             self.compile_cache = use_compile_cache(config.compile_cache_dir, self.device)
         torch.manual_seed(config.model.seed)
-        self.runner = ModelRunner(config.model, config.cache, ctx, self.device, config.speculative)
+        sc = config.scheduler
+        # Rows of the largest forward: a full step, or a CUDA graph's padded batch (of up to 8 tokens each).
+        max_rows = max(sc.max_num_batched_tokens, 8 * sc.max_num_seqs)
+        self.runner = ModelRunner(config.model, config.cache, ctx, self.device, config.lora, max_rows,
+                                  config.speculative)
+        if config.warmup and self.runner.lora is not None:
+            self.runner.lora.warm_up()
         # One stage of several TP ranks may get steps launched ahead: see ModelRunner.share_samples.
         self.runner.share_samples = ctx.tp_size > 1 and ctx.pp_size == 1
 
@@ -87,6 +93,14 @@ class Worker:
     def capture_cuda_graphs(self) -> float:
         sc = self.config.scheduler
         return self.runner.capture_cuda_graphs(sc.max_num_seqs, sc.max_model_len)
+
+    def add_lora(self, adapter) -> None:
+        """Read a checked adapter (``engine.step.LoRAAdapter``) into host memory now (a step would
+        otherwise read it when first needed)."""
+        self.runner.lora.add(adapter)
+
+    def remove_lora(self, lora_int_id: int) -> None:
+        self.runner.lora.remove(lora_int_id)
 
     def launch(self, scheduler_output):
         """Queue a step without waiting for it (single-stage worker); returns a ``PendingOutput``."""

@@ -40,10 +40,10 @@ def _prompts(n: int) -> list[list[int]]:
 
 def _compare(llm: LLM, prompts) -> tuple[int, int]:
     eng = llm.engine
-    eng.speculative_decoding = False
+    eng.spec.enabled = False
     ref = [o.outputs[0].token_ids for o in llm.generate(prompts, PARAMS)]
     ref1 = [llm.generate(p, PARAMS)[0].outputs[0].token_ids for p in prompts[:4]]
-    eng.speculative_decoding = True
+    eng.spec.enabled = True
     before = eng.stats()
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, PARAMS)]
     got1 = [llm.generate(p, PARAMS)[0].outputs[0].token_ids for p in prompts[:4]]

@@ -91,7 +91,7 @@ def serve_config(args_yaml: str, port: int = 8000) -> str:
 
 @contextlib.contextmanager
 def running_server(args_yaml: str, *, api_key: str | None = None, num_cpus: int | None = None,
-                   extra_flags: tuple[str, ...] = ()) -> Iterator[Server]:
+                   extra_flags: tuple[str, ...] = (), extra_env: dict[str, str] | None = None) -> Iterator[Server]:
     """``fleetlm serve --config`` with these app args; yields once ``/health`` is 200."""
     port = free_port()
     tmp = tempfile.mkdtemp(prefix="flm-", dir="/tmp")
@@ -101,6 +101,7 @@ def running_server(args_yaml: str, *, api_key: str | None = None, num_cpus: int 
     marker = uuid.uuid4().hex
     env = {**os.environ, "RAY_TMPDIR": tmp, "RAY_USAGE_STATS_ENABLED": "0", "FLEETLM_TEST_SESSION": marker}
     env.pop("RAY_ADDRESS", None)
+    env.update(extra_env or {})
     if api_key:
         env["FLEETLM_API_KEY"] = api_key
     cmd = [*FLEETLM, "serve", "--config", cfg, "--port", str(port), "--drain-timeout", "5", *extra_flags]

@@ -106,12 +106,12 @@ def draft_llm(embedded_model):
 
 @pytest.fixture(scope="module")
 def reference(draft_llm):
-    draft_llm.engine.speculative_decoding = False
+    draft_llm.engine.spec.enabled = False
     before = draft_llm.engine.stats()
     ref = _runs(draft_llm)
     ref["seeded"] = draft_llm.generate(PROMPTS[:3], SEEDED)
     assert _spec_counts(draft_llm, before) == (0, 0)
-    draft_llm.engine.speculative_decoding = True
+    draft_llm.engine.spec.enabled = True
     return ref
 
 

@@ -73,9 +73,9 @@ def llm(tmp_path_factory):
 
 def test_temperature_one_outputs_follow_the_target_distribution(llm):
     eng = llm.engine
-    eng.speculative_decoding = False
+    eng.spec.enabled = False
     ref_pairs, ref_last = _counts(llm)
-    eng.speculative_decoding = True
+    eng.spec.enabled = True
     before = eng.stats()
     pairs, last = _counts(llm)
     s = eng.stats()

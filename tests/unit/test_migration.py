@@ -235,7 +235,7 @@ class ResumingEngine:
         from types import SimpleNamespace
 
         return SimpleNamespace(num_running=0, num_waiting=0, kv_cache_usage=0.0,
-                               prefix_cache_queried_tokens=0, prefix_cache_hit_tokens=0)
+                               prefix_cache_queried_tokens=0, prefix_cache_hit_tokens=0, num_preemptions=0)
 
     async def generate(self, prompt, params, request_id, prior_output_token_ids=None, coalesce_s=None):
         from fleetlm.engine.outputs import CompletionOutput, RequestOutput

@@ -84,7 +84,7 @@ def test_completion_request_rejects(body, param):
     ({"messages": "hi"}, "messages"),
     ({}, "messages"),
     ({"messages": [{"role": "bot", "content": "x"}]}, "messages[0].role"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0]"),  # a tool message without tool_call_id
     ({"messages": [{"content": "x"}]}, "messages[0].role"),
     ({"messages": [CHAT[0], {"role": "user"}]}, "messages[1].content"),
     ({"messages": [{"role": "user", "content": None}]}, "messages[0].content"),
@@ -95,7 +95,7 @@ def test_completion_request_rejects(body, param):
     ({"messages": CHAT, "logprobs": True, "top_logprobs": -1}, "top_logprobs"),
     ({"messages": CHAT, "max_completion_tokens": 0}, "max_completion_tokens"),
     ({"messages": CHAT, "tools": [{"type": "function"}]}, "tools"),
-    ({"messages": CHAT, "response_format": {"type": "json_object"}}, "response_format.type"),
+    ({"messages": CHAT, "response_format": {"type": "xml"}}, "response_format.type"),
     ({"messages": CHAT, "temperature": float("nan")}, "temperature"),
 ])
 def test_chat_request_rejects(body, param):
@@ -549,7 +549,7 @@ class FakeEngine:
 
     def stats(self):
         return SimpleNamespace(num_running=self.num_running, num_waiting=self.num_waiting, kv_cache_usage=0.0,
-                               prefix_cache_queried_tokens=0, prefix_cache_hit_tokens=0)
+                               prefix_cache_queried_tokens=0, prefix_cache_hit_tokens=0, num_preemptions=0)
 
     async def generate(self, prompt, params, request_id, coalesce_s=None):
         if self.fail is not None:
