@@ -35,6 +35,7 @@ import torch
 
 from fleetlm.engine.config import MAX_SPECULATIVE_TOKENS, SpeculativeConfig
 from fleetlm.engine.step import ScheduledRequest, SchedulerOutput
+from fleetlm.workers import kv_cache
 from fleetlm.workers.attention import AttentionMetadata
 from fleetlm.workers.models import model_class
 from fleetlm.workers.pending import ReqState
@@ -45,13 +46,15 @@ _DRAFT_SALT = 0x5EC2  # the draft's draws: a stream of their own per seeded requ
 
 
 class Drafter:
-    def __init__(self, spec: SpeculativeConfig, block_size: int, ctx, ops, dtype: torch.dtype, device) -> None:
+    def __init__(self, spec: SpeculativeConfig, block_size: int, ctx, ops, dtype: torch.dtype, device,
+                 cache_dtype: str = "auto") -> None:
         self.cfg = spec.draft
         self.k = spec.num_speculative_tokens
         self.max_batch = spec.disable_by_batch_size
         self.model = model_class(self.cfg.hf_config)(self.cfg, ctx, ops, dtype, device)
         self.dtype, self.device, self.block_size = dtype, device, block_size
-        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.cache_dtype = cache_dtype  # the target's (an FP8 cache takes each draft layer's own scales)
+        self.kv_caches: list[kv_cache.LayerKVCache] = []
         self.graphs = None
         self.sampler = Sampler()
         # Draft distributions of the last proposals of sampled (temperature > 0) requests:
@@ -63,16 +66,14 @@ class Drafter:
         self.model.load_weights(weights)
 
     def kv_bytes_per_block(self) -> int:
-        attn = self.model.layers[0].self_attn
-        elem = torch.tensor([], dtype=self.dtype).element_size()
-        return 2 * self.model.num_local_layers * self.block_size * attn.num_kv_heads * self.cfg.head_dim * elem
+        return kv_cache.kv_bytes_per_block(self.model.num_local_layers, self.block_size,
+                                           self.model.layers[0].self_attn.num_kv_heads, self.cfg.head_dim,
+                                           self.cache_dtype, self.dtype)
 
     def init_kv_cache(self, num_blocks: int) -> None:
-        attn = self.model.layers[0].self_attn
-        shape = (num_blocks, self.block_size, attn.num_kv_heads, self.cfg.head_dim)
-        self.kv_caches = [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                           torch.zeros(shape, dtype=self.dtype, device=self.device))
-                          for _ in range(self.model.num_local_layers)]
+        self.kv_caches = kv_cache.allocate(self.model.layers, num_blocks, self.block_size,
+                                           self.model.layers[0].self_attn.num_kv_heads, self.cfg.head_dim,
+                                           self.cache_dtype, self.dtype, self.device)
 
     def capture_cuda_graphs(self, max_batch: int, max_model_len: int) -> None:
         """Decode graphs up to ``max_batch`` x (k + 1) rows: the proposal loop's one token per

@@ -67,7 +67,7 @@ class ModelRunner:
         if spec is not None and spec.uses_draft_model:
             from fleetlm.workers.drafter import Drafter
 
-            self.drafter = Drafter(spec, self.block_size, ctx, self.ops, self.dtype, device)
+            self.drafter = Drafter(spec, self.block_size, ctx, self.ops, self.dtype, device, cache_cfg.cache_dtype)
 
     # -- setup -----------------------------------------------------------------
     def load_weights(self, weights) -> None:

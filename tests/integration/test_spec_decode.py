@@ -211,6 +211,40 @@ def test_draft_model_perturbed_copy_rejects_most(reference, perturbed_draft, emb
         llm.engine.shutdown()
 
 
+def test_draft_model_with_an_fp8_kv_cache(embedded_model):
+    """kv_cache_dtype="fp8" holds the draft's K/V as it holds the target's: E4M3 blocks with each
+    draft layer's own power-of-two scales (bounded from the draft's weights), a block's bytes
+    counted for both models. The draft here is the target itself: its scales equal the target's
+    and nearly every proposal is accepted. Tokens are the FP8 engine's own without speculation,
+    up to a near-tie (a verify step's shape moves E4M3's last bits: test_kv_cache_fp8.py)."""
+    from test_kv_cache_fp8 import GREEDY_LP, _same_or_near_tie
+    from test_kv_cache_fp8 import PROMPTS as FP8_PROMPTS
+
+    llm = LLM(model=embedded_model, kv_cache_dtype="fp8", cpu_kv_cache_bytes=64 << 20, speculative_config={
+        "model": embedded_model, "num_speculative_tokens": 3, "min_acceptance_rate": 0.0})
+    try:
+        runner = llm.engine.workers.worker.runner
+        target, draft = runner.kv_caches, runner.drafter.kv_caches
+        assert len(draft) == len(target) > 0
+        for t, d in zip(target, draft):
+            assert d.k.dtype == d.v.dtype == torch.float8_e4m3fn and d.k.shape == t.k.shape == d.v.shape
+            assert torch.equal(d.k_scale, t.k_scale) and torch.equal(d.v_scale, t.v_scale)
+        assert runner.kv_bytes_per_block() == 2 * runner.drafter.kv_bytes_per_block()
+        kv_heads, head_dim = d.k.shape[2:]
+        assert runner.drafter.kv_bytes_per_block() == 2 * len(draft) * runner.block_size * kv_heads * head_dim
+        llm.engine.spec.enabled = False
+        ref = [o.outputs[0] for o in llm.generate(FP8_PROMPTS, GREEDY_LP)]
+        llm.engine.spec.enabled = True
+        before = llm.engine.stats()
+        got = [o.outputs[0] for o in llm.generate(FP8_PROMPTS, GREEDY_LP)]
+        _same_or_near_tie(ref, got)
+        proposed, accepted = _spec_counts(llm, before)
+        assert proposed > 50 and accepted / proposed > 0.8, (proposed, accepted)
+        assert llm.engine.idle_invariants()["ok"]
+    finally:
+        llm.engine.shutdown()
+
+
 @pytest.mark.parametrize("method", ["ngram", "draft"])
 def test_verify_steps_as_decode_rows_give_the_same_tokens(method):
     """The GPU's layout of a verify step (one attention row per token, ``verify_as_decode``) on
