@@ -1,15 +1,16 @@
-"""``fleetlm bench``: throughput, latency, serve and prefix benchmarks, each writing a JSON record.
+"""``fleetlm bench``: throughput, latency, prefix, startup and serve benchmarks, each writing a JSON record.
 
     fleetlm bench throughput --model llama-3.1-8b --load-format dummy --num-prompts 1000 --input-len 256 --output-len 256
     fleetlm bench latency    --model llama-3.1-8b --load-format dummy --batch-size 1 --input-len 128 --output-len 512
     fleetlm bench prefix     --model llama-3.1-8b --load-format dummy --prefix-len 2000 --shared-fraction 0.9
+    fleetlm bench startup    --model llama-3.1-8b --load-format dummy --max-model-len 4096
     fleetlm bench serve      --base-url http://127.0.0.1:8000 --max-concurrency 1,8,32,128 --input-len 512 --output-len 128
 
 Every run writes one JSON record (``records.py``: card, versions, commit,
 date, config, figures) to ``<name>-<UTC time>.json`` in the current
 directory (or ``--results-dir``, or exactly ``--output``). What the figures
 mean is said where they are computed: ``ceilings.py`` (matmul and copy
-ceilings), ``offline.py`` (MFU, MBU, time limits), ``serve_load.py``.
+ceilings), ``offline.py`` (MFU, MBU, time limits), ``startup.py``, ``serve_load.py``.
 ``main`` is the CLI (``fleetlm.cluster.cli`` dispatches ``fleetlm bench ...``
 here).
 """
@@ -157,6 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run the modes this many times, alternating (on, off, on, off, ...); report each mode's median")
     _add_common_args(pre, ceilings=False)
     pre.add_argument("--no-warmup", action="store_true")
+
+    st = sub.add_parser("startup", help="start-up breakdown and first-request latency, cold and warm compile cache")
+    _add_engine_args(st)
+    st.add_argument("--compile-cache-dir", help="an empty or new directory for the cache (default: a temporary one)")
+    st.add_argument("--no-warmup", action="store_true", help="start without the warm-up (to see what it saves)")
+    st.add_argument("--input-len", type=int, default=128, help="prompt tokens of the timed requests")
+    st.add_argument("--output-len", type=int, default=128, help="tokens of the timed batch-1 decodes")
+    st.add_argument("--steady-requests", type=int, default=5, help="requests after the first, for the steady state")
+    _add_common_args(st, ceilings=False)
 
     s = sub.add_parser("serve", help="load a running OpenAI-compatible endpoint (streaming)")
     s.add_argument("--base-url", default="http://127.0.0.1:8000",
@@ -322,10 +332,27 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.1f}"
 
 
+def cmd_startup(ns, make_llm) -> int:
+    from fleetlm.benchmarks.startup import run_startup, summary
+
+    _positive(ns, "input_len", "output_len", "steady_requests")
+    kw = {**engine_kwargs(ns), "warmup": not ns.no_warmup}
+    device, _ = _resolved_device_dtype(kw)
+    try:
+        runs = run_startup(kw, compile_cache_dir=ns.compile_cache_dir, input_len=ns.input_len,
+                           output_len=ns.output_len, steady_requests=ns.steady_requests, timeout_s=ns.time_limit)
+    except ValueError as e:
+        raise BenchError(str(e)) from None
+    config = {"engine": kw, "input_len": ns.input_len, "output_len": ns.output_len,
+              "steady_requests": ns.steady_requests, "compile_cache_dir": ns.compile_cache_dir}
+    return _finish(ns, "startup", config, runs, device, summary(runs))
+
+
 COMMANDS: dict[str, Callable[..., int]] = {
     "throughput": cmd_throughput,
     "latency": cmd_latency,
     "prefix": cmd_prefix,
+    "startup": cmd_startup,
     "serve": cmd_serve,
 }
 

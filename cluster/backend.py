@@ -55,6 +55,16 @@ class ModelBackend:
     async def _broadcast(self, method: str, *args: Any, timeout_s: float = CONTROL_TIMEOUT_S) -> list[Any]:
         return await self._handle.broadcast(method, *args).results_async(timeout_s=timeout_s, return_exceptions=True)
 
+    async def _ask_running(self, method: str) -> list[Any]:
+        """Every running replica's answer; none when no replica runs (scaled to zero, or
+        failed to deploy: Serve says "unavailable" for both)."""
+        from ray.serve.exceptions import DeploymentUnavailableError
+
+        try:
+            return await self._broadcast(method)
+        except DeploymentUnavailableError:
+            return []
+
     async def add_lora(self, lora_request: Any) -> list[Any]:
         """Every replica checks and reads the adapter: per replica None (done), the reason it
         could not, or the exception of a replica that did not answer."""
@@ -65,15 +75,15 @@ class ModelBackend:
 
     async def health(self) -> list[ReplicaHealth]:
         return [r if isinstance(r, ReplicaHealth) else ReplicaHealth("?", False, repr(r))
-                for r in await self._broadcast("health")]
+                for r in await self._ask_running("health")]
 
     async def metrics(self) -> list[list[Any]]:
-        return [r for r in await self._broadcast("metrics_families") if isinstance(r, list)]
+        return [r for r in await self._ask_running("metrics_families") if isinstance(r, list)]
 
     async def invariants(self) -> list[dict[str, Any]]:
         return [r if isinstance(r, dict) else {"replica": "?", "ok": False, "idle": False,
                                                "violations": [f"no answer: {r!r}"]}
-                for r in await self._broadcast("invariants")]
+                for r in await self._ask_running("invariants")]
 
 
 def map_exception(e: BaseException) -> OpenAIError:

@@ -227,6 +227,16 @@ def chat_choice(c: ChoiceState, want_logprobs: bool, req: ChatCompletionRequest 
     }
 
 
+def warm_chat_template(tokenizer: Any) -> None:
+    """Render the chat template once (Jinja compiles it on first use), as the first chat request would."""
+    from fleetlm.engine.llm import apply_chat_template
+
+    try:
+        apply_chat_template(tokenizer, [{"role": "user", "content": "Hello"}], True)
+    except Exception:  # noqa: BLE001 - a model without a template: its chat requests get a 400 anyway
+        pass
+
+
 # --- the endpoint --------------------------------------------------------------------
 
 
@@ -266,4 +276,5 @@ class ChatEndpoint(Endpoint):
         return chat_choice(s, p.want_logprobs, p.req)
 
 
-__all__ = ["CHAT_ROLES", "ChatCompletionRequest", "ChatEndpoint", "ChatMessage", "chat_choice", "chat_logprobs"]
+__all__ = ["CHAT_ROLES", "ChatCompletionRequest", "ChatEndpoint", "ChatMessage", "chat_choice", "chat_logprobs",
+           "warm_chat_template"]

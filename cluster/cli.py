@@ -1,4 +1,5 @@
-"""``fleetlm``: the command line. ``fleetlm serve`` runs the OpenAI server; ``fleetlm bench`` benchmarks.
+"""``fleetlm``: the command line. ``fleetlm serve`` runs the OpenAI server; ``fleetlm build`` fills the
+compile cache ahead of time (``build.py``); ``fleetlm bench`` benchmarks.
 
 ``fleetlm serve`` with no arguments serves the embedded model on
 127.0.0.1:8000, on whatever device the machine has. ``fleetlm serve MODEL``
@@ -64,7 +65,7 @@ GUARDED_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/ver
                   "/dashboard/static/dashboard.css", "/dashboard/static/uPlot.iife.min.js",
                   "/dashboard/static/uPlot.min.css")
 LORA_ROUTES = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")  # guarded too; only with --enable-lora
-OPEN_ROUTES = ("/health", "/ping", "/metrics")
+OPEN_ROUTES = ("/health", "/ping", "/metrics", "/ready")
 
 
 @dataclass(frozen=True)
@@ -228,14 +229,23 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--num-replicas", type=int, help="fixed number of replicas of the model (default: 1)")
     rep.add_argument("--min-replicas", type=int, help="autoscaling lower bound, with --max-replicas (default: 1)")
     rep.add_argument("--max-replicas", type=int, help="autoscaling upper bound (turns autoscaling on)")
-    eng = s.add_argument_group("model and engine (one model; several need --config)")
+    _add_model_flags(s.add_argument_group("model and engine (one model; several need --config)"))
+    b = sub.add_parser("build", help="fill the compile cache ahead of time",
+                       description="Start the model's engine once, as `fleetlm serve` with the same flags would, "
+                                   "with the warm-up on: every kernel serving takes is compiled into the compile "
+                                   "cache, so that a later start is warm.")
+    b.add_argument("model_tag", nargs="?", metavar="MODEL", help=f"model to build (default: {EMBEDDED_MODEL})")
+    _add_model_flags(b.add_argument_group("model and engine (the same flags as fleetlm serve)"))
+    sub.add_parser("bench", help="run benchmarks (fleetlm bench --help)", add_help=False)
+    return parser
+
+
+def _add_model_flags(group: Any) -> None:
     for flag in MODEL_FLAGS:
         text = flag.help
         if flag.dest not in ("model", "served_model_name", "trust_remote_code", "lora_modules"):
             text += f" (default: {_flag_default(flag.entry_key)})"
-        eng.add_argument("--" + flag.dest.replace("_", "-"), dest=flag.dest, help=text, **flag.kwargs)
-    sub.add_parser("bench", help="run benchmarks (fleetlm bench --help)", add_help=False)
-    return parser
+        group.add_argument("--" + flag.dest.replace("_", "-"), dest=flag.dest, help=text, **flag.kwargs)
 
 
 def load_config_file(path: str) -> tuple[dict[str, Any], dict[str, Any], str | None]:
@@ -273,12 +283,18 @@ def load_config_file(path: str) -> tuple[dict[str, Any], dict[str, Any], str | N
     return dict(app.get("args") or {}), dict(http), data.get("proxy_location")
 
 
-def _model_overrides(ns: argparse.Namespace) -> dict[str, Any]:
+def _model_entry(ns: argparse.Namespace) -> dict[str, Any]:
+    """The model entry's keys that MODEL and the model flags set."""
     if ns.model_tag is not None and ns.model is not None and ns.model_tag != ns.model:
         raise CLIError(f"two models given: MODEL {ns.model_tag!r} and --model {ns.model!r}")
     overrides = {f.entry_key: getattr(ns, f.dest) for f in MODEL_FLAGS if getattr(ns, f.dest) is not None}
     if ns.model_tag is not None:
         overrides["model"] = ns.model_tag
+    return overrides
+
+
+def _model_overrides(ns: argparse.Namespace) -> dict[str, Any]:
+    overrides = _model_entry(ns)
     if ns.num_replicas is not None and (ns.min_replicas is not None or ns.max_replicas is not None):
         raise CLIError("give --num-replicas or --min-replicas/--max-replicas, not both")
     if ns.min_replicas is not None and ns.max_replicas is None:
@@ -395,6 +411,19 @@ def run_serve(ns: argparse.Namespace, environ: Mapping[str, str], argv: Sequence
             ray.shutdown()
 
 
+def run_build(ns: argparse.Namespace) -> int:
+    from fleetlm.cluster.build import build, describe
+    from fleetlm.cluster.serve_config import parse_model_args
+
+    try:
+        model = parse_model_args(_model_entry(ns))
+        result = build(model)
+    except (ValueError, TypeError) as e:
+        raise CLIError(str(e)) from None
+    log(describe(result))
+    return 0
+
+
 def run_bench(argv: Sequence[str]) -> int:
     from fleetlm.benchmarks.cli import main as bench_main
 
@@ -409,6 +438,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if ns.command == "serve":
             return run_serve(ns, os.environ, argv)
+        if ns.command == "build":
+            return run_build(ns)
     except CLIError as e:
         log(f"error: {e}")
         return 2

@@ -95,6 +95,7 @@ class ChoiceState:
     stop_reason: int | str | None = None
     started: bool = False  # a delta has arrived (a completion's echo goes with the first)
     logprob_chars: int = 0  # characters of the tokens given logprobs so far (legacy text_offset)
+    prompt_logprobs: list[TokenLogprob] | None = None  # its prompt's, when asked (a completion's echo)
 
 
 @dataclass(frozen=True)
@@ -119,14 +120,20 @@ class Choices:
         self.keep_output = keep_output
         self.states = [ChoiceState(k) for k in range(num_prompts * n)]
         self.cached = [0] * num_prompts
+        self.prompt_logprobs: list[list[TokenLogprob] | None] = [None] * num_prompts
         self.completion_tokens = 0
 
     def add(self, i: int, chunk: GenerateChunk) -> list[Update]:
         self.cached[i] = max(self.cached[i], chunk.num_cached_tokens)
+        if chunk.prompt_logprobs is not None and self.prompt_logprobs[i] is None:
+            # The first copy counts (a migrated sequence's new replica may send them again).
+            self.prompt_logprobs[i] = chunk.prompt_logprobs
         updates = []
         for d in chunk.choices:
             s = self.states[i * self.n + d.index]
             updates.append(Update(s, d, not s.started, s.logprob_chars))
+            if not s.started:
+                s.prompt_logprobs = self.prompt_logprobs[i]
             s.started = True
             s.num_tokens += len(d.token_ids)
             self.completion_tokens += len(d.token_ids)
@@ -162,9 +169,6 @@ class Endpoint:
         self.server = server
 
     # -- what a subclass defines ------------------------------------------------------
-    def check(self, req: Any) -> None:
-        """Refusals of this endpoint beyond the request's own rules."""
-
     async def tokenize(self, req: Any, info: ModelInfo) -> tuple[list[list[int]], list[str]]:
         """(token ids, echoed text) of each prompt of the request."""
         raise NotImplementedError
@@ -187,7 +191,6 @@ class Endpoint:
             await asyncio.to_thread(req.check_guided)
         backend, lora = server.resolve(req.model)
         req.check_limits(server.config)
-        self.check(req)
         try:
             info = await backend.info()
         except asyncio.CancelledError:

@@ -19,7 +19,7 @@ class TokenLogprob:
 
     token_id: int
     token: str
-    logprob: float
+    logprob: float | None  # None: a prompt's first token (nothing before it to score it)
     top: list[tuple[int, str, float]] = field(default_factory=list)
 
 
@@ -72,6 +72,9 @@ class GenerateChunk:
     num_cached_tokens: int = 0
     finished: bool = False
     error: ReplicaError | None = None
+    # The prompt's own logprobs (``SamplingParams.prompt_logprobs``), once, in the
+    # stream's first chunk with output: one entry per prompt token.
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(frozen=True)

@@ -134,6 +134,12 @@ EXPORTED_METRICS: tuple[MetricSpec, ...] = (
                "LoRA adapters loaded into a device slot (a first use or a swap)."),
     MetricSpec("fleetlm_lora_evictions_total", "counter",
                "LoRA adapters evicted from a device slot to make room for another."),
+    # Cold start, set once when a replica is ready.
+    MetricSpec("fleetlm_startup_seconds", "gauge",
+               "Seconds of each start-up phase of the replica: process (Ray actor start and imports), "
+               "the engine's (tokenizer, workers, load_weights, kv_cache, cuda_graphs, warmup) and "
+               "replica (its whole construction).",
+               labels=BASE_LABELS + ("phase",)),
 )
 
 EXPORTED_METRIC_NAMES: frozenset[str] = frozenset(m.name for m in EXPORTED_METRICS)

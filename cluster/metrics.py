@@ -139,6 +139,11 @@ class ServeMetrics:
         self._child("fleetlm_lora_prompt_tokens_total", lora_name).inc(prompt_tokens)
         self._child("fleetlm_lora_generation_tokens_total", lora_name).inc(generation_tokens)
 
+    def startup(self, phases: dict[str, float]) -> None:
+        """Seconds per start-up phase (the replica's, once it is ready)."""
+        for phase, seconds in phases.items():
+            self._child("fleetlm_startup_seconds", phase).set(seconds)
+
     # -- export --------------------------------------------------------------
     def collect(self) -> list[Metric]:
         """This process's metric families (picklable, for the ingress to merge)."""

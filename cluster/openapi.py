@@ -362,17 +362,19 @@ def openapi_document(
         "/health": {"get": {
             "summary": "Liveness of the ingress and of every replica (no API key)",
             "security": [],
-            "responses": {"200": {"description": "Every replica is healthy.",
+            "responses": {"200": {"description": "Every model can serve: its replicas healthy and the ingress warm "
+                                                 "for it, or none while autoscaling may cold-start one.",
                                   "content": {"application/json": {"schema": {"type": "object"}}}},
-                          "503": {"description": "Draining, or a replica is unhealthy.",
+                          "503": {"description": "Draining, a replica unhealthy, or the ingress still warming.",
                                   "content": {"application/json": {"schema": {"type": "object"}}}}},
         }},
         "/ping": {"get": {
             "summary": "The same answer as /health (vLLM's liveness route; no API key)",
             "security": [],
-            "responses": {"200": {"description": "Every replica is healthy.",
+            "responses": {"200": {"description": "Every model can serve: its replicas healthy and the ingress warm "
+                                                 "for it, or none while autoscaling may cold-start one.",
                                   "content": {"application/json": {"schema": {"type": "object"}}}},
-                          "503": {"description": "Draining, or a replica is unhealthy.",
+                          "503": {"description": "Draining, a replica unhealthy, or the ingress still warming.",
                                   "content": {"application/json": {"schema": {"type": "object"}}}}},
         }},
         "/version": {"get": {

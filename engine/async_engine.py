@@ -68,6 +68,7 @@ class AsyncEngine:
     def __init__(self, engine: LLMEngine, stuck_after_s: float = 120.0) -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer
+        self.startup_seconds = engine.startup_seconds
         self.model_config = engine.model_config
         self.config = engine.config
         self.stuck_after_s = stuck_after_s

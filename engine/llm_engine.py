@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import logging
+import time
 from collections import deque
 
 from fleetlm.engine.config import EngineConfig
@@ -42,11 +42,9 @@ from fleetlm.engine.sampling_params import SamplingParams
 from fleetlm.engine.scheduler import Scheduler
 from fleetlm.engine.snapshot import EngineSnapshot, EngineStats
 from fleetlm.engine.spec_decode import SpecDecoder
+from fleetlm.engine.startup import start_up
 from fleetlm.engine.step import ModelRunnerOutput, SchedulerOutput
 from fleetlm.engine.structured_output import StructuredOutput
-from fleetlm.engine.warmup import WarmupReport, warm_up
-
-logger = logging.getLogger(__name__)
 
 
 class StepMode(enum.Enum):
@@ -73,7 +71,9 @@ class LLMEngine:
 
         self.config = config
         self.model_config = config.model
+        t0 = time.perf_counter()
         self.tokenizer = tokenizer if tokenizer is not None else model_tokenizer(config.model)
+        tokenizer_s = time.perf_counter() - t0
         self.workers = worker_group or create_worker_group(config)
         self.scheduler = Scheduler(config.scheduler, config.cache, self.workers.num_blocks, config.lora)
         self.loras = (LoRARegistry(config.model, config.lora, self.scheduler.loras, self.workers)
@@ -92,15 +92,8 @@ class LLMEngine:
         # A step that raised left the scheduler advanced past work that never
         # ran (progress moves at schedule time): nothing may be scheduled after it.
         self._step_failure: BaseException | None = None
-        # Seconds per start-up phase: the workers' (start, weights, KV, graphs), then the warm-up.
-        self.startup_seconds: dict[str, float] = dict(self.workers.startup_seconds)
-        self.warmup_report: WarmupReport | None = None
-        if config.warmup:
-            self.warmup_report = warm_up(self)
-            self.startup_seconds["warmup"] = self.warmup_report.seconds
-        cache = self.workers.compile_cache  # None for Ray workers: each logs its own
-        logger.info("engine up: %s%s", ", ".join(f"{k} {v:.2f} s" for k, v in self.startup_seconds.items()),
-                    f"; compile cache {cache.dir} ({cache.entries_at_start} entries at start)" if cache else "")
+        # Seconds per start-up phase, the warm-up's report, the weights' GB/s (engine/startup.py).
+        self.startup_seconds, self.warmup_report, self.startup_details = start_up(self, tokenizer_s)
 
     @property
     def async_scheduling(self) -> bool:

@@ -103,6 +103,7 @@ class RayWorkerGroup:
     """
 
     compile_cache = None  # each worker points its Triton at the cache itself and logs it
+    weights_bytes = None  # each worker's own
 
     def __init__(
         self,

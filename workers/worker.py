@@ -14,7 +14,7 @@ import torch
 
 from fleetlm.engine.config import EngineConfig
 from fleetlm.parallel.context import SINGLE, ParallelContext
-from fleetlm.workers.compile_cache import use_compile_cache
+from fleetlm.workers.compile_cache import settings_fingerprint, use_compile_cache
 from fleetlm.workers.loader import iter_weights, resolve_model
 from fleetlm.workers.model_runner import DTYPES, ModelRunner
 
@@ -29,7 +29,7 @@ class Worker:
             torch.cuda.set_device(self.device)
         self.compile_cache = None
         if config.compile_cache_dir is not None:  # before anything compiles
-            self.compile_cache = use_compile_cache(config.compile_cache_dir, self.device)
+            self.compile_cache = use_compile_cache(config.compile_cache_dir, self.device, settings_fingerprint(config))
         torch.manual_seed(config.model.seed)
         sc = config.scheduler
         # Rows of the largest forward: a full step, or a CUDA graph's padded batch (of up to 8 tokens each).
@@ -49,11 +49,16 @@ class Worker:
         weights = iter_weights(source, device=self.device, dtype=DTYPES[mc.dtype], seed=mc.seed,
                                keep_quantized=mc.quantization == "gguf")
         self.runner.load_weights(weights)
+        models = [self.runner.model]
         if self.runner.drafter is not None:  # speculative decoding's draft model, beside the target
             dc = self.config.speculative.draft
             source = resolve_model(dc.model, "dummy" if dc.kind == "dummy" else "auto")
             self.runner.drafter.load_weights(iter_weights(source, device=self.device, dtype=DTYPES[dc.dtype],
                                                           seed=dc.seed))
+            models.append(self.runner.drafter.model)
+        # The bytes that now sit on the device (a tied weight once): over the seconds, the load's GB/s.
+        tensors = {t.data_ptr(): t for m in models for t in m.state_dict().values()}
+        self.weights_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
         return time.perf_counter() - t0
 
     def num_available_blocks(self) -> int:

@@ -3,6 +3,7 @@
 Every worker group has the same interface: ``num_blocks`` (KV blocks each
 worker holds), ``startup_seconds`` (seconds per start-up phase),
 ``compile_cache`` (where an in-process worker's compiled kernels live),
+``weights_bytes`` (what an in-process worker loaded onto its device),
 ``launch(out) -> PendingStep`` (``.result()`` waits for the step's
 ``ModelRunnerOutput``), ``add_lora(adapter)`` / ``remove_lora(id)``
 (adapters in the workers' host memory), ``check_health()``, ``shutdown()``, and what
@@ -41,6 +42,7 @@ class LocalWorkerGroup:
         if config.use_cuda_graphs:
             self.startup_seconds["cuda_graphs"] = self.worker.capture_cuda_graphs()
         self.compile_cache = self.worker.compile_cache
+        self.weights_bytes = self.worker.weights_bytes
 
     def launch(self, out: SchedulerOutput) -> PendingOutput:
         """Queue the step on the device; ``.result()`` waits for its ``ModelRunnerOutput``."""

@@ -303,8 +303,8 @@ CORPUS = [
      {"json": {"messages": [{"role": "user", "content": []}], "max_tokens": 1}}, 200, None),
     ("max-tokens-0-echo-logprobs", "/v1/completions",
      {"json": {"prompt": "x", "max_tokens": 0, "echo": True, "logprobs": 1}}, 400, "max_tokens"),
-    ("echo-logprobs", "/v1/completions",
-     {"json": {"prompt": "x", "max_tokens": 1, "echo": True, "logprobs": 1}}, 400, "echo"),
+    ("echo-logprobs", "/v1/completions",  # the prompt scored too (issue 13's follow-up: no longer refused)
+     {"json": {"prompt": "x", "max_tokens": 1, "echo": True, "logprobs": 1}}, 200, None),
     ("echo-token-ids", "/v1/completions",
      {"json": {"prompt": [1, 2, 3], "max_tokens": 1, "echo": True}}, 200, None),
     ("logprobs-0", "/v1/completions", {"json": {"prompt": "x", "max_tokens": 1, "logprobs": 0}}, 200, None),

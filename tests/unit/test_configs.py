@@ -87,6 +87,7 @@ DESIGN_METRICS = frozenset({
     "fleetlm_num_preemptions_total",
     "fleetlm_request_success_total",
     "fleetlm_request_errors_total",
+    "fleetlm_startup_seconds",
     "fleetlm_requests_accepted_total",
     "fleetlm_requests_finished_total",
     # Multi-LoRA (issue 16): per adapter, and each replica's device slots.
@@ -857,7 +858,7 @@ def test_metric_specs():
         "fleetlm_e2e_request_latency_seconds"]
     assert {n for n, k in kinds.items() if k == "gauge"} == {
         "fleetlm_num_requests_running", "fleetlm_num_requests_waiting", "fleetlm_kv_cache_usage_ratio",
-        "fleetlm_lora_resident_adapters"}
+        "fleetlm_lora_resident_adapters", "fleetlm_startup_seconds"}
     with pytest.raises(KeyError):
         mn.metric_spec("fleetlm_nope")
 
