@@ -245,6 +245,51 @@ def test_draft_model_with_an_fp8_kv_cache(embedded_model):
         llm.engine.shutdown()
 
 
+@pytest.fixture(scope="module")
+def adapters(embedded_model, tmp_path_factory):
+    from hf_reference import hf_model_from_source
+    from lora_adapters import RECIPES, make_peft_model
+
+    from fleetlm import LoRARequest
+    from fleetlm.workers.loader import resolve_model
+
+    _, paths = make_peft_model(hf_model_from_source(resolve_model(embedded_model)), RECIPES[:2],
+                               tmp_path_factory.mktemp("spec-adapters"))
+    return [None] + [LoRARequest(r.name, i + 1, paths[r.name]) for i, r in enumerate(RECIPES[:2])]
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_lora_requests_keep_their_adapters_tokens(embedded_model, adapters, method):
+    """Base and adapter requests mixed in one batch: the same greedy tokens with speculation as
+    without, in both verify layouts (one row per request; the GPU's one row per token, whose
+    LoRA tile table maps each verified token to its request's adapter). The draft model runs
+    without the adapter (its proposals are only proposals)."""
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3} \
+        if method == "ngram" else {"model": embedded_model, "num_speculative_tokens": 3}
+    llm = LLM(model=embedded_model, enable_lora=True, max_loras=2, max_lora_rank=8, max_cpu_loras=2,
+              speculative_config={**spec, "min_acceptance_rate": 0.0})
+    try:
+        cases = [(p, lora) for p in PROMPTS[:4] for lora in adapters]
+        runner = llm.engine.workers.worker.runner
+
+        def run():
+            return [o.outputs[0].token_ids for o in llm.generate([p for p, _ in cases], GREEDY,
+                                                                  lora_request=[lora for _, lora in cases])]
+        llm.engine.spec.enabled = False
+        ref = run()
+        n = len(adapters)  # the adapters change tokens against the base model's
+        assert any(ref[i] != ref[i - i % n] for i in range(len(ref)))
+        llm.engine.spec.enabled = True
+        for per_token in (False, True):
+            runner.verify_as_decode = per_token
+            before = llm.engine.stats()
+            assert run() == ref, per_token
+            proposed, accepted = _spec_counts(llm, before)
+            assert proposed > 30 and accepted > 10, (per_token, proposed, accepted)
+    finally:
+        llm.engine.shutdown()
+
+
 @pytest.mark.parametrize("method", ["ngram", "draft"])
 def test_verify_steps_as_decode_rows_give_the_same_tokens(method):
     """The GPU's layout of a verify step (one attention row per token, ``verify_as_decode``) on
