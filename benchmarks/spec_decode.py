@@ -3,9 +3,9 @@
     python benchmarks/spec_decode.py --model /tmp/SmolLM2-135M-Instruct.Q4_1.gguf --out $OUT  # GPU: every part
     python benchmarks/spec_decode.py --device cpu --parts copy,chat --max-tokens 96 --out DIR  # CPU figures
 
-One process, every part bounded in time (``--budget-s``, 400 by default; an
+One process, every part bounded in time (``--budget-s``, 380 by default; an
 engine is only built with enough of it left), and a watchdog at
-``--hard-limit-s`` (470) that writes the record with what was measured so
+``--hard-limit-s`` (450) that writes the record with what was measured so
 far and exits; a part that fails is recorded and the rest still run. A/B comparisons use one
 engine with its speculation switched on and off between rounds
 (``LLMEngine.spec.enabled``; off is the exact path of an engine built
@@ -354,8 +354,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--max-model-len", type=int, default=4096, help="of the dummy-weight engines")
     ap.add_argument("--num-prompts", type=int, default=4, help="prompts per batch-1 workload (at most 4)")
-    ap.add_argument("--budget-s", type=float, default=400.0, help="seconds for the parts")
-    ap.add_argument("--hard-limit-s", type=float, default=470.0,
+    ap.add_argument("--budget-s", type=float, default=380.0, help="seconds for the parts")
+    ap.add_argument("--hard-limit-s", type=float, default=450.0,
                     help="the watchdog: past it, write what was measured and exit")
     ap.add_argument("--out", default=os.environ.get("OUT") or ".")
     ns = ap.parse_args(argv)
