@@ -290,6 +290,29 @@ def test_lora_requests_keep_their_adapters_tokens(embedded_model, adapters, meth
         llm.engine.shutdown()
 
 
+def test_gguf_kept_quantized_keeps_its_tokens(embedded_model):
+    """The embedded GGUF kept quantized (Q4_1 blocks read by the int4 GGUF path, as the GPU runs
+    it by default) with n-gram speculation: the same greedy tokens as without, in both verify
+    layouts."""
+    llm = LLM(model=embedded_model, quantization="gguf", **KV, speculative_config={
+        "method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2,
+        "min_acceptance_rate": 0.0})
+    try:
+        assert llm.engine.config.model.quantization == "gguf"
+        runner = llm.engine.workers.worker.runner
+        llm.engine.spec.enabled = False
+        ref = _tokens(llm.generate(PROMPTS[:8], GREEDY))
+        llm.engine.spec.enabled = True
+        for per_token in (False, True):
+            runner.verify_as_decode = per_token
+            before = llm.engine.stats()
+            assert _tokens(llm.generate(PROMPTS[:8], GREEDY)) == ref, per_token
+            proposed, accepted = _spec_counts(llm, before)
+            assert proposed > 30 and accepted > 15, (per_token, proposed, accepted)
+    finally:
+        llm.engine.shutdown()
+
+
 @pytest.mark.parametrize("method", ["ngram", "draft"])
 def test_verify_steps_as_decode_rows_give_the_same_tokens(method):
     """The GPU's layout of a verify step (one attention row per token, ``verify_as_decode``) on
