@@ -345,6 +345,15 @@ def part_draft(model: str, draft: str, device: str, deadline: float, max_model_l
 
 
 def main(argv=None) -> int:
+    timers: list[threading.Timer] = []
+    try:
+        return _main(argv, timers)
+    finally:  # a watchdog never outlives its run (a test calls main in its own process)
+        for t in timers:
+            t.cancel()
+
+
+def _main(argv, timers: list) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct", help="the embedded model: its name, or its .gguf path")
     ap.add_argument("--big", default="llama-3.1-8b", help="dummy-weight shape for verify / offswitch / draft")
@@ -389,6 +398,7 @@ def main(argv=None) -> int:
 
     timer = threading.Timer(max(1.0, ns.hard_limit_s - (time.monotonic() - t_start)), watchdog)
     timer.daemon = True
+    timers.append(timer)
     timer.start()
     try:
         from fleetlm.benchmarks.ceilings import measure_ceilings
