@@ -143,6 +143,9 @@ MODEL_FLAGS: tuple[ModelFlag, ...] = (
     ModelFlag("warmup", {"action": argparse.BooleanOptionalAction, "default": None},
               "take every serving path once (compiling its kernels) before the replica is ready"),
     ModelFlag("compile_cache_dir", {}, "where compiled kernels persist across starts (per version and device)"),
+    ModelFlag("speculative_config", {"type": lambda text: _json_object(text, "--speculative-config")},
+              'speculative decoding, vLLM\'s JSON: {"method": "ngram", "num_speculative_tokens": 4, '
+              '"prompt_lookup_max": 4, "prompt_lookup_min": 2} or {"model": DRAFT, "num_speculative_tokens": 4}'),
     ModelFlag("max_waiting_requests", {"type": int},
               "sequences of the model allowed to wait beyond the running batches (then 429)"),
     ModelFlag("max_waiting_tokens", {"type": int}, "prompt tokens of the model allowed to wait (then 429)"),
@@ -161,6 +164,25 @@ MODEL_FLAGS: tuple[ModelFlag, ...] = (
     ModelFlag("lora_modules", {"nargs": "+", "metavar": "NAME=PATH"},
               "PEFT adapters every replica reads at start (more: POST /v1/load_lora_adapter)"),
 )
+
+
+def _json_object(text: str, flag: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"{flag} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{flag} must be a JSON object")
+    if flag == "--speculative-config":
+        from fleetlm.engine.spec_config import parse_speculative_config
+
+        try:
+            parse_speculative_config(value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return value
 
 
 def _flag_default(key: str) -> str:

@@ -38,6 +38,10 @@ VLLM_ALIASES: Mapping[str, tuple[str, ...]] = {
     "fleetlm_prefix_cache_hit_tokens_total": ("vllm:prefix_cache_hits_total",),
     "fleetlm_num_preemptions_total": ("vllm:num_preemptions_total",),
     "fleetlm_request_success_total": ("vllm:request_success_total",),
+    # vLLM v1's speculative decoding counters (a "draft" is one request's verified proposals).
+    "fleetlm_spec_decode_verifies_total": ("vllm:spec_decode_num_drafts_total",),
+    "fleetlm_spec_decode_proposed_tokens_total": ("vllm:spec_decode_num_draft_tokens_total",),
+    "fleetlm_spec_decode_accepted_tokens_total": ("vllm:spec_decode_num_accepted_tokens_total",),
 }
 
 LABEL_RENAMES: Mapping[str, str] = {"model": "model_name", "finish_reason": "finished_reason"}

@@ -94,6 +94,16 @@ EXPORTED_METRICS: tuple[MetricSpec, ...] = (
                "Prompt tokens found in the prefix cache (KV reused, not recomputed)."),
     MetricSpec("fleetlm_num_preemptions_total", "counter",
                "Running requests preempted (KV blocks freed, recomputed later) by the engine."),
+    # Speculative decoding (engine/spec_decode.py), counted by the engine; 0 without it.
+    # Acceptance rate = accepted / proposed; mean accepted length = emitted / verifies.
+    MetricSpec("fleetlm_spec_decode_verifies_total", "counter",
+               "Requests' shares of steps that verified proposed tokens."),
+    MetricSpec("fleetlm_spec_decode_proposed_tokens_total", "counter",
+               "Tokens proposed (n-gram lookups or a draft model) and verified by the target model."),
+    MetricSpec("fleetlm_spec_decode_accepted_tokens_total", "counter",
+               "Proposed tokens the target model accepted."),
+    MetricSpec("fleetlm_spec_decode_emitted_tokens_total", "counter",
+               "Tokens produced by verifying steps: the accepted ones plus one of the target's own each."),
     # The ledger, counted by the ingress: every accepted request (valid and
     # admitted) ends exactly once, so once idle accepted == sum(finished).
     MetricSpec("fleetlm_requests_accepted_total", "counter",

@@ -40,6 +40,10 @@ ENGINE_STATS_METRICS: dict[str, str] = {
     "fleetlm_lora_resident_adapters": "num_lora_resident",
     "fleetlm_lora_loads_total": "lora_loads",
     "fleetlm_lora_evictions_total": "lora_evictions",
+    "fleetlm_spec_decode_verifies_total": "spec_decode_verifies",
+    "fleetlm_spec_decode_proposed_tokens_total": "spec_decode_proposed_tokens",
+    "fleetlm_spec_decode_accepted_tokens_total": "spec_decode_accepted_tokens",
+    "fleetlm_spec_decode_emitted_tokens_total": "spec_decode_emitted_tokens",
 }
 
 

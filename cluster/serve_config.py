@@ -198,6 +198,8 @@ class ModelDeploymentConfig:
     compile_cache_dir: str | None = None  # compiled kernels kept across starts; None: ~/.cache/fleetlm on GPU
     load_format: str = "auto"
     quantization: str | None = None  # vLLM's names (fp8, int8, ...); None: the checkpoint's own (the engine checks)
+    # Speculative decoding: vLLM's mapping (engine/spec_config.py); None: off.
+    speculative_config: dict | None = None
     num_replicas: int | None = None
     autoscaling: AutoscalingConfig | None = None
     # Admission at the ingress (cluster/admission.py): sequences allowed to wait
@@ -266,6 +268,12 @@ class ModelDeploymentConfig:
             _bool(self.warmup, f"{w}: warmup")
         if self.compile_cache_dir is not None:
             _str(self.compile_cache_dir, f"{w}: compile_cache_dir")
+        if self.speculative_config is not None:
+            # Its keys and values are the engine's to check (EngineArgs); here only its shape.
+            if not isinstance(self.speculative_config, Mapping) or not all(
+                    isinstance(k, str) for k in self.speculative_config):
+                raise ValueError(f"{w}: speculative_config must be a mapping of vLLM's speculative config keys")
+            _set(self, "speculative_config", dict(self.speculative_config))
         _opt_int(self.max_waiting_requests, f"{w}: max_waiting_requests", 0)
         _opt_int(self.max_waiting_tokens, f"{w}: max_waiting_tokens", 1)
         _set(self, "stream_chunks_per_s", _float(self.stream_chunks_per_s, f"{w}: stream_chunks_per_s",

@@ -13,8 +13,10 @@ from fleetlm.engine.config import (
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
+    SpeculativeConfig,
     resolve_kv_cache_dtype,
 )
+from fleetlm.engine.spec_config import parse_speculative_config
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_COMPILE_CACHE = Path.home() / ".cache" / "fleetlm" / "compile"
@@ -89,6 +91,9 @@ class EngineArgs:
     max_loras: int = 1
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None
+    # Speculative decoding (engine/spec_config.py): vLLM's mapping, e.g.
+    # {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}.
+    speculative_config: dict | None = None
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> EngineArgs:
@@ -197,6 +202,7 @@ class EngineArgs:
             num_blocks=self.num_kv_blocks,
             cache_dtype=cache_dtype,
         )
+        speculative = resolve_speculative(self.speculative_config, model, parallel, self.load_format)
         return EngineConfig(
             model=model,
             cache=cache,
@@ -209,6 +215,7 @@ class EngineArgs:
             warmup=gpu if self.warmup is None else self.warmup,
             compile_cache_dir=self.compile_cache_dir or (str(DEFAULT_COMPILE_CACHE) if gpu else None),
             lora=self.create_lora_config(),
+            speculative=speculative,
         )
 
     def create_lora_config(self) -> LoRAConfig | None:
@@ -226,6 +233,32 @@ class EngineArgs:
         if cpu < self.max_loras:
             raise ValueError(f"max_cpu_loras ({cpu}) must be >= max_loras ({self.max_loras})")
         return LoRAConfig(max_loras=self.max_loras, max_lora_rank=self.max_lora_rank, max_cpu_loras=cpu)
+
+
+def resolve_speculative(value, target: ModelConfig, parallel: ParallelConfig, load_format: str) -> SpeculativeConfig | None:
+    """The validated speculative config; a draft model is resolved here (its config only) and
+    must share the target's vocabulary."""
+    spec = parse_speculative_config(value)
+    if spec is None or not spec.uses_draft_model:
+        return spec
+    from fleetlm.workers.loader import resolve_model
+
+    if parallel.world_size > 1:
+        raise ValueError("speculative_config: a draft model needs tensor_parallel_size = pipeline_parallel_size = 1 "
+                         "(use method ngram with several GPUs)")
+    # Dummy targets (benchmarks of big shapes) take dummy drafts: a config name or a config.json.
+    source = resolve_model(spec.model, "dummy" if load_format == "dummy" else "auto")
+    hf = source.hf_config
+    if int(hf["vocab_size"]) != target.vocab_size:
+        raise ValueError(f"speculative_config: the draft model {spec.model!r} has a vocabulary of {hf['vocab_size']} "
+                         f"tokens, the target {target.model!r} of {target.vocab_size}; they must share one tokenizer")
+    draft_max = int(hf.get("max_position_embeddings") or 2048)
+    if draft_max < target.max_model_len and not hf.get("rope_scaling"):
+        raise ValueError(f"speculative_config: the draft model's max_position_embeddings ({draft_max}) is below "
+                         f"max_model_len ({target.max_model_len})")
+    draft = ModelConfig(model=spec.model, served_name=source.name, kind=source.kind, path=source.path, hf_config=hf,
+                        dtype=target.dtype, max_model_len=target.max_model_len, seed=target.seed)
+    return dataclasses.replace(spec, draft=draft)
 
 
 EXECUTOR_BACKENDS = ("mp", "uni", "ray")

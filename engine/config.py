@@ -110,6 +110,42 @@ class SchedulerConfig:
     long_prefill_token_threshold: int = 0  # 0 = no cap beyond the step budget
 
 
+# Verify steps of k proposals at the batch sizes speculation runs at take k + 1
+# decode-graph rows per request; past this the graphs cost more than they win.
+MAX_SPECULATIVE_TOKENS = 15
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding, validated by ``engine/spec_config.py`` (vLLM's keys)."""
+
+    method: str
+    num_speculative_tokens: int
+    prompt_lookup_max: int = 0  # ngram only
+    prompt_lookup_min: int = 0
+    model: str | None = None  # draft_model only: what the user named
+    # Speculate only in steps whose running batch holds at most this many
+    # requests: past it a verify step costs more than it wins (compute bound).
+    disable_by_batch_size: int = 32
+    # None: a request proposes while the tokens a verify yields it beat the
+    # measured cost of a speculating step over a plain one; a number: while its
+    # acceptance rate (accepted / proposed, a moving average) reaches it (0:
+    # always). A paused request tries again every probe_interval steps.
+    min_acceptance_rate: float | None = None
+    probe_interval: int = 16
+    # The draft's resolved ModelConfig (built by EngineArgs; None for ngram).
+    draft: ModelConfig | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def uses_draft_model(self) -> bool:
+        return self.method == "draft_model"
+
+    @property
+    def num_verify_tokens(self) -> int:
+        """Query tokens of a full verify step of one request: the newest token plus k proposals."""
+        return 1 + self.num_speculative_tokens
+
+
 @dataclass(frozen=True)
 class LoRAConfig:
     """Multi-LoRA limits (``enable_lora``); see ``engine/lora.py``."""
@@ -136,3 +172,5 @@ class EngineConfig:
     # Where Triton's compiled kernels persist across starts (workers/compile_cache.py); None: Triton's default.
     compile_cache_dir: str | None = None
     lora: LoRAConfig | None = None  # None: LoRA off (enable_lora=False)
+    # Speculative decoding (engine/spec_config.py); None: one token per request per step.
+    speculative: SpeculativeConfig | None = None

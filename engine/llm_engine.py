@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import logging
 import time
 from collections import deque
 
@@ -42,11 +41,10 @@ from fleetlm.engine.request import Request, RequestStatus
 from fleetlm.engine.sampling_params import SamplingParams
 from fleetlm.engine.scheduler import Scheduler
 from fleetlm.engine.snapshot import EngineSnapshot, EngineStats
+from fleetlm.engine.spec_decode import SpecDecoder
+from fleetlm.engine.startup import start_up
 from fleetlm.engine.step import ModelRunnerOutput, SchedulerOutput
 from fleetlm.engine.structured_output import StructuredOutput
-from fleetlm.engine.warmup import WarmupReport, warm_up
-
-logger = logging.getLogger(__name__)
 
 
 class StepMode(enum.Enum):
@@ -81,6 +79,7 @@ class LLMEngine:
         self.loras = (LoRARegistry(config.model, config.lora, self.scheduler.loras, self.workers)
                       if config.lora is not None else None)
         self.outputs = OutputProcessor(self.scheduler.finish_request)
+        self.spec = SpecDecoder(config.speculative) if config.speculative is not None else None
         self.structured: StructuredOutput | None = None  # made with the first guided request
         self._parked: list[RequestGroup] = []  # guided requests whose grammar is compiling
         self.num_steps = 0
@@ -93,26 +92,8 @@ class LLMEngine:
         # A step that raised left the scheduler advanced past work that never
         # ran (progress moves at schedule time): nothing may be scheduled after it.
         self._step_failure: BaseException | None = None
-        # Seconds per start-up phase: the tokenizer, the workers' (start, weights, KV, graphs), the warm-up.
-        self.startup_seconds: dict[str, float] = {"tokenizer": tokenizer_s, **self.workers.startup_seconds}
-        self.warmup_report: WarmupReport | None = None
-        cache = self.workers.compile_cache  # None for Ray workers: each logs its own
-        if config.warmup:
-            self.warmup_report = warm_up(self)
-            self.startup_seconds["warmup"] = self.warmup_report.seconds
-            if cache is not None and self.warmup_report.finished:
-                cache.mark_warm(self.warmup_report.seconds)
-        self.startup_details = self._startup_details()
-        logger.info("engine up: %s%s", ", ".join(f"{k} {v:.2f} s" for k, v in self.startup_seconds.items()),
-                    f"; compile cache {cache.dir} ({cache.entries_at_start} entries at start, "
-                    f"{'warm' if cache.warm else 'cold'})" if cache else "")
-
-    def _startup_details(self) -> dict:
-        """What the start-up found and moved: the compile cache (warm or not), the weights' bytes and GB/s."""
-        cache = self.workers.compile_cache
-        nbytes, seconds = self.workers.weights_bytes, self.startup_seconds.get("load_weights")
-        weights = {"bytes": nbytes, "seconds": seconds, "gbps": nbytes / seconds / 1e9} if nbytes and seconds else None
-        return {"compile_cache": cache.to_dict() if cache is not None else None, "weights": weights}
+        # Seconds per start-up phase, the warm-up's report, the weights' GB/s (engine/startup.py).
+        self.startup_seconds, self.warmup_report, self.startup_details = start_up(self, tokenizer_s)
 
     @property
     def async_scheduling(self) -> bool:
@@ -347,7 +328,10 @@ class LLMEngine:
             self._process_step(out, pending.result(), emit_unfinished=False)
 
     def _schedule(self, exclude=frozenset(), ahead: bool = False) -> SchedulerOutput | None:
-        out = self.scheduler.schedule(exclude, ahead)
+        draft = self.spec.prepare_step(self.scheduler, ahead) if self.spec is not None else False
+        if draft is None:  # proposals are likely: the step waits for the one in flight
+            return None
+        out = self.scheduler.schedule(exclude, ahead, draft)
         if out.is_empty:
             self._unsent_finished += out.finished_request_ids
             return None
@@ -358,7 +342,10 @@ class LLMEngine:
 
     def _process_step(self, out: SchedulerOutput, result: ModelRunnerOutput, emit_unfinished: bool) -> list[RequestOutput]:
         self.num_steps += 1
+        reqs = self.scheduler.requests_in_flight(out.step_id) if out.num_spec_tokens or out.draft else None
         results = self.scheduler.update_from_output(out, result.by_request())
+        if self.spec is not None:
+            self.spec.after_step(out, result, reqs)
         if self.structured is not None:  # grammars take the new tokens; one that reached its end ends its request
             for req, status in self.structured.advance(results):
                 self.scheduler.finish_request(req.request_id, status)
@@ -375,6 +362,7 @@ class LLMEngine:
             prefix_cache_hit_tokens=bm.hit_tokens,
             num_preemptions=self.scheduler.num_preemptions,
             **(self.loras.stats() if self.loras is not None else {}),
+            **(self.spec.stats_fields() if self.spec is not None else {}),
         )
 
     def reset_after_warmup(self) -> None:
@@ -384,6 +372,8 @@ class LLMEngine:
         bm.reset_prefix_cache()
         bm.queried_tokens = bm.hit_tokens = 0
         self.scheduler.num_preemptions = 0
+        if self.spec is not None:
+            self.spec.reset_stats()
 
     def snapshot(self) -> EngineSnapshot:
         """Requests and KV blocks as they are now (see ``engine/snapshot.py``)."""

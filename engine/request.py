@@ -87,6 +87,11 @@ class Request:
         # by a proposer between steps), and how many the step in flight verifies.
         self.spec_token_ids: list[int] = []
         self.num_spec_in_flight = 0
+        # Draft-model speculation: proposals wanted from the draft after the next
+        # sampling step (set by the speculation controller), and the positions
+        # whose draft KV matches the target's (the draft catches up from there).
+        self.num_draft_tokens = 0
+        self.num_draft_computed = 0
         self.num_cached_tokens = -1  # prefix-cache hit at first admission (-1 = not yet)
         self.grammar = None  # a guided request's grammar matcher (engine/structured_output.py)
         self.num_preemptions = 0

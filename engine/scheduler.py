@@ -90,7 +90,8 @@ class Scheduler:
         return req
 
     # -- the step ------------------------------------------------------------
-    def schedule(self, exclude: frozenset[str] | set[str] = frozenset(), ahead: bool = False) -> SchedulerOutput:
+    def schedule(self, exclude: frozenset[str] | set[str] = frozenset(), ahead: bool = False,
+                 draft: bool = False) -> SchedulerOutput:
         """Choose the requests and token counts of the next step.
 
         Every request has ``num_tokens`` (prompt + generated) and
@@ -114,7 +115,12 @@ class Scheduler:
         decode whose request holds proposals (``Request.spec_token_ids``)
         also computes as many of them as the budget, max_tokens and
         max_model_len allow, to verify them; the result rolls back the
-        positions of those rejected (``update_from_output``).
+        positions of those rejected (``update_from_output``). ``draft``: the
+        draft model runs this step, over each scheduled request's tokens
+        preceded by those it missed, as far as a token budget of its own
+        goes, and proposes for the requests that ask it
+        (``Request.num_draft_tokens``); their blocks cover that many positions
+        more, for the draft's KV of its proposals (given back with the result).
 
         ``exclude`` names running requests that are part of a step still in
         flight (pipeline parallelism keeps several micro-batches in flight
@@ -133,7 +139,10 @@ class Scheduler:
             self.loras.begin_step()
         budget = cfg.max_num_batched_tokens
         cap = cfg.long_prefill_token_threshold or budget
-        scheduled: list[tuple[Request, int]] = []
+        # request, tokens, draft lookahead (-1: the draft does not run for it this step)
+        scheduled: list[tuple[Request, int, int]] = []
+        # The draft's tokens this step (its catch-up included) are bounded like the target's.
+        draft_budget = cfg.max_num_batched_tokens if draft else 0
         preempted: list[Request] = []
 
         i = 0
@@ -149,7 +158,8 @@ class Scheduler:
             n = min(req.num_tokens - req.num_computed_tokens, budget, cap)
             if not ahead and n == req.num_tokens - req.num_computed_tokens:
                 n += self._num_spec(req, budget - n)
-            while not self.blocks.allocate_slots(req, n):
+            look, draft_budget = self._num_draft(req, req.num_computed_tokens, n, draft_budget) if draft else (-1, 0)
+            while not self.blocks.allocate_slots(req, n + max(look, 0)):
                 if ahead:
                     # Blocks already added to earlier requests' tables are the
                     # ones they need next anyway; nothing else changed.
@@ -162,7 +172,7 @@ class Scheduler:
                     break
             if req.status != RequestStatus.RUNNING:
                 break
-            scheduled.append((req, n))
+            scheduled.append((req, n, look))
             budget -= n
             i += 1
 
@@ -177,7 +187,8 @@ class Scheduler:
                 hits = self.blocks.get_computed_blocks(req)
                 num_cached = len(hits) * self.block_size
                 n = min(req.num_tokens - num_cached, budget, cap)
-                if not self.blocks.allocate_slots(req, n, hits):
+                look, draft_budget = self._num_draft(req, num_cached, n, draft_budget) if draft else (-1, 0)
+                if not self.blocks.allocate_slots(req, n + max(look, 0), hits):
                     break
                 self.waiting.popleft()
                 if self.loras:
@@ -189,13 +200,14 @@ class Scheduler:
                     req.times.first_scheduled = time.monotonic()
                 req.status = RequestStatus.RUNNING
                 self.running.append(req)
-                scheduled.append((req, n))
+                scheduled.append((req, n, look))
                 budget -= n
             self.waiting.extendleft(reversed(skipped))
 
         new_requests = []
         out = []
-        for req, n in scheduled:
+        total_spec = 0
+        for req, n, look in scheduled:
             if req.request_id not in self._seen_by_workers:
                 self._seen_by_workers.add(req.request_id)
                 prior = req.token_ids[req.num_prompt_tokens : req.num_prompt_tokens + req.num_prior_output_tokens]
@@ -211,6 +223,7 @@ class Scheduler:
             req.num_computed_tokens += n
             req.num_pending_tokens += sample
             req.num_spec_in_flight = num_spec
+            total_spec += num_spec
             req.spec_token_ids = []  # used (or dropped: proposals are for one step)
             out.append(
                 ScheduledRequest(
@@ -220,13 +233,15 @@ class Scheduler:
                     block_table=list(self.blocks.blocks_of(req.request_id)),
                     sample=sample,
                     num_spec_tokens=num_spec,
+                    draft_token_ids=req.token_ids[req.num_draft_computed : start] if look >= 0 else None,
+                    num_draft_tokens=max(look, 0),
                 )
             )
         finished, self._finished_since_last_step = self._finished_since_last_step, []
         step_id = self._next_step_id
         if out:
             self._next_step_id += 1
-            self._in_flight[step_id] = [req for req, _ in scheduled]
+            self._in_flight[step_id] = [req for req, _, _ in scheduled]
         return SchedulerOutput(
             scheduled=out,
             new_requests=new_requests,
@@ -234,6 +249,8 @@ class Scheduler:
             preempted_request_ids=[r.request_id for r in preempted],
             step_id=step_id,
             lora_loads=self.loras.take_loads() if self.loras and out else {},
+            num_spec_tokens=total_spec,
+            draft=any(look >= 0 for _, _, look in scheduled),
         )
 
     def update_from_output(self, out: SchedulerOutput, accepted: dict[str, list[int]]) -> list[tuple[Request, list[int]]]:
@@ -260,6 +277,11 @@ class Scheduler:
             if s.num_spec_tokens:
                 assert 1 <= len(tokens) <= 1 + s.num_spec_tokens, (s.request_id, tokens)
                 self._roll_back(req, s.num_spec_tokens - (len(tokens) - 1))
+            if s.draft_token_ids is not None:
+                req.num_draft_computed = s.start_pos + len(s.token_ids)
+            req.num_draft_computed = min(req.num_draft_computed, req.num_computed_tokens)
+            if s.num_draft_tokens:  # the draft's lookahead slots
+                self.blocks.trim(req.request_id, req.num_computed_tokens)
             # Only real tokens have hashes, so only blocks of real tokens are
             # cached, though their K/V may still be written by a step in flight:
             # any step that reads them runs after it on the same stream.
@@ -277,6 +299,10 @@ class Scheduler:
             results.append((req, kept))
         return results
 
+    def requests_in_flight(self, step_id: int) -> list[Request]:
+        """The requests a step in flight scheduled, in its order (read before ``update_from_output``)."""
+        return list(self._in_flight.get(step_id, ()))
+
     @property
     def num_steps_in_flight(self) -> int:
         return len(self._in_flight)
@@ -289,6 +315,20 @@ class Scheduler:
         room_out = req.params.max_tokens - req.num_output_tokens - 1  # the step's own token comes first
         room_len = self.config.max_model_len - req.num_tokens - 1
         return max(0, min(len(req.spec_token_ids), budget, room_out, room_len))
+
+    def _num_draft(self, req: Request, start: int, n: int, budget: int) -> tuple[int, int]:
+        """(proposals the draft model makes for ``req`` after a step computing its tokens
+        ``start ... start + n - 1``, or -1 when the draft does not run for it; the draft's budget
+        left). The draft runs when the tokens it missed plus the step's fit the budget; it
+        proposes only if the step samples, and its KV of the proposals must fit max_model_len."""
+        work = start - req.num_draft_computed + n
+        if work > budget:
+            return -1, budget
+        if not req.num_draft_tokens or start + n < req.num_tokens:
+            return 0, budget - work
+        last = start + n - 1  # position of the step's last token
+        room_out = req.params.max_tokens - req.num_output_tokens - 2  # this step's token, the next step's
+        return max(0, min(req.num_draft_tokens, self.config.max_model_len - 1 - last, room_out)), budget - work
 
     def _roll_back(self, req: Request, num_rejected: int) -> None:
         """Forget the K/V of ``num_rejected`` trailing proposals; give back the blocks only they used."""
@@ -304,6 +344,7 @@ class Scheduler:
         if self.loras:
             self.loras.release(req.lora)
         req.spec_token_ids = []
+        req.num_draft_computed = 0
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
         req.num_preemptions += 1

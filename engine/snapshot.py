@@ -29,6 +29,11 @@ class EngineStats:
     lora_known_ids: tuple[int, ...] = ()  # checked and read into the workers' host memory
     lora_loads: int = 0
     lora_evictions: int = 0
+    # Speculative decoding (engine/spec_decode.py), counted since start; 0 without it.
+    spec_decode_verifies: int = 0
+    spec_decode_proposed_tokens: int = 0
+    spec_decode_accepted_tokens: int = 0
+    spec_decode_emitted_tokens: int = 0
 
     @property
     def num_lora_resident(self) -> int:

@@ -40,6 +40,14 @@ class ScheduledRequest:
     block_table: list[int]
     sample: bool  # the request's newest token is computed this step: sample after it
     num_spec_tokens: int = 0  # proposals at the end of token_ids, verified this step
+    # Draft-model speculation (workers/drafter.py). None: the draft model does
+    # not run for this request this step (its draft KV falls behind). Else the
+    # draft computes these tokens (positions start_pos - len(...) ...: those it
+    # missed) and then token_ids, and after the step proposes num_draft_tokens
+    # tokens for the next one; the block table then covers num_draft_tokens
+    # positions past token_ids, for the draft's KV of its own proposals.
+    draft_token_ids: list[int] | None = None
+    num_draft_tokens: int = 0
 
     @property
     def num_logits(self) -> int:
@@ -108,6 +116,9 @@ class SchedulerOutput:
     # Device LoRA slots (re)assigned since the last step: slot -> adapter to load
     # there before this step runs (engine/lora_slots.py).
     lora_loads: dict[int, LoRAAdapter] = field(default_factory=dict)
+    # Speculative decoding, summed up so that steps without it cost no per-request scan:
+    num_spec_tokens: int = 0  # proposals verified this step, over all requests
+    draft: bool = False  # the draft model runs this step (ScheduledRequest.draft_token_ids)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -135,6 +146,8 @@ class ModelRunnerOutput:
     # (prompt position of the first entry, one LogprobEntry per position from
     # there, each for the prompt's own token at that position).
     prompt_logprobs: dict[str, tuple[int, list[LogprobEntry]]] | None = None
+    # Per request: the draft model's proposals for its next step (None without a draft model).
+    spec_token_ids: list[list[int]] | None = None
 
     @classmethod
     def empty(cls) -> ModelRunnerOutput:
@@ -145,6 +158,9 @@ class ModelRunnerOutput:
 
     def logprobs_by_request(self) -> dict[str, list[LogprobEntry] | None]:
         return dict(zip(self.request_ids, self.logprobs)) if self.logprobs else {}
+
+    def proposals_by_request(self) -> dict[str, list[int]]:
+        return dict(zip(self.request_ids, self.spec_token_ids)) if self.spec_token_ids else {}
 
 
 class PendingStep:

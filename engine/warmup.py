@@ -16,7 +16,9 @@ synthetic requests that take each path once:
 - structured output, when its grammar engine is installed: a guided request
   beside a free one builds the tokenizer's grammar table (1-2 s for a large
   vocabulary, which the first user of ``response_format`` would otherwise
-  wait for) and takes the token-bitmask kernel and deferred sampling once.
+  wait for) and takes the token-bitmask kernel and deferred sampling once;
+- with speculative decoding, a prompt that repeats itself (verify steps, and
+  the draft model's steps), greedy and sampled.
 
 Afterwards the prefix cache is emptied and the counters the metrics read are
 zeroed, so the warm-up leaves no trace a client or an operator could see. The
@@ -111,6 +113,11 @@ def warm_up(engine, time_limit_s: float = 300.0) -> WarmupReport:
         w.run(f"decode_bs{bs}", [(w.prompt(min(8, room)), four) for _ in range(bs)])
     variants = [(w.prompt(min(12, room)), dataclasses.replace(p, max_tokens=3, ignore_eos=True))
                 for p in SAMPLING_VARIANTS]
+    if engine.spec is not None:
+        # Verify steps (and the draft model's steps): a prompt that repeats itself gets proposals.
+        pattern = w.prompt(min(8, room // 4))
+        rep = (pattern * 4)[: max(1, room - 8)]
+        w.run("speculative", [(rep, four) for _ in range(3)] + [(rep, dataclasses.replace(four, temperature=0.8))])
     w.run("sampling_batch", variants)
     for i, spec in enumerate(variants):  # each alone: the batch-1 path of each
         w.run(f"sampling_{i}", [spec])

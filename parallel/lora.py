@@ -90,8 +90,9 @@ class LoRALinearMethod(LinearMethod):
         self.expand(y.view(-1, y.shape[-1]), h, layer.lora_b, state.batch, layer.lora_slices)
         return y
 
-    def apply_silu_mul(self, layer, x, bias, silu_and_mul):
+    def apply_silu_mul(self, layer, x, bias, silu_and_mul, quant=None):
         # The delta goes onto the gate and up projections before the activation: no fused GEMV.
+        # The result stays float whatever ``quant`` asks: the consumer quantizes it (LinearMethod's contract).
         return silu_and_mul(self.apply(layer, x, bias))
 
 

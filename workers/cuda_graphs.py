@@ -1,7 +1,9 @@
 """CUDA graphs for decode and verify steps: one captured forward per (padded batch size, query length).
 
 A decode step of a small model is launch-bound (hundreds of tiny kernels);
-replaying a captured graph issues them all at once. A step whose requests
+replaying a captured graph issues them all at once. Speculative decoding's
+verify steps replay the decode graphs too, one row per token
+(``ModelRunner._prepare``). A step whose requests
 all compute the same number ``q`` of query tokens (1 for a decode, 1 + k to
 verify k proposals) runs the graph captured for ``q`` and the smallest
 batch size >= its own; the extra rows are padding that writes no KV (slot

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fleetlm.engine.config import CacheConfig, LoRAConfig, ModelConfig
+from fleetlm.engine.config import CacheConfig, LoRAConfig, ModelConfig, SpeculativeConfig
 from fleetlm.engine.sampling_params import needs_output_history
 from fleetlm.engine.step import PLACEHOLDER, ModelRunnerOutput, SchedulerOutput
 from fleetlm.kernels import select_ops
@@ -27,6 +27,7 @@ from fleetlm.workers.guided_logits import constrain_logits
 from fleetlm.workers.models import model_class
 from fleetlm.workers.pending import DeferredSampling, PendingOutput, ReqState
 from fleetlm.workers.sampler import Sampler, SamplingBatch, SamplingRow, compute_topk_logprobs, min_tokens_banned_ids
+from fleetlm.workers.spec_verify import num_accepted, proposal_rows
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _NP_DTYPES = {torch.int64: np.int64, torch.int32: np.int32}
@@ -34,8 +35,8 @@ _NP_DTYPES = {torch.int64: np.int64, torch.int32: np.int32}
 
 class ModelRunner:
     def __init__(self, model_cfg: ModelConfig, cache_cfg: CacheConfig, ctx: ParallelContext, device: torch.device,
-                 lora: LoRAConfig | None = None, max_rows: int = 0):
-        self.model_cfg, self.cache_cfg, self.ctx = model_cfg, cache_cfg, ctx
+                 lora: LoRAConfig | None = None, max_rows: int = 0, spec: SpeculativeConfig | None = None):
+        self.model_cfg, self.cache_cfg, self.ctx, self.spec = model_cfg, cache_cfg, ctx, spec
         self.device = device
         self.dtype = DTYPES[model_cfg.dtype]
         self.block_size = cache_cfg.block_size
@@ -61,6 +62,12 @@ class ModelRunner:
         self._deferred: DeferredSampling | None = None  # a launched step waiting for its grammar
         eos = model_cfg.eos_token_ids
         self.eos_token_ids = list(eos)
+        self.verify_as_decode = device.type == "cuda"
+        self.drafter = None  # speculative decoding with a draft model (workers/drafter.py)
+        if spec is not None and spec.uses_draft_model:
+            from fleetlm.workers.drafter import Drafter
+
+            self.drafter = Drafter(spec, self.block_size, ctx, self.ops, self.dtype, device, cache_cfg.cache_dtype)
 
     # -- setup -----------------------------------------------------------------
     def load_weights(self, weights) -> None:
@@ -69,8 +76,9 @@ class ModelRunner:
     def kv_bytes_per_block(self) -> int:
         attn = self.model.layers[0].self_attn if len(self.model.layers) else None
         kv_heads = attn.num_kv_heads if attn else 1
-        return kv_cache.kv_bytes_per_block(self.model.num_local_layers, self.block_size, kv_heads,
-                                           self.model_cfg.head_dim, self.cache_cfg.cache_dtype, self.dtype)
+        target = kv_cache.kv_bytes_per_block(self.model.num_local_layers, self.block_size, kv_heads,
+                                             self.model_cfg.head_dim, self.cache_cfg.cache_dtype, self.dtype)
+        return target + (self.drafter.kv_bytes_per_block() if self.drafter is not None else 0)
 
     def init_kv_cache(self, num_blocks: int) -> None:
         """Allocate the pool (FP8: with each layer's scales, from its loaded weights)."""
@@ -78,6 +86,8 @@ class ModelRunner:
         self.kv_caches = kv_cache.allocate(self.model.layers, num_blocks, self.block_size, attn.num_kv_heads,
                                            self.model_cfg.head_dim, self.cache_cfg.cache_dtype, self.dtype,
                                            self.device)
+        if self.drafter is not None:
+            self.drafter.init_kv_cache(num_blocks)
 
     def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int) -> float:
         """Capture decode graphs (single-stage CUDA workers only); returns seconds taken."""
@@ -88,8 +98,13 @@ class ModelRunner:
         t0 = time.perf_counter()
         if self.lora is not None:
             self.lora.state.active = True  # capture the LoRA kernels: replays read the tile table
-        self.graphs = DecodeGraphs(self.model, self.kv_caches, max_num_seqs, max_model_len, self.block_size, self.device)
+        rows = max_num_seqs
+        if self.spec is not None:  # verify steps run as decode steps of one row per token (see _prepare)
+            rows = max(rows, min(max_num_seqs, self.spec.disable_by_batch_size) * self.spec.num_verify_tokens)
+        self.graphs = DecodeGraphs(self.model, self.kv_caches, rows, max_model_len, self.block_size, self.device)
         self.graphs.capture()
+        if self.drafter is not None:
+            self.drafter.capture_cuda_graphs(min(max_num_seqs, self.spec.disable_by_batch_size), max_model_len)
         return time.perf_counter() - t0
 
     # -- one step ----------------------------------------------------------------
@@ -113,7 +128,17 @@ class ModelRunner:
         dev = flat.to(self.device, non_blocking=True)
         return [t.view(a.shape) for t, a in zip(dev.split([a.size for a in arrays]), arrays)]
 
-    def _prepare(self, out: SchedulerOutput):
+    # On a GPU, a verify step whose requests each compute at most this many tokens runs as a
+    # decode step of one row per token (see _prepare); longer ones (prefill chunks) keep one row
+    # per request. On CPU the torch attention runs one call per row: one per request is cheaper.
+    VERIFY_AS_DECODE_MAX_Q = 16
+
+    def _prepare(self, out: SchedulerOutput, per_token: bool = False):
+        """Device inputs of a step. ``per_token``: the attention metadata has one row per token:
+        token j of a request computing tokens from ``start`` attends ``start + j + 1`` keys through
+        the request's block table, exactly as in a decode step. A short verify step then runs the
+        split-K decode kernel (and the decode CUDA graphs, at batch = its token count) instead of
+        the prefill kernel's few programs per request."""
         sched = out.scheduled
         q_lens = np.fromiter((len(s.token_ids) for s in sched), dtype=np.int64, count=len(sched))
         starts = np.fromiter((s.start_pos for s in sched), dtype=np.int64, count=len(sched))
@@ -132,11 +157,14 @@ class ModelRunner:
         slots = tables[req_of_token, positions // bs] * bs + positions % bs
         # Logits at each sampling request's last 1 + num_spec_tokens positions.
         sample_idx = [i for i, s in enumerate(sched) if s.sample]
-        if any(s.num_spec_tokens for s in sched):
+        if out.num_spec_tokens:
             logit_pos = np.fromiter((cu[i + 1] - sched[i].num_logits + j for i in sample_idx
                                      for j in range(sched[i].num_logits)), dtype=np.int64)
         else:
             logit_pos = cu[1:][sample_idx] - 1
+        row_starts = cu[:-1]
+        if per_token:
+            cu, seq_lens, tables = np.arange(cu[-1] + 1), positions + 1, tables[req_of_token]
         # Placeholders: tokens sampled by the previous launch, still on the device.
         holes = np.flatnonzero(input_ids == PLACEHOLDER)
         rows = self._rows_of_previous_launch(sched, req_of_token[holes])
@@ -151,10 +179,10 @@ class ModelRunner:
             cu_seqlens_q=cu_d,
             seq_lens=seq_lens_d,
             block_tables=tables_d,
-            max_seqlen_q=int(q_lens.max()),
+            max_seqlen_q=1 if per_token else int(q_lens.max()),
             max_seqlen_k=int(seq_lens.max()),
         )
-        return ids, pos, meta, sample_idx, logits_indices
+        return ids, pos, meta, sample_idx, logits_indices, row_starts
 
     def _rows_of_previous_launch(self, sched, reqs_with_holes: np.ndarray) -> np.ndarray:
         rows = np.empty(len(reqs_with_holes), dtype=np.int64)
@@ -211,20 +239,29 @@ class ModelRunner:
         self._update_states(out)
         if out.is_empty:
             return PendingOutput.ready(ModelRunnerOutput.empty())
-        ids, pos, meta, sample_idx, logits_indices = self._prepare(out)
+        per_token = self.verify_as_decode and bool(out.num_spec_tokens) and \
+            max(len(s.token_ids) for s in out.scheduled) <= self.VERIFY_AS_DECODE_MAX_Q
+        ids, pos, meta, sample_idx, logits_indices, row_starts = self._prepare(out, per_token)
         self._last_sampled, self._last_rows = None, {}
+        rows = out.num_batched_tokens if per_token else len(out.scheduled)
         q = meta.max_seqlen_q
         uniform = q == 1 or all(len(s.token_ids) == q for s in out.scheduled)
-        graph = self.graphs is not None and hidden is None and self.graphs.can_run(len(out.scheduled), q if uniform else None)
+        graph = self.graphs is not None and hidden is None and self.graphs.can_run(rows, q if uniform else None)
         if self.lora is not None:
-            self.lora.prepare(out, self.graphs.padded_size(len(out.scheduled)) * q if graph else ids.shape[0])
+            self.lora.prepare(out, self.graphs.padded_size(rows) * q if graph else ids.shape[0])
         if graph:
             result = self.graphs.run(ids, pos, meta)
         else:
             result = self.model(ids, pos, meta, self.kv_caches, hidden, residual)
+        draft = None
+        if self.drafter is not None and out.draft:
+            self.drafter.catch_up(out, self._prepare, ids, pos, meta, rows if q == 1 else None)
+            # Each sampling request's block table for the draft's proposals: its (first) row.
+            (table_rows,) = self._upload(torch.int64, row_starts[sample_idx] if per_token else np.asarray(sample_idx))
+            draft = meta.block_tables.index_select(0, table_rows)
         if not self.ctx.is_last_stage:
             return result
-        prompt = self._prompt_logprobs(out, result)
+        prompt = self._prompt_logprobs(out, result, row_starts)
         sampling = [out.scheduled[i] for i in sample_idx]
         req_ids = [s.request_id for s in sampling]
         proposals = [s.spec_token_ids for s in sampling]
@@ -240,32 +277,54 @@ class ModelRunner:
                     self._last_sampled = self.ctx.broadcast_from_first(
                         torch.empty(num_rows, dtype=torch.int64, device=self.device))
                     self._remember_rows(req_ids, proposals)
-            return PendingOutput([], [], [], [], prompt) if prompt and self.ctx.tp_rank == 0 else \
+            return PendingOutput([], [], [], prompt=prompt) if prompt and self.ctx.tp_rank == 0 else \
                 PendingOutput.ready(ModelRunnerOutput.empty())
         logits = self.model.compute_logits(result[logits_indices]).float()
         states = [self.states[rid] for rid in req_ids]
         batch = self._sampling_batch(states, proposals)
 
         def sample(grammar):
-            return self._sample(logits, batch, grammar, req_ids, states, proposals, prompt)
+            return self._sample(logits, batch, grammar, sampling, states, proposals, prompt, draft, out.num_spec_tokens)
 
         if out.grammar_later:  # the bitmask is built from the step in flight, while this forward runs
             self._deferred = DeferredSampling(sample)
             return self._deferred
         return sample(out.grammar)
 
-    def _sample(self, logits, batch, grammar, req_ids, states, proposals, prompt) -> PendingOutput:
+    def _sample(self, logits, batch, grammar, sampling, states, proposals, prompt, draft_tables,
+                num_spec: int) -> PendingOutput:
+        """Sample every row; with proposals, accept on the device (``spec_verify.py``); with the
+        draft model running (``draft_tables``: the sampling requests' block tables), propose."""
+        req_ids = [s.request_id for s in sampling]
         if grammar is not None and grammar.request_ids:
             logits = self._constrain(logits, batch, grammar, req_ids, proposals)
         sampled = self.sampler(logits, batch)
-        self._last_sampled = sampled.sampled_token_ids
+        tokens, accepted = sampled.sampled_token_ids, None
+        if num_spec:
+            rows, firsts = proposal_rows(proposals)
+            accepted = tokens == self._upload(torch.int64, rows)[0]
+            if self.drafter is not None:
+                tokens, accepted = self.drafter.reject(logits, batch, tokens, accepted, req_ids, proposals, firsts,
+                                                       self._upload)
+        else:
+            firsts = np.arange(len(sampling), dtype=np.int64)
+        drafted = None
+        if draft_tables is not None:
+            counts = np.fromiter((len(p) for p in proposals), dtype=np.int64, count=len(proposals))
+            n_acc = num_accepted(accepted, *self._upload(torch.int64, firsts, counts), int(counts.max())) \
+                if accepted is not None else torch.zeros(len(sampling), dtype=torch.int64, device=self.device)
+            drafted = self.drafter.propose(sampling, states, tokens, n_acc, firsts, draft_tables, self._upload)
+        self._last_sampled = tokens
         self._remember_rows(req_ids, proposals)
         if self.share_samples:
-            self.ctx.broadcast_from_first(sampled.sampled_token_ids)
-        tensors = [sampled.sampled_token_ids]
+            self.ctx.broadcast_from_first(tokens)
+        logprobs = None
         if sampled.logprobs is not None:
-            tensors += [sampled.logprob_token_ids, sampled.logprobs, sampled.sampled_ranks]
-        return PendingOutput(req_ids, states, proposals, tensors, prompt)
+            logprobs = [sampled.logprob_token_ids, sampled.logprobs, sampled.sampled_ranks]
+            if tokens is not sampled.sampled_token_ids:  # rejection sampling replaced some rows' tokens
+                k = max(n for n in batch.num_logprobs if n is not None)
+                logprobs = list(compute_topk_logprobs(torch.log_softmax(logits, -1), tokens, k))
+        return PendingOutput(req_ids, states, proposals, tokens, accepted, logprobs, prompt, drafted)
 
     def _remember_rows(self, req_ids: list[str], proposals: list[list[int]]) -> None:
         """Which row of this launch's samples each request's next placeholder reads (requests
@@ -294,12 +353,11 @@ class ModelRunner:
     # float32 [rows, vocab] scratch: 512 x 128k vocab = 256 MiB).
     PROMPT_LOGITS_CHUNK = 512
 
-    def _prompt_logprobs(self, out: SchedulerOutput, hidden: torch.Tensor):
+    def _prompt_logprobs(self, out: SchedulerOutput, hidden: torch.Tensor, row_starts: np.ndarray):
         """(request id, first position, [ids, logprobs, ranks]) of the prompt positions this step
         computed for requests with ``prompt_logprobs``: position p scores prompt token p."""
         found = []
-        row = 0
-        for s in out.scheduled:
+        for s, row in zip(out.scheduled, row_starts.tolist()):
             n = len(s.token_ids)
             st = self.states[s.request_id]
             k = st.params.prompt_logprobs
@@ -315,7 +373,6 @@ class ModelRunner:
                     parts.append(compute_topk_logprobs(torch.log_softmax(logits, -1),
                                                        targets[c:c + self.PROMPT_LOGITS_CHUNK], k))
                 found.append((s.request_id, lo, [torch.cat([p[i] for p in parts]) for i in range(3)]))
-            row += n
         return found
 
 

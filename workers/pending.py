@@ -2,9 +2,10 @@
 
 The device->host copies are queued behind the step at launch, into pinned
 memory, followed by an event; ``result()`` waits for that event only, then
-turns the per-position samples into each request's accepted tokens
-(``engine/step.py``): a request that verified proposals keeps those its
-samples agree with, then the sample after the last agreed one.
+turns the per-row tokens into each request's accepted tokens
+(``engine/step.py``): a request that verified ``m`` proposals owns ``m + 1``
+rows and keeps the tokens of its leading accepting rows plus the next row's
+(``workers/spec_verify.py`` decides which rows accept, on the device).
 """
 
 from __future__ import annotations
@@ -27,45 +28,40 @@ class ReqState:
     num_sampled: int = 0  # output tokens sampled so far, including those of steps not read back yet
 
 
-def accept(samples: list[int], proposals: list[int]) -> list[int]:
-    """The accepted tokens of one request: its proposals up to the first its samples
-    disagree with, then the sample at that position (``len(samples) == 1 + len(proposals)``).
-
-    Sampling each position from the target's own distribution and keeping
-    the agreeing prefix is exact rejection sampling when the proposals are
-    deterministic (n-gram lookups, greedy drafts): a proposal is kept with
-    the target's probability of it, and a disagreeing sample is distributed
-    as the target's distribution without the proposal.
-    """
-    n = 0
-    while n < len(proposals) and samples[n] == proposals[n]:
-        n += 1
-    return samples[: n + 1]
-
-
 class PendingOutput(PendingStep):
-    """One step's samples: ``rows[i]`` is the first sample row of request ``i``,
-    which has ``len(proposals[i])`` more after it."""
+    """One step's rows: ``tokens[r]`` is row r's token; request ``i``'s rows start at the
+    sum of ``1 + len(proposals[j])`` over the requests before it. ``accepted[r]`` (with
+    proposals): whether row r's proposal is accepted. ``logprobs``: [ids, logprobs, ranks]
+    per row. ``drafted``: the draft model's proposals for the next step, ([rows, k] tensor,
+    [(request index, count)] per row)."""
 
     def __init__(self, req_ids: list[str], states: list[ReqState], proposals: list[list[int]],
-                 tensors: list[torch.Tensor], prompt: list | None = None) -> None:
+                 tokens: torch.Tensor | None = None, accepted: torch.Tensor | None = None,
+                 logprobs: list[torch.Tensor] | None = None, prompt: list | None = None,
+                 drafted: tuple[torch.Tensor, list[tuple[int, int]]] | None = None) -> None:
         self.req_ids, self.states, self.proposals = req_ids, states, proposals
         self._output: ModelRunnerOutput | None = None
         self._event = None
         # Prompt logprobs: (request id, first position, [ids, logprobs, ranks]) per request.
         self._prompt_meta = [(rid, first) for rid, first, _ in prompt or ()]
-        flat = tensors + [t for _, _, ts in prompt or () for t in ts]
-        if flat and flat[0].is_cuda:
-            pinned = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in flat]
-            flat = [p.copy_(t, non_blocking=True) for p, t in zip(pinned, flat)]
+        self._drafted_rows = drafted[1] if drafted is not None else None
+        named = {"tokens": tokens, "accepted": accepted, "drafted": drafted[0] if drafted is not None else None}
+        for i, t in enumerate(logprobs or ()):
+            named[f"lp{i}"] = t
+        for j, (_, _, ts) in enumerate(prompt or ()):
+            for i, t in enumerate(ts):
+                named[f"prompt{j}.{i}"] = t
+        named = {k: t for k, t in named.items() if t is not None}
+        if named and next(iter(named.values())).is_cuda:
+            pinned = {k: torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for k, t in named.items()}
+            named = {k: pinned[k].copy_(t, non_blocking=True) for k, t in named.items()}
             self._event = torch.cuda.Event()
             self._event.record()
-        self._host = flat[: len(tensors)]  # [sampled] or [sampled, logprob ids, logprobs, ranks], one row per position
-        self._prompt_host = flat[len(tensors):]
+        self._host = named
 
     @classmethod
     def ready(cls, output: ModelRunnerOutput) -> PendingOutput:
-        pending = cls([], [], [], [])
+        pending = cls([], [], [])
         pending._output = output
         return pending
 
@@ -73,37 +69,50 @@ class PendingOutput(PendingStep):
         if self._output is None:
             if self._event is not None:
                 self._event.synchronize()
-            samples = self._host[0].tolist() if self._host else []
-            accepted, row = [], 0
-            firsts = []
+            host = self._host
+            tokens = host["tokens"].tolist() if "tokens" in host else []
+            flags = host["accepted"].tolist() if "accepted" in host else None
+            accepted, firsts, row = [], [], 0
             for st, props in zip(self.states, self.proposals):
-                tokens = accept(samples[row : row + 1 + len(props)], props)
+                n = 0
+                while flags is not None and n < len(props) and flags[row + n]:
+                    n += 1
+                got = tokens[row : row + n + 1]
                 # States are the launch's objects: a request that ended meanwhile
                 # (its state dropped, its id perhaps reused) takes nothing here.
-                st.output_token_ids.extend(tokens)
-                st.num_sampled += len(tokens) - 1  # the launch counted one
-                accepted.append(tokens)
+                st.output_token_ids.extend(got)
+                st.num_sampled += len(got) - 1  # the launch counted one
+                accepted.append(got)
                 firsts.append(row)
                 row += 1 + len(props)
             self._output = ModelRunnerOutput(self.req_ids, accepted, self._logprobs(firsts, accepted),
-                                             self._prompt_logprobs())
-            self._host = self._prompt_host = []
+                                             self._prompt_logprobs(), self._drafted())
+            self._host = {}
         return self._output
+
+    def _drafted(self) -> list[list[int]] | None:
+        if self._drafted_rows is None:
+            return None
+        table = self._host["drafted"].tolist()
+        found = [[] for _ in self.req_ids]
+        for row, (i, count) in zip(table, self._drafted_rows):
+            found[i] = row[:count]
+        return found
 
     def _prompt_logprobs(self):
         if not self._prompt_meta:
             return None
         found = {}
         for j, (rid, first) in enumerate(self._prompt_meta):
-            ids, lps, ranks = (t.tolist() for t in self._prompt_host[3 * j : 3 * j + 3])
+            ids, lps, ranks = (self._host[f"prompt{j}.{i}"].tolist() for i in range(3))
             found[rid] = (first, [[(i[0], lp[0], r)] + [(i[c], lp[c], c) for c in range(1, len(i))]
                                   for i, lp, r in zip(ids, lps, ranks)])
         return found
 
     def _logprobs(self, firsts: list[int], accepted: list[list[int]]):
-        if len(self._host) <= 1:
+        if "lp0" not in self._host:
             return None
-        ids, lps, ranks = (t.tolist() for t in self._host[1:])
+        ids, lps, ranks = (self._host[f"lp{i}"].tolist() for i in range(3))
         result = []
         for st, first, tokens in zip(self.states, firsts, accepted):
             k = st.params.logprobs

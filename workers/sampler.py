@@ -275,19 +275,26 @@ def _apply_top_k_top_p(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tens
     return logits.masked_fill(drop, float("-inf"))
 
 
-def _exponential_noise(like: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+def exponential_noise(like: torch.Tensor, seeds: Sequence[int | None], offsets: Sequence[int]) -> torch.Tensor:
+    """Exp(1) draws shaped like ``like [B, ...]``: row i from a generator seeded by
+    ``step_seed(seeds[i], offsets[i])``, or from the device's default one when unseeded."""
     noise = torch.empty_like(like)
-    if any(s is None for s in batch.seeds):
+    if any(s is None for s in seeds):
         noise.exponential_()
-    for i, seed in enumerate(batch.seeds):
+    for i, seed in enumerate(seeds):
         if seed is not None:
             gen = torch.Generator(device=like.device)
-            gen.manual_seed(step_seed(seed, batch.seed_offsets[i]))
+            gen.manual_seed(step_seed(seed, offsets[i]))
             noise[i].exponential_(generator=gen)
     return noise.clamp_(min=_MIN_NOISE)
 
 
-def _sample_random(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+def _exponential_noise(like: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    return exponential_noise(like, batch.seeds, batch.seed_offsets)
+
+
+def _random_probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """The distribution a random row draws from: temperature, min_p, top_k, top_p."""
     # Greedy rows of a mixed batch go through here too (their result is
     # discarded); temperature 1 keeps their arithmetic finite.
     temperature = torch.where(batch.temperature > 0, batch.temperature, 1.0)
@@ -298,25 +305,44 @@ def _sample_random(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         logits = logits.masked_fill(probs < threshold, float("-inf"))
     if not (batch.no_top_k and batch.no_top_p):
         logits = _apply_top_k_top_p(logits, batch)
-    probs = logits.softmax(dim=-1)
+    return logits.softmax(dim=-1)
+
+
+def _sample_random(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    probs = _random_probs(logits, batch)
     return probs.div_(_exponential_noise(probs, batch)).argmax(dim=-1)
+
+
+def _adjusted_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Float32 logits after logit_bias, bans and penalties (a copy only when something edits them)."""
+    edits = any(batch.logit_bias) or any(batch.banned_token_ids) or not batch.no_penalties
+    # Copy only when editing in place: the caller's tensor stays intact.
+    logits = logits.to(torch.float32, copy=edits)
+    if edits:
+        apply_logit_bias_and_bans(logits, batch)
+    if not batch.no_penalties:
+        logits = apply_penalties(logits, batch)
+    return logits
 
 
 class Sampler:
     """Stateless; one instance per model runner."""
 
+    def probabilities(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """``[B, V]`` float32: the distribution each row samples from (one-hot at the argmax for
+        greedy rows). Speculative decoding's rejection sampling compares these."""
+        logits = _adjusted_logits(logits, batch)
+        greedy = torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).to(torch.float32)
+        if batch.all_greedy:
+            return greedy
+        probs = _random_probs(logits, batch)
+        return probs if batch.all_random else torch.where((batch.temperature == 0).unsqueeze(1), greedy, probs)
+
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """Sample one token per row of ``logits [B, V]``; ``logits`` is not modified."""
         want = [k for k in batch.num_logprobs if k is not None]
         raw_logprobs = torch.log_softmax(logits.float(), dim=-1) if want else None
-
-        edits = any(batch.logit_bias) or any(batch.banned_token_ids) or not batch.no_penalties
-        # Copy only when editing in place: the caller's tensor stays intact.
-        logits = logits.to(torch.float32, copy=edits)
-        if edits:
-            apply_logit_bias_and_bans(logits, batch)
-        if not batch.no_penalties:
-            logits = apply_penalties(logits, batch)
+        logits = _adjusted_logits(logits, batch)
 
         if batch.all_greedy:
             sampled = logits.argmax(dim=-1)

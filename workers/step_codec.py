@@ -65,9 +65,10 @@ class StepEncoder:
             if table[:keep] != held[:keep]:
                 keep = next(i for i, (a, b) in enumerate(zip(table, held)) if a != b)
             self._sent[s.request_id] = table
-            rows.append((s.request_id, s.token_ids, s.start_pos, keep, table[keep:], s.sample, s.num_spec_tokens))
+            rows.append((s.request_id, s.token_ids, s.start_pos, keep, table[keep:], s.sample, s.num_spec_tokens,
+                         s.draft_token_ids, s.num_draft_tokens))
         msg = (out.step_id, rows, out.new_requests, out.finished_request_ids, out.preempted_request_ids,
-               _pack(out.grammar), out.grammar_later, out.lora_loads)
+               _pack(out.grammar), out.grammar_later, out.lora_loads, out.num_spec_tokens, out.draft)
         return pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
 
     @staticmethod
@@ -85,16 +86,18 @@ class StepDecoder:
         msg = pickle.loads(payload)
         if msg[0] == "grammar":  # a step message starts with its (int) step id
             return LateGrammar(msg[1], _unpack(msg[2]))
-        step_id, rows, new_requests, finished, preempted, grammar, grammar_later, lora_loads = msg
+        step_id, rows, new_requests, finished, preempted, grammar, grammar_later, lora_loads, num_spec_total, draft = msg
         for rid in finished:
             self._tables.pop(rid, None)
         for rid in preempted:
             self._tables.pop(rid, None)
         scheduled = []
-        for rid, token_ids, start_pos, keep, new_blocks, sample, num_spec in rows:
+        for rid, token_ids, start_pos, keep, new_blocks, sample, num_spec, draft_ids, num_draft in rows:
             table = self._tables.setdefault(rid, [])
             del table[keep:]
             table.extend(new_blocks)
-            scheduled.append(ScheduledRequest(rid, token_ids, start_pos, list(table), sample, num_spec))
+            scheduled.append(ScheduledRequest(rid, token_ids, start_pos, list(table), sample, num_spec,
+                                              draft_ids, num_draft))
         return SchedulerOutput(scheduled, new_requests, finished, preempted, step_id, grammar=_unpack(grammar),
-                               grammar_later=grammar_later, lora_loads=lora_loads)
+                               grammar_later=grammar_later, lora_loads=lora_loads, num_spec_tokens=num_spec_total,
+                               draft=draft)

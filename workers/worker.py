@@ -34,7 +34,8 @@ class Worker:
         sc = config.scheduler
         # Rows of the largest forward: a full step, or a CUDA graph's padded batch (of up to 8 tokens each).
         max_rows = max(sc.max_num_batched_tokens, 8 * sc.max_num_seqs)
-        self.runner = ModelRunner(config.model, config.cache, ctx, self.device, config.lora, max_rows)
+        self.runner = ModelRunner(config.model, config.cache, ctx, self.device, config.lora, max_rows,
+                                  config.speculative)
         if config.warmup and self.runner.lora is not None:
             self.runner.lora.warm_up()
         # One stage of several TP ranks may get steps launched ahead: see ModelRunner.share_samples.
@@ -48,8 +49,15 @@ class Worker:
         weights = iter_weights(source, device=self.device, dtype=DTYPES[mc.dtype], seed=mc.seed,
                                keep_quantized=mc.quantization == "gguf")
         self.runner.load_weights(weights)
+        models = [self.runner.model]
+        if self.runner.drafter is not None:  # speculative decoding's draft model, beside the target
+            dc = self.config.speculative.draft
+            source = resolve_model(dc.model, "dummy" if dc.kind == "dummy" else "auto")
+            self.runner.drafter.load_weights(iter_weights(source, device=self.device, dtype=DTYPES[dc.dtype],
+                                                          seed=dc.seed))
+            models.append(self.runner.drafter.model)
         # The bytes that now sit on the device (a tied weight once): over the seconds, the load's GB/s.
-        tensors = {t.data_ptr(): t for t in self.runner.model.state_dict().values()}
+        tensors = {t.data_ptr(): t for m in models for t in m.state_dict().values()}
         self.weights_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
         return time.perf_counter() - t0
 

@@ -97,6 +97,10 @@ DESIGN_METRICS = frozenset({
     "fleetlm_lora_resident_adapters",
     "fleetlm_lora_loads_total",
     "fleetlm_lora_evictions_total",
+    "fleetlm_spec_decode_verifies_total",
+    "fleetlm_spec_decode_proposed_tokens_total",
+    "fleetlm_spec_decode_accepted_tokens_total",
+    "fleetlm_spec_decode_emitted_tokens_total",
 })
 
 
@@ -573,7 +577,8 @@ def test_allow_list_is_the_dataclass_fields():
         "tokenizer", "chat_template", "trust_remote_code", "seed", "long_prefill_token_threshold", "block_size",
         "enforce_eager", "warmup", "compile_cache_dir", "distributed_executor_backend", "quantization",
         "tool_call_parser", "enable_auto_tool_choice",
-        "enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras", "lora_modules"}
+        "enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras", "lora_modules",
+        "speculative_config"}
 
 
 def test_every_engine_argument_is_a_model_key_and_a_serve_flag():
