@@ -20,7 +20,9 @@ reasoning the sweep measures:
   2 x K x N x 2 written and read, cost less than re-dequantizing the tile
   for each block of rows).
 
-Loaded once at import into a frozen mapping; nothing here changes at run time.
+Loaded once at import into a frozen mapping. Only a benchmark comparing
+tables swaps it (:func:`use_table`, before any launch); the engine reads the
+committed file.
 """
 
 from __future__ import annotations
@@ -140,9 +142,19 @@ def load_table(path: Path = TABLE_PATH) -> MappingProxyType:
 TABLE = load_table()
 
 
-def lookup(kind: str, m: int, n: int, k: int, table: MappingProxyType = TABLE) -> WQConfig:
+def use_table(path: Path | str) -> MappingProxyType:
+    """Make the sweep output at ``path`` the table every later lookup reads (benchmarks: a new table, no commit)."""
+    global TABLE
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"wq config table {path} does not exist")
+    TABLE = load_table(path)
+    return TABLE
+
+
+def lookup(kind: str, m: int, n: int, k: int, table: MappingProxyType | None = None) -> WQConfig:
     """The table's config for this launch: exact shape, else the nearest of its kind and bucket, else the default."""
-    entries = table.get((kind, m_bucket(m)), ())
+    entries = (TABLE if table is None else table).get((kind, m_bucket(m)), ())
     best, best_d = None, NEAREST_LOG2_DISTANCE
     for e in entries:
         if e.n == n and e.k == k:
@@ -154,4 +166,4 @@ def lookup(kind: str, m: int, n: int, k: int, table: MappingProxyType = TABLE) -
 
 
 __all__ = ["M_BUCKETS", "PATHS", "TABLE", "TABLE_PATH", "WQConfig", "default_config", "kind_of", "load_table",
-           "lookup", "m_bucket"]
+           "lookup", "m_bucket", "use_table"]

@@ -86,3 +86,15 @@ def test_committed_table_loads():
     if wq_configs.TABLE_PATH.exists():  # absent until the first sweep's table is committed
         table = load_table()
         assert table and all(e.config.path in wq_configs.PATHS for v in table.values() for e in v)
+
+
+def test_use_table_swaps_what_lookup_reads(tmp_path, monkeypatch):
+    monkeypatch.setattr(wq_configs, "TABLE", wq_configs.TABLE)  # restored after the test
+    fast = WQConfig("gemv", block_n=64, block_kw=8, num_warps=2)
+    path = tmp_path / "swept.json"
+    path.write_text(json.dumps({"entries": [{"kind": "w4g128", "m": 1, "n": 512, "k": 512, "config": fast.to_dict()}]}))
+    assert lookup("w4g128", 1, 512, 512) == default_config("w4g128", 1, 512, 512)
+    wq_configs.use_table(path)
+    assert lookup("w4g128", 1, 512, 512) == fast
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        wq_configs.use_table(tmp_path / "missing.json")
