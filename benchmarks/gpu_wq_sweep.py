@@ -119,11 +119,21 @@ def splits_for(cfg: dict, m: int, n: int, k: int, bits: int) -> list[int]:
     return sorted({s for s in tried if 1 <= s <= steps})
 
 
+KIND_NAMES = {"int4": ("w4g128", 4), "q4k": ("w4g32km", 4)}  # sweep kind -> (wq_configs kind, bits)
+
+
 def _jobs() -> list[dict]:
+    """Every candidate launch; per (kind, rows, shape) the default of ``wq_configs`` comes first, marked
+    ``default`` (the record compares the defaults with the best candidate: what the table gains)."""
+    from fleetlm.kernels.wq_configs import default_config
+
     jobs = []
     for kind in KINDS:
-        bits = 4
+        qkind, bits = KIND_NAMES[kind]
         for m in M_RUNS:
+            for shape, (n, k) in SHAPES.items():
+                jobs.append(dict(kind=kind, m=m, shape=shape, n=n, k=k, default=True,
+                                 cfg=default_config(qkind, m, n, k).to_dict()))
             for cfg in candidates(kind, m):
                 for shape, (n, k) in SHAPES.items():
                     for split in splits_for(cfg, m, n, k, bits):
@@ -296,7 +306,7 @@ def child(kind: str, jobs_path: Path, out_path: Path, deadline: float) -> int:
         if time.monotonic() > deadline:
             emit({"kind": kind, "event": "deadline", "left": len(jobs)})
             break
-        rec = {k: job[k] for k in ("kind", "m", "shape", "n", "k", "cfg", "id")}
+        rec = {k: job[k] for k in ("kind", "m", "shape", "n", "k", "cfg", "id", "default") if k in job}
         try:
             cfg = WQConfig.from_dict(job["cfg"])
             x, ref = xs[job["shape"], job["m"]], refs[job["shape"], job["m"]]
@@ -323,6 +333,7 @@ def best_entries(results: list[dict]) -> tuple[dict, list[dict]]:
     from fleetlm.kernels.wq_configs import kind_of
 
     kind_name = {"int4": kind_of(4, 128, False, False, False), "q4k": kind_of(4, 32, True, True, False)}
+    assert kind_name == {k: v[0] for k, v in KIND_NAMES.items()}
     best: dict[tuple[str, int, str], dict] = {}
     for r in results:
         if r.get("ok") and "us" in r and r["kind"] in kind_name:
@@ -423,11 +434,13 @@ def main(argv: list[str] | None = None) -> int:
              "source": "benchmarks/gpu_wq_sweep.py", "entries": entries}
     (out_dir / "wq_configs.json").write_text(json.dumps(table, indent=1) + "\n")
     base = {(r["m"], r["shape"]): r for r in results if r.get("kind") == "bf16"}
+    defaults = {(r["kind"], r["m"], r["shape"]): r for r in results if r.get("default") and "us" in r}
     summary = {}
     for (kind, m, shape), r in sorted(best.items()):
         b = base.get((m, shape))
+        d = defaults.get((kind, m, shape))
         summary[f"{kind}/m{m}/{shape}"] = {
-            "us": r["us"], "config": r["cfg"], "err": r.get("err"),
+            "us": r["us"], "config": r["cfg"], "err": r.get("err"), "default_us": d["us"] if d else None,
             "roofline_us": r["bytes"] / bw * 1e6 if bw else None,
             "bf16_us": b["us"] if b else None, "bf16_roofline_us": b["bytes"] / bw * 1e6 if b and bw else None}
     record["best"] = summary
@@ -439,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nwrote {path} and {out_dir / 'wq_configs.json'} ({len(entries)} entries)  card={record['card']}  "
           f"commit={record['commit']}  copy {record['copy_bandwidth_GBps'] or 0:.0f} GB/s  "
           f"{time.monotonic() - start:.0f} s")
-    print("per layer (sum of the 4 projections), us: best config / roofline (weight bytes / copy bandwidth)")
+    print("per layer (sum of the 4 projections), us: best config (roofline: weight bytes / copy bandwidth), bf16,"
+          " and the defaults of kernels/wq_configs.py")
     for kind in KINDS:
         for m in M_RUNS:
             rows = [summary.get(f"{kind}/m{m}/{s}") for s in SHAPES]
@@ -449,9 +463,10 @@ def main(argv: list[str] | None = None) -> int:
             us = sum(r["us"] for r in rows)
             roof = sum(r["roofline_us"] or 0 for r in rows)
             b16 = sum(r["bf16_us"] or 0 for r in rows)
+            dflt = sum(r["default_us"] for r in rows) if all(r["default_us"] for r in rows) else None
             paths = ",".join(sorted({r["config"]["path"] for r in rows}))
             print(f"  {kind:>4} M={m:>4}: {us:7.1f} (roof {roof:5.1f})  bf16 {b16:7.1f}  x{b16 / us if us else 0:.2f}"
-                  f"  [{paths}]")
+                  f"  defaults {f'{dflt:7.1f} x{b16 / dflt:.2f}' if dflt else '-'}  [{paths}]")
     return 0
 
 
