@@ -32,6 +32,14 @@ def __getattr__(name):
         from fleetlm.engine.sampling_params import SamplingParams
 
         return SamplingParams
+    if name == "GuidedDecodingParams":
+        from fleetlm.engine.sampling_params import GuidedDecodingParams
+
+        return GuidedDecodingParams
+    if name == "LoRARequest":
+        from fleetlm.engine.lora import LoRARequest
+
+        return LoRARequest
     if name == "AsyncEngine":
         from fleetlm.engine.async_engine import AsyncEngine
 
@@ -39,4 +47,4 @@ def __getattr__(name):
     raise AttributeError(f"module 'fleetlm' has no attribute {name!r}")
 
 
-__all__ = ["LLM", "SamplingParams", "AsyncEngine"]
+__all__ = ["LLM", "SamplingParams", "GuidedDecodingParams", "LoRARequest", "AsyncEngine"]

@@ -1,15 +1,16 @@
-"""``fleetlm bench``: throughput, latency, serve and prefix benchmarks, each writing a JSON record.
+"""``fleetlm bench``: throughput, latency, prefix, startup and serve benchmarks, each writing a JSON record.
 
     fleetlm bench throughput --model llama-3.1-8b --load-format dummy --num-prompts 1000 --input-len 256 --output-len 256
     fleetlm bench latency    --model llama-3.1-8b --load-format dummy --batch-size 1 --input-len 128 --output-len 512
     fleetlm bench prefix     --model llama-3.1-8b --load-format dummy --prefix-len 2000 --shared-fraction 0.9
+    fleetlm bench startup    --model llama-3.1-8b --load-format dummy --max-model-len 4096
     fleetlm bench serve      --base-url http://127.0.0.1:8000 --max-concurrency 1,8,32,128 --input-len 512 --output-len 128
 
 Every run writes one JSON record (``records.py``: card, versions, commit,
 date, config, figures) to ``<name>-<UTC time>.json`` in the current
 directory (or ``--results-dir``, or exactly ``--output``). What the figures
 mean is said where they are computed: ``ceilings.py`` (matmul and copy
-ceilings), ``offline.py`` (MFU, MBU, time limits), ``serve_load.py``.
+ceilings), ``offline.py`` (MFU, MBU, time limits), ``startup.py``, ``serve_load.py``.
 ``main`` is the CLI (``fleetlm.cluster.cli`` dispatches ``fleetlm bench ...``
 here).
 """
@@ -34,6 +35,7 @@ from fleetlm.benchmarks.offline import (
     run_throughput,
 )
 from fleetlm.benchmarks.records import BenchError, make_record, write_record
+from fleetlm.engine.config import KV_CACHE_DTYPES
 from fleetlm.benchmarks.serve_load import fetch_model_name, run_serve, server_root
 
 
@@ -42,6 +44,7 @@ ENGINE_FLAGS = (
     "model", "load_format", "dtype", "device", "max_num_seqs", "max_num_batched_tokens", "max_model_len",
     "gpu_memory_utilization", "tensor_parallel_size", "pipeline_parallel_size", "enforce_eager",
     "enable_prefix_caching", "num_kv_blocks", "block_size", "quantization",
+    "kv_cache_dtype",
 )
 
 
@@ -51,6 +54,8 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--load-format", choices=("auto", "safetensors", "gguf", "dummy"))
     g.add_argument("--quantization", help="weight format (awq, gptq, gguf, ...; default: the checkpoint's own); "
                    "dummy weights take a config.json with a quantization_config as --model")
+    g.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES,
+                   help="KV cache storage: auto (the model's dtype) or fp8 = fp8_e4m3 (E4M3 with scales)")
     g.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"))
     g.add_argument("--device", choices=("auto", "cpu", "cuda"))
     g.add_argument("--max-num-seqs", type=int)
@@ -153,6 +158,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run the modes this many times, alternating (on, off, on, off, ...); report each mode's median")
     _add_common_args(pre, ceilings=False)
     pre.add_argument("--no-warmup", action="store_true")
+
+    st = sub.add_parser("startup", help="start-up breakdown and first-request latency, cold and warm compile cache")
+    _add_engine_args(st)
+    st.add_argument("--compile-cache-dir", help="an empty or new directory for the cache (default: a temporary one)")
+    st.add_argument("--no-warmup", action="store_true", help="start without the warm-up (to see what it saves)")
+    st.add_argument("--input-len", type=int, default=128, help="prompt tokens of the timed requests")
+    st.add_argument("--output-len", type=int, default=128, help="tokens of the timed batch-1 decodes")
+    st.add_argument("--steady-requests", type=int, default=5, help="requests after the first, for the steady state")
+    _add_common_args(st, ceilings=False)
 
     s = sub.add_parser("serve", help="load a running OpenAI-compatible endpoint (streaming)")
     s.add_argument("--base-url", default="http://127.0.0.1:8000",
@@ -318,10 +332,27 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.1f}"
 
 
+def cmd_startup(ns, make_llm) -> int:
+    from fleetlm.benchmarks.startup import run_startup, summary
+
+    _positive(ns, "input_len", "output_len", "steady_requests")
+    kw = {**engine_kwargs(ns), "warmup": not ns.no_warmup}
+    device, _ = _resolved_device_dtype(kw)
+    try:
+        runs = run_startup(kw, compile_cache_dir=ns.compile_cache_dir, input_len=ns.input_len,
+                           output_len=ns.output_len, steady_requests=ns.steady_requests, timeout_s=ns.time_limit)
+    except ValueError as e:
+        raise BenchError(str(e)) from None
+    config = {"engine": kw, "input_len": ns.input_len, "output_len": ns.output_len,
+              "steady_requests": ns.steady_requests, "compile_cache_dir": ns.compile_cache_dir}
+    return _finish(ns, "startup", config, runs, device, summary(runs))
+
+
 COMMANDS: dict[str, Callable[..., int]] = {
     "throughput": cmd_throughput,
     "latency": cmd_latency,
     "prefix": cmd_prefix,
+    "startup": cmd_startup,
     "serve": cmd_serve,
 }
 

@@ -257,7 +257,8 @@ def run_latency(llm, *, batch_size: int, input_len: int, output_len: int, num_it
     steps_sorted = sorted(steps)
     mean_context = input_len + output_len / 2
     weight_bytes = shape.num_params * elem
-    kv_bytes = batch_size * mean_context * shape.kv_bytes_per_token(elem)
+    kv_elem = 1 if engine.config.cache.cache_dtype == "fp8_e4m3" else elem  # kv_cache_dtype="fp8": 1 byte
+    kv_bytes = batch_size * mean_context * shape.kv_bytes_per_token(kv_elem)
     figures: dict[str, Any] = {
         "complete": complete,
         "warmup_s": warmup_s,

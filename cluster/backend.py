@@ -19,6 +19,7 @@ from fleetlm.cluster.messages import GenerateRequest, ModelInfo, ReplicaHealth
 logger = logging.getLogger("fleetlm.ingress")
 
 CONTROL_TIMEOUT_S = 5.0
+LORA_LOAD_TIMEOUT_S = 120.0  # every replica reads the adapter's files (hub ids download)
 
 
 class ModelBackend:
@@ -51,21 +52,38 @@ class ModelBackend:
         """An async iterator of GenerateChunk with ``cancel()``."""
         return self._stream_handle.generate.remote(req)
 
-    async def _broadcast(self, method: str) -> list[Any]:
-        return await self._handle.broadcast(method).results_async(
-            timeout_s=CONTROL_TIMEOUT_S, return_exceptions=True)
+    async def _broadcast(self, method: str, *args: Any, timeout_s: float = CONTROL_TIMEOUT_S) -> list[Any]:
+        return await self._handle.broadcast(method, *args).results_async(timeout_s=timeout_s, return_exceptions=True)
+
+    async def _ask_running(self, method: str) -> list[Any]:
+        """Every running replica's answer; none when no replica runs (scaled to zero, or
+        failed to deploy: Serve says "unavailable" for both)."""
+        from ray.serve.exceptions import DeploymentUnavailableError
+
+        try:
+            return await self._broadcast(method)
+        except DeploymentUnavailableError:
+            return []
+
+    async def add_lora(self, lora_request: Any) -> list[Any]:
+        """Every replica checks and reads the adapter: per replica None (done), the reason it
+        could not, or the exception of a replica that did not answer."""
+        return await self._broadcast("add_lora", lora_request, timeout_s=LORA_LOAD_TIMEOUT_S)
+
+    async def remove_lora(self, lora_int_id: int) -> list[Any]:
+        return await self._broadcast("remove_lora", lora_int_id)
 
     async def health(self) -> list[ReplicaHealth]:
         return [r if isinstance(r, ReplicaHealth) else ReplicaHealth("?", False, repr(r))
-                for r in await self._broadcast("health")]
+                for r in await self._ask_running("health")]
 
     async def metrics(self) -> list[list[Any]]:
-        return [r for r in await self._broadcast("metrics_families") if isinstance(r, list)]
+        return [r for r in await self._ask_running("metrics_families") if isinstance(r, list)]
 
     async def invariants(self) -> list[dict[str, Any]]:
         return [r if isinstance(r, dict) else {"replica": "?", "ok": False, "idle": False,
                                                "violations": [f"no answer: {r!r}"]}
-                for r in await self._broadcast("invariants")]
+                for r in await self._ask_running("invariants")]
 
 
 def map_exception(e: BaseException) -> OpenAIError:

@@ -1,4 +1,5 @@
-"""``fleetlm``: the command line. ``fleetlm serve`` runs the OpenAI server; ``fleetlm bench`` benchmarks.
+"""``fleetlm``: the command line. ``fleetlm serve`` runs the OpenAI server; ``fleetlm build`` fills the
+compile cache ahead of time (``build.py``); ``fleetlm bench`` benchmarks.
 
 ``fleetlm serve`` with no arguments serves the embedded model on
 127.0.0.1:8000, on whatever device the machine has. ``fleetlm serve MODEL``
@@ -40,7 +41,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from fleetlm.cluster.lifecycle import SUPERVISED_ENV, Signals, drain, log, supervise
-from fleetlm.cluster.serve_config import EMBEDDED_MODEL, ModelDeploymentConfig, parse_app_args
+from fleetlm.cluster.serve_config import (
+    EMBEDDED_MODEL,
+    KV_CACHE_DTYPES,
+    TOOL_CALL_PARSERS,
+    ModelDeploymentConfig,
+    parse_app_args,
+)
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
@@ -57,7 +64,8 @@ GUARDED_ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/ver
                   "/debug/invariants", "/dashboard", "/dashboard/data", "/dashboard/static/dashboard.js",
                   "/dashboard/static/dashboard.css", "/dashboard/static/uPlot.iife.min.js",
                   "/dashboard/static/uPlot.min.css")
-OPEN_ROUTES = ("/health", "/ping", "/metrics")
+LORA_ROUTES = ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")  # guarded too; only with --enable-lora
+OPEN_ROUTES = ("/health", "/ping", "/metrics", "/ready")
 
 
 @dataclass(frozen=True)
@@ -81,6 +89,7 @@ ENGINE_DECIDES = {
     "max_num_batched_tokens": "8192 on GPU, 2048 on CPU",
     "cpu_kv_cache_bytes": "2 GiB",
     "num_kv_blocks": "sized from --gpu-memory-utilization on GPU, --cpu-kv-cache-bytes on CPU",
+    "kv_cache_dtype": "auto",
     "async_scheduling": "on for one in-process CUDA worker",
     "warmup": "on GPU",
     "compile_cache_dir": "~/.cache/fleetlm/compile on GPU",
@@ -88,6 +97,10 @@ ENGINE_DECIDES = {
     "quantization": "the checkpoint's own (none: its dtype)",
     "chat_template": "the model's own",
     "max_waiting_tokens": "off",
+    "max_cpu_loras": "max_loras",
+    "enable_lora": "off",
+    "max_loras": "1",
+    "max_lora_rank": "16",
 }
 
 # vLLM's names where vLLM has the flag; the others are FleetLM's model entry keys.
@@ -120,6 +133,8 @@ MODEL_FLAGS: tuple[ModelFlag, ...] = (
     ModelFlag("gpu_memory_utilization", {"type": float}, "fraction of GPU memory for weights, activations and KV"),
     ModelFlag("cpu_kv_cache_bytes", {"type": int}, "KV cache bytes of one replica on CPU"),
     ModelFlag("num_kv_blocks", {"type": int}, "fixed KV cache size in blocks"),
+    ModelFlag("kv_cache_dtype", {"choices": KV_CACHE_DTYPES},
+              "KV cache storage: auto (the model's dtype) or fp8 = fp8_e4m3 (E4M3 with scales: twice the tokens)"),
     ModelFlag("enable_prefix_caching", {"action": argparse.BooleanOptionalAction, "default": None},
               "reuse the KV blocks of shared prompt prefixes"),
     ModelFlag("enforce_eager", {"action": "store_true", "default": None}, "no CUDA graphs"),
@@ -133,6 +148,18 @@ MODEL_FLAGS: tuple[ModelFlag, ...] = (
     ModelFlag("max_waiting_tokens", {"type": int}, "prompt tokens of the model allowed to wait (then 429)"),
     ModelFlag("stream_chunks_per_s", {"type": float}, "SSE chunks a replica sends a second over all its streams"),
     ModelFlag("stream_max_interval_s", {"type": float}, "most seconds between two chunks of one stream"),
+    ModelFlag("tool_call_parser", {"choices": TOOL_CALL_PARSERS},
+              "how the model writes tool calls (llama3_json: Llama 3.1+; hermes: Hermes, Qwen 2.5, and models "
+              "whose template does not render tools)"),
+    ModelFlag("enable_auto_tool_choice", {"action": "store_true", "default": None},
+              "serve tool_choice 'auto' (needs --tool-call-parser)"),
+    ModelFlag("enable_lora", {"action": "store_true", "default": None},
+              "serve LoRA adapters, each request choosing one by sending its name as `model`"),
+    ModelFlag("max_loras", {"type": int}, "adapters one step may use (device slots per replica)"),
+    ModelFlag("max_lora_rank", {"type": int}, "largest adapter rank (it sizes every slot)"),
+    ModelFlag("max_cpu_loras", {"type": int}, "adapters each worker keeps in host memory"),
+    ModelFlag("lora_modules", {"nargs": "+", "metavar": "NAME=PATH"},
+              "PEFT adapters every replica reads at start (more: POST /v1/load_lora_adapter)"),
 )
 
 
@@ -163,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", help=f"HTTP host (default: {DEFAULT_HOST})")
     srv.add_argument("--port", type=int, help=f"HTTP port (default: {DEFAULT_PORT})")
     srv.add_argument("--api-key", help="require `Authorization: Bearer <key>` on " + ", ".join(GUARDED_ROUTES)
+                     + " (with --enable-lora also " + ", ".join(LORA_ROUTES) + ")"
                      + " (" + ", ".join(OPEN_ROUTES) + " stay open for load balancers and Prometheus; "
                      "they carry no prompts or outputs) (default: FLEETLM_API_KEY, else no key)")
     srv.add_argument("--config", help="Serve config YAML (configs/serve/*.yaml) or a YAML mapping of app args")
@@ -179,14 +207,23 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--num-replicas", type=int, help="fixed number of replicas of the model (default: 1)")
     rep.add_argument("--min-replicas", type=int, help="autoscaling lower bound, with --max-replicas (default: 1)")
     rep.add_argument("--max-replicas", type=int, help="autoscaling upper bound (turns autoscaling on)")
-    eng = s.add_argument_group("model and engine (one model; several need --config)")
-    for flag in MODEL_FLAGS:
-        text = flag.help
-        if flag.dest not in ("model", "served_model_name", "trust_remote_code"):
-            text += f" (default: {_flag_default(flag.entry_key)})"
-        eng.add_argument("--" + flag.dest.replace("_", "-"), dest=flag.dest, help=text, **flag.kwargs)
+    _add_model_flags(s.add_argument_group("model and engine (one model; several need --config)"))
+    b = sub.add_parser("build", help="fill the compile cache ahead of time",
+                       description="Start the model's engine once, as `fleetlm serve` with the same flags would, "
+                                   "with the warm-up on: every kernel serving takes is compiled into the compile "
+                                   "cache, so that a later start is warm.")
+    b.add_argument("model_tag", nargs="?", metavar="MODEL", help=f"model to build (default: {EMBEDDED_MODEL})")
+    _add_model_flags(b.add_argument_group("model and engine (the same flags as fleetlm serve)"))
     sub.add_parser("bench", help="run benchmarks (fleetlm bench --help)", add_help=False)
     return parser
+
+
+def _add_model_flags(group: Any) -> None:
+    for flag in MODEL_FLAGS:
+        text = flag.help
+        if flag.dest not in ("model", "served_model_name", "trust_remote_code", "lora_modules"):
+            text += f" (default: {_flag_default(flag.entry_key)})"
+        group.add_argument("--" + flag.dest.replace("_", "-"), dest=flag.dest, help=text, **flag.kwargs)
 
 
 def load_config_file(path: str) -> tuple[dict[str, Any], dict[str, Any], str | None]:
@@ -224,12 +261,18 @@ def load_config_file(path: str) -> tuple[dict[str, Any], dict[str, Any], str | N
     return dict(app.get("args") or {}), dict(http), data.get("proxy_location")
 
 
-def _model_overrides(ns: argparse.Namespace) -> dict[str, Any]:
+def _model_entry(ns: argparse.Namespace) -> dict[str, Any]:
+    """The model entry's keys that MODEL and the model flags set."""
     if ns.model_tag is not None and ns.model is not None and ns.model_tag != ns.model:
         raise CLIError(f"two models given: MODEL {ns.model_tag!r} and --model {ns.model!r}")
     overrides = {f.entry_key: getattr(ns, f.dest) for f in MODEL_FLAGS if getattr(ns, f.dest) is not None}
     if ns.model_tag is not None:
         overrides["model"] = ns.model_tag
+    return overrides
+
+
+def _model_overrides(ns: argparse.Namespace) -> dict[str, Any]:
+    overrides = _model_entry(ns)
     if ns.num_replicas is not None and (ns.min_replicas is not None or ns.max_replicas is not None):
         raise CLIError("give --num-replicas or --min-replicas/--max-replicas, not both")
     if ns.min_replicas is not None and ns.max_replicas is None:
@@ -346,6 +389,19 @@ def run_serve(ns: argparse.Namespace, environ: Mapping[str, str], argv: Sequence
             ray.shutdown()
 
 
+def run_build(ns: argparse.Namespace) -> int:
+    from fleetlm.cluster.build import build, describe
+    from fleetlm.cluster.serve_config import parse_model_args
+
+    try:
+        model = parse_model_args(_model_entry(ns))
+        result = build(model)
+    except (ValueError, TypeError) as e:
+        raise CLIError(str(e)) from None
+    log(describe(result))
+    return 0
+
+
 def run_bench(argv: Sequence[str]) -> int:
     from fleetlm.benchmarks.cli import main as bench_main
 
@@ -360,6 +416,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if ns.command == "serve":
             return run_serve(ns, os.environ, argv)
+        if ns.command == "build":
+            return run_build(ns)
     except CLIError as e:
         log(f"error: {e}")
         return 2

@@ -4,7 +4,10 @@ A prompt is a string, a list of strings, a list of token ids or a list of
 lists of token ids; each prompt is one engine request with ``n`` choices
 (choice ``k = prompt index * n + j``). ``echo`` returns the prompt before the
 completion; ``logprobs`` are OpenAI's parallel lists with ``text_offset``
-into the returned text.
+into the returned text. ``echo`` with ``logprobs`` scores the prompt too
+(``SamplingParams.prompt_logprobs``): its tokens come first, the first with
+a null logprob (nothing before it to score it), as in OpenAI's legacy API
+and vLLM; this is how evaluation harnesses score a model through a server.
 """
 
 from __future__ import annotations
@@ -82,6 +85,12 @@ class CompletionRequest(SamplingRequest):
     def num_logprobs(self) -> int | None:
         return self.logprobs
 
+    def sampling_kwargs(self, max_tokens: int) -> dict[str, Any]:
+        kw = super().sampling_kwargs(max_tokens)
+        if self.echo and self.logprobs is not None:
+            kw["prompt_logprobs"] = self.logprobs
+        return kw
+
     def default_max_tokens(self, room: int) -> int:
         return min(room, COMPLETION_DEFAULT_MAX_TOKENS)
 
@@ -98,15 +107,27 @@ class CompletionRequest(SamplingRequest):
 # --- response shapes -------------------------------------------------------------
 
 
-def completion_logprobs(entries: list[TokenLogprob], text_offset: int) -> dict[str, Any]:
-    """Legacy completions logprobs: parallel lists, offsets into the returned text."""
+def completion_logprobs(entries: list[TokenLogprob], text_offset: int,
+                        prompt: list[TokenLogprob] | None = None) -> dict[str, Any]:
+    """Legacy completions logprobs: parallel lists, offsets into the returned text.
+
+    ``prompt``: the echoed prompt's entries, first (offsets from 0); the first
+    prompt token has no logprob and no alternatives (null, as OpenAI and vLLM).
+    """
     tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
-    for e in entries:
+
+    def put(e: TokenLogprob, offset: int) -> int:
         tokens.append(e.token)
         token_logprobs.append(e.logprob)
-        top_logprobs.append({tok: lp for _, tok, lp in e.top})
-        offsets.append(text_offset)
-        text_offset += len(e.token)
+        top_logprobs.append(None if e.logprob is None else {tok: lp for _, tok, lp in e.top})
+        offsets.append(offset)
+        return offset + len(e.token)
+
+    offset = 0
+    for e in prompt or ():
+        offset = put(e, offset)
+    for e in entries:
+        text_offset = put(e, text_offset)
     return {"tokens": tokens, "token_logprobs": token_logprobs,
             "top_logprobs": top_logprobs, "text_offset": offsets}
 
@@ -115,7 +136,7 @@ def completion_choice(c: ChoiceState, want_logprobs: bool, echo_text: str = "") 
     return {
         "index": c.index,
         "text": echo_text + c.text,
-        "logprobs": completion_logprobs(c.logprobs, len(echo_text)) if want_logprobs else None,
+        "logprobs": completion_logprobs(c.logprobs, len(echo_text), c.prompt_logprobs) if want_logprobs else None,
         "finish_reason": c.finish_reason,
         "stop_reason": c.stop_reason,
     }
@@ -126,6 +147,11 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
+def warm_encoding(tokenizer: Any) -> None:
+    """A first encode and decode, as the first completion would do them (server.OpenAIServer.warm)."""
+    tokenizer.decode(_encode(tokenizer, "Hello, world."))
+
+
 # --- the endpoint --------------------------------------------------------------------
 
 
@@ -133,11 +159,6 @@ class CompletionsEndpoint(Endpoint):
     request_cls = CompletionRequest
     object_name = "text_completion"
     chunk_object_name = "text_completion"
-
-    def check(self, req: CompletionRequest) -> None:
-        if req.echo and req.logprobs is not None:
-            raise bad_request("echo together with logprobs is not supported "
-                              "(prompt logprobs are not computed).", "echo")
 
     async def tokenize(self, req: CompletionRequest, info: ModelInfo) -> tuple[list[list[int]], list[str]]:
         tok = info.tokenizer
@@ -166,8 +187,9 @@ class CompletionsEndpoint(Endpoint):
         d = u.delta
         echo = p.echo_texts[u.state.index // p.n]
         lp = None
-        if p.want_logprobs and d.logprobs is not None:
-            lp = completion_logprobs(d.logprobs, len(echo) + u.logprob_chars_before)
+        if p.want_logprobs and (d.logprobs is not None or (u.first and u.state.prompt_logprobs)):
+            lp = completion_logprobs(d.logprobs or [], len(echo) + u.logprob_chars_before,
+                                     u.state.prompt_logprobs if u.first else None)
         return {"index": u.state.index, "text": (echo if u.first else "") + d.text, "logprobs": lp,
                 "finish_reason": d.finish_reason}
 
@@ -176,4 +198,4 @@ class CompletionsEndpoint(Endpoint):
 
 
 __all__ = ["COMPLETION_DEFAULT_MAX_TOKENS", "CompletionRequest", "CompletionsEndpoint", "MAX_PROMPTS_PER_REQUEST",
-           "completion_choice", "completion_logprobs"]
+           "completion_choice", "completion_logprobs", "warm_encoding"]

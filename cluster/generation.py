@@ -67,10 +67,17 @@ class Prepared:
     n: int
     want_logprobs: bool
     ticket: Ticket | None = None  # admission (released when the request ends)
+    lora: Any = None  # the LoRA adapter the request names (fleetlm.engine.lora.LoRARequest)
 
     @property
     def model(self) -> str:
+        """The served (base) model: ledgers, metrics and admission are per base model."""
         return self.backend.name
+
+    @property
+    def response_model(self) -> str:
+        """What the response calls the model: the adapter's name when the request named one."""
+        return self.lora.lora_name if self.lora is not None else self.backend.name
 
 
 # --- the accumulator ---------------------------------------------------------------
@@ -88,6 +95,7 @@ class ChoiceState:
     stop_reason: int | str | None = None
     started: bool = False  # a delta has arrived (a completion's echo goes with the first)
     logprob_chars: int = 0  # characters of the tokens given logprobs so far (legacy text_offset)
+    prompt_logprobs: list[TokenLogprob] | None = None  # its prompt's, when asked (a completion's echo)
 
 
 @dataclass(frozen=True)
@@ -112,14 +120,20 @@ class Choices:
         self.keep_output = keep_output
         self.states = [ChoiceState(k) for k in range(num_prompts * n)]
         self.cached = [0] * num_prompts
+        self.prompt_logprobs: list[list[TokenLogprob] | None] = [None] * num_prompts
         self.completion_tokens = 0
 
     def add(self, i: int, chunk: GenerateChunk) -> list[Update]:
         self.cached[i] = max(self.cached[i], chunk.num_cached_tokens)
+        if chunk.prompt_logprobs is not None and self.prompt_logprobs[i] is None:
+            # The first copy counts (a migrated sequence's new replica may send them again).
+            self.prompt_logprobs[i] = chunk.prompt_logprobs
         updates = []
         for d in chunk.choices:
             s = self.states[i * self.n + d.index]
             updates.append(Update(s, d, not s.started, s.logprob_chars))
+            if not s.started:
+                s.prompt_logprobs = self.prompt_logprobs[i]
             s.started = True
             s.num_tokens += len(d.token_ids)
             self.completion_tokens += len(d.token_ids)
@@ -155,9 +169,6 @@ class Endpoint:
         self.server = server
 
     # -- what a subclass defines ------------------------------------------------------
-    def check(self, req: Any) -> None:
-        """Refusals of this endpoint beyond the request's own rules."""
-
     async def tokenize(self, req: Any, info: ModelInfo) -> tuple[list[list[int]], list[str]]:
         """(token ids, echoed text) of each prompt of the request."""
         raise NotImplementedError
@@ -176,9 +187,10 @@ class Endpoint:
     async def prepare(self, body: Any) -> Prepared:
         server = self.server
         req = parse_request(self.request_cls, body)
-        backend = server.backend(req.model)
+        if req.constrained:  # a grammar new to this process can take a while to check: not on the loop
+            await asyncio.to_thread(req.check_guided)
+        backend, lora = server.resolve(req.model)
         req.check_limits(server.config)
-        self.check(req)
         try:
             info = await backend.info()
         except asyncio.CancelledError:
@@ -199,7 +211,8 @@ class Endpoint:
                 request_id=f"{api_id}-{i}",
                 prompt_token_ids=ids,
                 params=params,
-                block_hash_ids=_block_hash_ids(ids, info) if prefix_aware else (),
+                block_hash_ids=_block_hash_ids(ids, info, lora) if prefix_aware else (),
+                lora_request=lora,
             ))
         n = req.n or 1
         ticket = None
@@ -207,7 +220,7 @@ class Endpoint:
         if admission is not None:
             ticket = admission.admit([len(p) for p in prompts], n, param="prompt" if len(prompts) > 1 else "n")
         return Prepared(api_id, req, backend, gen_reqs, [len(p) for p in prompts], echo_texts, n,
-                        req.num_logprobs() is not None, ticket)
+                        req.num_logprobs() is not None, ticket, lora)
 
     # -- running -----------------------------------------------------------------------------
     async def handle(self, request: Request) -> Response:
@@ -224,6 +237,8 @@ class Endpoint:
             body = await server.read_json(request)
             if isinstance(body, dict) and isinstance(body.get("model"), str):
                 model = body["model"]
+                adapter = server.adapters.get(model)
+                model = adapter.base if adapter is not None else model  # errors count under the base model
             p = await self.prepare(body)
             model = p.model
             ending = server.ledger_for(p.model).accept(p.ticket.release if p.ticket is not None else None)
@@ -240,7 +255,7 @@ class Endpoint:
                 choices = await self._collect(p, job, first)
                 ending.end(choices.reason())
                 return JSONResponse(response_body(
-                    self.object_name, p.api_id, now(), p.model,
+                    self.object_name, p.api_id, now(), p.response_model,
                     [self.final_choice(p, s) for s in choices.states], choices.usage(p.prompt_lens)))
             finally:
                 if not handed_off:
@@ -296,7 +311,7 @@ class Endpoint:
         inc = p.req.include_usage
 
         def event(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
-            return sse(chunk_body(self.chunk_object_name, p.api_id, created, p.model, choices, usage, inc))
+            return sse(chunk_body(self.chunk_object_name, p.api_id, created, p.response_model, choices, usage, inc))
 
         choices = Choices(len(p.gen_reqs), p.n, keep_output=False)
         try:
@@ -324,10 +339,12 @@ class Endpoint:
         yield SSE_DONE
 
 
-def _block_hash_ids(ids: list[int], info: ModelInfo) -> tuple[int, ...]:
+def _block_hash_ids(ids: list[int], info: ModelInfo, lora: Any = None) -> tuple[int, ...]:
+    """The engine's own block hashes (keyed by the adapter, as its prefix cache is)."""
     from fleetlm.engine.block_hash import block_hash_id, hash_prompt_blocks
 
-    return tuple(block_hash_id(h) for h in hash_prompt_blocks(ids, info.block_size))
+    key = lora.cache_key if lora is not None else None
+    return tuple(block_hash_id(h) for h in hash_prompt_blocks(ids, info.block_size, key))
 
 
 def _raise_chunk_error(chunk: GenerateChunk, req: Any) -> None:

@@ -19,7 +19,7 @@ class TokenLogprob:
 
     token_id: int
     token: str
-    logprob: float
+    logprob: float | None  # None: a prompt's first token (nothing before it to score it)
     top: list[tuple[int, str, float]] = field(default_factory=list)
 
 
@@ -37,6 +37,9 @@ class GenerateRequest:
     # 0 for a new request; k for its k-th re-submission after a replica failed
     # (admitted once already: no replica-side queue limit applies).
     attempt: int = 0
+    # The LoRA adapter it runs with (fleetlm.engine.lora.LoRARequest), None for the
+    # base model; it travels with the request when it migrates.
+    lora_request: Any = None
 
 
 @dataclass
@@ -69,6 +72,9 @@ class GenerateChunk:
     num_cached_tokens: int = 0
     finished: bool = False
     error: ReplicaError | None = None
+    # The prompt's own logprobs (``SamplingParams.prompt_logprobs``), once, in the
+    # stream's first chunk with output: one entry per prompt token.
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,8 @@ class ModelInfo:
     vocab_size: int
     tokenizer: Any  # the engine's own tokenizer, so the ingress counts tokens the same way
     max_num_seqs: int = 0  # running-batch seats per replica (ingress admission)
+    tool_call_parser: str | None = None  # tool calling (cluster/tool_calling.py)
+    enable_auto_tool_choice: bool = False
 
 
 @dataclass(frozen=True)

@@ -108,6 +108,28 @@ EXPORTED_METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("fleetlm_request_errors_total", "counter",
                "Requests that failed, by reason (abort, error, timeout, ...).",
                labels=BASE_LABELS + ("reason",)),
+    # Multi-LoRA: per adapter (lora_name), and the replica's device slots.
+    MetricSpec("fleetlm_lora_requests_total", "counter",
+               "Requests that finished on the replica with a LoRA adapter, by adapter.",
+               labels=BASE_LABELS + ("lora_name",)),
+    MetricSpec("fleetlm_lora_prompt_tokens_total", "counter",
+               "Prompt tokens of finished requests with a LoRA adapter, by adapter.",
+               labels=BASE_LABELS + ("lora_name",)),
+    MetricSpec("fleetlm_lora_generation_tokens_total", "counter",
+               "Output tokens of finished requests with a LoRA adapter, by adapter.",
+               labels=BASE_LABELS + ("lora_name",)),
+    MetricSpec("fleetlm_lora_resident_adapters", "gauge",
+               "LoRA adapters in the replica's device slots now."),
+    MetricSpec("fleetlm_lora_loads_total", "counter",
+               "LoRA adapters loaded into a device slot (a first use or a swap)."),
+    MetricSpec("fleetlm_lora_evictions_total", "counter",
+               "LoRA adapters evicted from a device slot to make room for another."),
+    # Cold start, set once when a replica is ready.
+    MetricSpec("fleetlm_startup_seconds", "gauge",
+               "Seconds of each start-up phase of the replica: process (Ray actor start and imports), "
+               "the engine's (tokenizer, workers, load_weights, kv_cache, cuda_graphs, warmup) and "
+               "replica (its whole construction).",
+               labels=BASE_LABELS + ("phase",)),
 )
 
 EXPORTED_METRIC_NAMES: frozenset[str] = frozenset(m.name for m in EXPORTED_METRICS)

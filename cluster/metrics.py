@@ -37,6 +37,9 @@ ENGINE_STATS_METRICS: dict[str, str] = {
     "fleetlm_prefix_cache_queried_tokens_total": "prefix_cache_queried_tokens",
     "fleetlm_prefix_cache_hit_tokens_total": "prefix_cache_hit_tokens",
     "fleetlm_num_preemptions_total": "num_preemptions",
+    "fleetlm_lora_resident_adapters": "num_lora_resident",
+    "fleetlm_lora_loads_total": "lora_loads",
+    "fleetlm_lora_evictions_total": "lora_evictions",
 }
 
 
@@ -53,7 +56,10 @@ class _EngineStatsCollector:
         if stats is None:
             return
         for spec in self._specs:
-            value = float(getattr(stats, ENGINE_STATS_METRICS[spec.name]))
+            value = getattr(stats, ENGINE_STATS_METRICS[spec.name], None)
+            if value is None:  # a stats object without the field (a test's stand-in engine)
+                continue
+            value = float(value)
             if spec.kind == "counter":
                 fam = CounterMetricFamily(spec.name, spec.help, labels=BASE_LABELS)
             else:
@@ -122,6 +128,17 @@ class ServeMetrics:
 
     def request_error(self, reason: str) -> None:
         self._child("fleetlm_request_errors_total", reason).inc()
+
+    def lora_request(self, lora_name: str, prompt_tokens: int, generation_tokens: int) -> None:
+        """A request that ran with adapter ``lora_name`` finished."""
+        self._child("fleetlm_lora_requests_total", lora_name).inc()
+        self._child("fleetlm_lora_prompt_tokens_total", lora_name).inc(prompt_tokens)
+        self._child("fleetlm_lora_generation_tokens_total", lora_name).inc(generation_tokens)
+
+    def startup(self, phases: dict[str, float]) -> None:
+        """Seconds per start-up phase (the replica's, once it is ready)."""
+        for phase, seconds in phases.items():
+            self._child("fleetlm_startup_seconds", phase).set(seconds)
 
     # -- export --------------------------------------------------------------
     def collect(self) -> list[Metric]:

@@ -97,6 +97,10 @@ def continuation(req: Any, seq: SequenceProgress, n: int, attempt: int) -> Any:
     if n > 1:
         # The engine gives child i of an n-request clone_for_child(i): n=1, seed+i.
         params = params.clone_for_child(seq.index)
+    if req.params.prompt_logprobs is not None:
+        # The prompt's logprobs come with a choice's first output: a choice that has
+        # sent some already has them, one that has sent none still needs them.
+        params = dataclasses.replace(params, prompt_logprobs=None if seq.token_ids else req.params.prompt_logprobs)
     suffix = f"#{seq.index}" if n > 1 else ""
     return dataclasses.replace(
         req,

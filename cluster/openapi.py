@@ -94,6 +94,13 @@ def sampling_properties(config: Any, model_names: list[str], vocab_size: int | N
         "metadata": _nullable({"type": "object"}),
         "store": _nullable({"type": "boolean"}),
         "service_tier": _nullable({"type": "string"}),
+        # Structured output: one of these at most (the server refuses two).
+        "response_format": _nullable(_ref("ResponseFormat")),
+        "guided_json": _nullable({"anyOf": [{"type": "object"}, {"type": "string"}]}),
+        "guided_regex": _nullable({"type": "string", "minLength": 1}),
+        "guided_choice": _nullable({"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1}),
+        "guided_grammar": _nullable({"type": "string", "minLength": 1}),
+        "guided_decoding_backend": _nullable({"type": "string", "enum": ["xgrammar", "auto"]}),
     }
 
 
@@ -126,10 +133,10 @@ def chat_request_schema(config: Any, model_names: list[str], vocab_size: int | N
         "max_completion_tokens": _nullable(_int(1, config.max_tokens_limit)),
         "logprobs": _nullable({"type": "boolean"}),
         "top_logprobs": _nullable(_int(0, config.max_logprobs)),
-        "response_format": _nullable(_ref("ResponseFormat")),
-        # Tool calling is not served: only "no tools" is accepted.
-        "tools": _nullable({"type": "array", "maxItems": 0}),
-        "tool_choice": _nullable({"type": "string", "enum": ["none"]}),
+        "tools": _nullable({"type": "array", "items": _ref("Tool")}),
+        # "auto" also needs a server started with --enable-auto-tool-choice.
+        "tool_choice": _nullable({"anyOf": [
+            {"type": "string", "enum": ["none", "auto", "required"]}, _ref("NamedToolChoice")]}),
         "parallel_tool_calls": _nullable({"type": "boolean"}),
     })
     return {"type": "object", "properties": props, "required": ["messages"], "additionalProperties": False}
@@ -156,21 +163,64 @@ def _component_schemas(config: Any, model_names: list[str], vocab_size: int | No
         "properties": {k: {"type": "integer", "minimum": 0}
                        for k in ("prompt_tokens", "completion_tokens", "total_tokens")},
     }
-    finish = {"type": ["string", "null"], "enum": ["stop", "length", "abort", "error", None]}
+    finish = {"type": ["string", "null"], "enum": ["stop", "length", "tool_calls", "abort", "error", None]}
     return {
         "CompletionRequest": completion_request_schema(config, model_names, vocab_size),
         "ChatCompletionRequest": chat_request_schema(config, model_names, vocab_size),
         "ChatMessage": {
             "type": "object",
-            "required": ["role", "content"],
+            "required": ["role"],
             "additionalProperties": False,
+            "description": "content may be null only in an assistant message with tool_calls",
+            # A tool message answers a call: it names it.
+            "if": {"properties": {"role": {"const": "tool"}}, "required": ["role"]},
+            "then": {"required": ["role", "tool_call_id"], "properties": {"tool_call_id": {"type": "string"}}},
             "properties": {
                 "role": {"type": "string", "enum": list(CHAT_ROLES)},
-                "content": {"anyOf": [
+                "content": _nullable({"anyOf": [
                     {"type": "string"},
                     {"type": "array", "items": _ref("TextPart")},
-                ]},
+                ]}),
                 "name": _nullable({"type": "string"}),
+                "tool_calls": _nullable({"type": "array", "items": _ref("ToolCall")}),
+                "tool_call_id": _nullable({"type": "string"}),
+            },
+        },
+        "ToolCall": {
+            "type": "object",
+            "required": ["id", "function"],
+            "additionalProperties": False,
+            "properties": {
+                "id": {"type": "string"},
+                "type": {"type": "string", "enum": ["function"]},
+                "function": {"type": "object", "required": ["name", "arguments"], "additionalProperties": False,
+                             "properties": {"name": {"type": "string"}, "arguments": {"type": "string"}}},
+            },
+        },
+        "Tool": {
+            "type": "object",
+            "required": ["function"],
+            "properties": {
+                "type": {"type": "string", "enum": ["function"]},
+                "function": {
+                    "type": "object",
+                    "required": ["name"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+                        "description": _nullable({"type": "string"}),
+                        "parameters": _nullable({"type": "object"}),
+                        "strict": _nullable({"type": "boolean"}),
+                    },
+                },
+            },
+        },
+        "NamedToolChoice": {
+            "type": "object",
+            "required": ["type", "function"],
+            "properties": {
+                "type": {"type": "string", "enum": ["function"]},
+                "function": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}},
             },
         },
         "TextPart": {
@@ -183,7 +233,21 @@ def _component_schemas(config: Any, model_names: list[str], vocab_size: int | No
             "type": "object",
             "required": ["type"],
             "additionalProperties": False,
-            "properties": {"type": {"type": "string", "enum": ["text"]}},
+            "properties": {
+                "type": {"type": "string", "enum": ["text", "json_object", "json_schema"]},
+                "json_schema": _nullable(_ref("JSONSchemaFormat")),
+            },
+        },
+        "JSONSchemaFormat": {
+            "type": "object",
+            "required": ["name", "schema"],
+            "additionalProperties": False,
+            "properties": {
+                "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+                "schema": {"type": "object"},
+                "description": _nullable({"type": "string"}),
+                "strict": _nullable({"type": "boolean"}),
+            },
         },
         "StreamOptions": {
             "type": "object",
@@ -222,7 +286,9 @@ def _component_schemas(config: Any, model_names: list[str], vocab_size: int | No
                     "properties": {
                         "index": {"type": "integer"},
                         "message": {"type": "object", "required": ["role", "content"],
-                                    "properties": {"role": {"type": "string"}, "content": {"type": "string"}}},
+                                    "properties": {"role": {"type": "string"},
+                                                   "content": {"type": ["string", "null"]},
+                                                   "tool_calls": {"type": "array", "items": _ref("ToolCall")}}},
                         "finish_reason": finish,
                     },
                 }},
@@ -296,17 +362,19 @@ def openapi_document(
         "/health": {"get": {
             "summary": "Liveness of the ingress and of every replica (no API key)",
             "security": [],
-            "responses": {"200": {"description": "Every replica is healthy.",
+            "responses": {"200": {"description": "Every model can serve: its replicas healthy and the ingress warm "
+                                                 "for it, or none while autoscaling may cold-start one.",
                                   "content": {"application/json": {"schema": {"type": "object"}}}},
-                          "503": {"description": "Draining, or a replica is unhealthy.",
+                          "503": {"description": "Draining, a replica unhealthy, or the ingress still warming.",
                                   "content": {"application/json": {"schema": {"type": "object"}}}}},
         }},
         "/ping": {"get": {
             "summary": "The same answer as /health (vLLM's liveness route; no API key)",
             "security": [],
-            "responses": {"200": {"description": "Every replica is healthy.",
+            "responses": {"200": {"description": "Every model can serve: its replicas healthy and the ingress warm "
+                                                 "for it, or none while autoscaling may cold-start one.",
                                   "content": {"application/json": {"schema": {"type": "object"}}}},
-                          "503": {"description": "Draining, or a replica is unhealthy.",
+                          "503": {"description": "Draining, a replica unhealthy, or the ingress still warming.",
                                   "content": {"application/json": {"schema": {"type": "object"}}}}},
         }},
         "/version": {"get": {

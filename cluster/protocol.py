@@ -4,8 +4,9 @@ Requests are pydantic models in strict mode: a wrong JSON type is a 400
 naming the field (``"max_tokens": "16"`` is a mistake, not 16), unknown
 fields are a 400 naming the field (a typo such as ``max_token`` must not be
 silently ignored), and non-finite numbers are rejected. Fields that are
-OpenAI's but not supported here (``suffix``, ``tools``, ``response_format``...)
-are accepted only when empty, otherwise rejected with a clear message.
+OpenAI's but not supported here (``suffix``...) are accepted only when
+empty, otherwise rejected with a clear message. Structured output
+(``response_format``, vLLM's ``guided_*``) is ``structured.py``'s.
 
 Optional fields accept ``null`` (OpenAI clients send it for "default").
 A request knows its own rules: :meth:`SamplingRequest.check_limits` (the
@@ -27,9 +28,10 @@ import time
 import uuid
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from fleetlm.cluster.errors import bad_request
+from fleetlm.cluster.structured import GUIDED_FIELDS, ResponseFormat, guided_from_request
 
 # --- requests ----------------------------------------------------------------
 
@@ -101,10 +103,19 @@ class SamplingRequest(Strict):
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = None
+    # Structured output (structured.py): OpenAI's, then vLLM's extras.
+    response_format: ResponseFormat | None = None
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
     # Sent by some clients and meaningless here: accepted, ignored.
     metadata: dict[str, Any] | None = None
     store: bool | None = None
     service_tier: str | None = None
+    # The checked constraint of response_format / guided_* (set by check()).
+    _guided: Any = PrivateAttr(default=None)
 
     @field_validator("stop")
     @classmethod
@@ -149,6 +160,16 @@ class SamplingRequest(Strict):
         """Rules across fields, after parsing (400 naming the param)."""
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options is only allowed when stream is true.", "stream_options")
+
+    @property
+    def constrained(self) -> bool:
+        return (self.response_format is not None and self.response_format.type != "text") or any(
+            getattr(self, f) is not None for f in GUIDED_FIELDS) or self.guided_decoding_backend is not None
+
+    def check_guided(self) -> None:
+        """Check the output constraint (400 naming the field); a new grammar may take a while
+        to check, so the endpoint runs this in a worker thread when the request has one."""
+        self._guided = guided_from_request(self)
 
     def check_own_limits(self, limits: Any) -> None:
         """Limits only this endpoint has (checked in :meth:`check_limits`)."""
@@ -256,6 +277,7 @@ class SamplingRequest(Strict):
             "skip_special_tokens": self.skip_special_tokens,
             "logprobs": self.num_logprobs(),
             "logit_bias": self.logit_bias or None,
+            "guided_decoding": self._guided,
         }
         kw.update({k: v for k, v in optional.items() if v is not None})
         if kw.get("top_k") == 0:

@@ -3,10 +3,7 @@
 The ingress has already tokenized and validated the request; the replica gets
 token ids and ``SamplingParams`` (``messages.GenerateRequest``) and streams back
 small ``messages.GenerateChunk`` messages: per choice, only what is new since the
-previous chunk (text, token ids, logprobs), never the cumulative output, so
-the bytes crossing Ray stay proportional to the tokens generated. The engine
-hands over only its latest cumulative output, so when the ingress lags the
-deltas simply get larger, never more numerous.
+previous chunk (``deltas.DeltaTracker``), never the cumulative output.
 
 Whatever ends the stream early (the ingress cancels it because its client
 went away, an error, shutdown) aborts the engine request in ``finally``, so
@@ -31,94 +28,17 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fleetlm.cluster.messages import (
-    ChoiceDelta,
-    GenerateChunk,
-    GenerateRequest,
-    ModelInfo,
-    ReplicaError,
-    ReplicaHealth,
-    TokenLogprob,
-)
+from fleetlm.cluster.deltas import DeltaTracker
+from fleetlm.cluster.messages import GenerateChunk, GenerateRequest, ModelInfo, ReplicaError, ReplicaHealth
 from fleetlm.cluster.metrics import ServeMetrics
 from fleetlm.cluster.migration import unreleased_text
 from fleetlm.cluster.serve_config import ModelDeploymentConfig
 
 logger = logging.getLogger("fleetlm.replica")
-
-
-# --- deltas ----------------------------------------------------------------------
-
-
-# JSON has no -inf: a token with zero probability (masked by top-k/top-p, or
-# banned) reports this floor instead, as vLLM does.
-MIN_LOGPROB = -9999.0
-
-
-def _finite(lp: float) -> float:
-    return lp if lp >= MIN_LOGPROB else MIN_LOGPROB  # also maps NaN to the floor
-
-
-def _token_logprobs(entries: list[dict[int, Any]], token_ids: list[int], k: int) -> list[TokenLogprob]:
-    """Engine logprob dicts (sampled token first, then top ranks) -> TokenLogprob with top-k."""
-    out = []
-    for entry, tid in zip(entries, token_ids):
-        sampled = entry.get(tid)
-        top = sorted(
-            ((t, lp) for t, lp in entry.items() if lp.rank is not None and lp.rank <= k),
-            key=lambda kv: kv[1].rank,
-        )[:k]
-        out.append(TokenLogprob(
-            token_id=tid,
-            token=(sampled.decoded_token or "") if sampled is not None else "",
-            logprob=_finite(sampled.logprob) if sampled is not None else MIN_LOGPROB,
-            top=[(t, lp.decoded_token or "", _finite(lp.logprob)) for t, lp in top],
-        ))
-    return out
-
-
-class DeltaTracker:
-    """Turns the engine's cumulative ``RequestOutput`` into what is new per choice."""
-
-    def __init__(self, num_logprobs: int | None) -> None:
-        self.k = num_logprobs
-        self.sent_text: dict[int, int] = {}
-        self.sent_tokens: dict[int, int] = {}
-        self.sent_logprobs: dict[int, int] = {}
-        self.done: set[int] = set()
-
-    def update(self, out: Any) -> tuple[GenerateChunk, int]:
-        """The delta chunk and the number of new tokens in it."""
-        chunk = GenerateChunk(
-            num_prompt_tokens=len(out.prompt_token_ids),
-            num_cached_tokens=out.num_cached_tokens,
-            finished=out.finished,
-        )
-        new_tokens = 0
-        for c in out.outputs:
-            if c.index in self.done:
-                continue
-            t0 = self.sent_text.get(c.index, 0)
-            n0 = self.sent_tokens.get(c.index, 0)
-            text = c.text[t0:]
-            ids = list(c.token_ids[n0:])
-            lps = None
-            if self.k is not None and c.logprobs is not None:
-                l0 = self.sent_logprobs.get(c.index, 0)
-                lps = _token_logprobs(c.logprobs[l0:], list(c.token_ids[l0:]), self.k)
-                self.sent_logprobs[c.index] = l0 + len(lps)
-            if not text and not ids and c.finish_reason is None:
-                continue
-            self.sent_text[c.index] = len(c.text)
-            self.sent_tokens[c.index] = len(c.token_ids)
-            if c.finish_reason is not None:
-                self.done.add(c.index)
-            new_tokens += len(ids)
-            chunk.choices.append(ChoiceDelta(c.index, text, ids, lps, c.finish_reason, c.stop_reason))
-        return chunk, new_tokens
 
 
 def engine_args_kwargs(model: ModelDeploymentConfig, max_n: int, max_logprobs: int) -> dict[str, Any]:
@@ -146,9 +66,24 @@ def stream_interval_s(open_streams: int, chunks_per_s: float, most_s: float) -> 
     return 0.0 if open_streams <= 1 else min(most_s, open_streams / chunks_per_s)
 
 
+# Prefill times kept (a new replica's first requests, and the latest ones) for /debug/invariants.
+PREFILL_SAMPLES = 16
+
 # A replica whose engine died ends its own process this long after noticing,
 # time enough for its open streams to carry their "retry elsewhere" chunks.
 FAIL_FAST_EXIT_S = 0.5
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux; None elsewhere): a replica's Ray actor start and imports."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
 
 
 class LLMReplica:
@@ -162,6 +97,8 @@ class LLMReplica:
         max_logprobs: int = 20,
         engine: Any = None,
     ) -> None:
+        t_init = time.monotonic()
+        before_init = process_age_s()
         # Only a replica that built its own engine may end its process (never a test's).
         self._owns_engine = engine is None
         if self._owns_engine:
@@ -178,9 +115,11 @@ class LLMReplica:
                 EngineArgs.from_kwargs(**engine_args_kwargs(model, max_n, max_logprobs)))
         self.engine = engine
         self.name = model.name
+        self._load_lora_modules(model)
         self.max_queued_requests = max_queued_requests
         self.stream_chunks_per_s = model.stream_chunks_per_s
         self.stream_max_interval_s = model.stream_max_interval_s
+        self.tool_call_parser, self.enable_auto_tool_choice = model.tool_call_parser, bool(model.enable_auto_tool_choice)
         self.replica = replica_id()
         self.metrics = ServeMetrics(self.name, self.replica, self.engine.stats)
         self.max_num_seqs = self.engine.config.scheduler.max_num_seqs
@@ -197,6 +136,16 @@ class LLMReplica:
         # except its first and its last, which go at once. One stream gets
         # every token at once.
         self._open_streams = 0
+        # Seconds from a request's first step to its first token (its prefill, without
+        # the queue before it): a replica's first requests next to its latest ones.
+        self._first_prefills: list[float] = []
+        self._recent_prefills: deque[float] = deque(maxlen=PREFILL_SAMPLES)
+        # Start-up phases: the process before this constructor, the engine's, the constructor's.
+        self.startup_seconds = {**({"process": before_init} if before_init is not None else {}),
+                                **getattr(self.engine, "startup_seconds", {}), "replica": time.monotonic() - t_init}
+        self.metrics.startup(self.startup_seconds)
+        logger.info("replica %s of %s ready: %s", self.replica, self.name,
+                    ", ".join(f"{k} {v:.2f} s" for k, v in self.startup_seconds.items()))
 
     def num_queued(self) -> int:
         """Requests waiting for a seat in the running batch (what max_queued_requests bounds)."""
@@ -232,7 +181,7 @@ class LLMReplica:
             yield GenerateChunk(error=ReplicaError(
                 "queue_full", f"{self.max_queued_requests} requests are already waiting."))
             return
-        tracker = DeltaTracker(req.params.logprobs)
+        tracker = DeltaTracker(req.params.logprobs, req.params.prompt_logprobs, self._decode_token)
         finished = False
         accepted = False
         last_token_time: float | None = None
@@ -242,15 +191,16 @@ class LLMReplica:
             pending_text = ""
             coalesce = lambda: stream_interval_s(  # noqa: E731
                 self._open_streams, self.stream_chunks_per_s, self.stream_max_interval_s)
+            lora = {"lora_request": req.lora_request} if req.lora_request is not None else {}
             if req.resume_token_ids:
                 pending_text = unreleased_text(self.engine.tokenizer, req.prompt_token_ids, req.params,
                                                req.resume_token_ids, req.resume_text_len)
                 outputs = self.engine.generate(req.prompt_token_ids, req.params, req.request_id,
                                                prior_output_token_ids=list(req.resume_token_ids),
-                                               coalesce_s=coalesce)
+                                               coalesce_s=coalesce, **lora)
             else:
                 outputs = self.engine.generate(req.prompt_token_ids, req.params, req.request_id,
-                                               coalesce_s=coalesce)
+                                               coalesce_s=coalesce, **lora)
             async for out in outputs:
                 now = time.monotonic()
                 if not accepted:
@@ -271,6 +221,8 @@ class LLMReplica:
                     elif last_token_time is None:
                         if m is not None and m.first_token_time is not None:
                             self.metrics.first_token(m.first_token_time - m.arrival_time)
+                            if m.first_scheduled_time is not None:
+                                self._record_prefill(m.first_token_time - m.first_scheduled_time)
                         # The first token has no "time per output token".
                         self.metrics.tokens_generated(1, None)
                         if new_tokens > 1:
@@ -286,6 +238,9 @@ class LLMReplica:
                     reasons = [c.finish_reason for c in out.outputs]
                     bad = next((r for r in reasons if r not in ("stop", "length")), None)
                     self.metrics.request_finished(bad or reasons[0], e2e)
+                    if req.lora_request is not None:
+                        self.metrics.lora_request(req.lora_request.lora_name, len(out.prompt_token_ids),
+                                                  sum(len(c.token_ids) for c in out.outputs))
                 yield chunk
                 if finished:
                     return
@@ -319,6 +274,33 @@ class LLMReplica:
                 except (asyncio.CancelledError, Exception):  # noqa: BLE001 - abort is best effort, idempotent
                     pass
 
+    def _decode_token(self, token_id: int) -> str:
+        # As the engine's Logprob.decoded_token: one token alone, special tokens kept.
+        return self.engine.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    # -- LoRA adapters (cluster/lora_adapters.py) -----------------------------------
+    def _load_lora_modules(self, model: ModelDeploymentConfig) -> None:
+        """The config's ``lora_modules``, checked and read before the replica serves (a bad one fails its start)."""
+        from fleetlm.cluster.lora_adapters import lora_request
+
+        for name, path in model.lora_modules or ():
+            try:
+                self.engine.engine.add_lora(lora_request(name, path, model.name))
+            except ValueError as e:
+                raise ValueError(f"model {model.name!r}: lora_modules: {e}") from None
+
+    async def add_lora(self, lora_request: Any) -> str | None:
+        """Check and read an adapter: None when done, else why not (a 400 for the client)."""
+        try:
+            await self.engine.add_lora(lora_request)
+        except ValueError as e:
+            return str(e)
+        return None
+
+    async def remove_lora(self, lora_int_id: int) -> bool:
+        """Forget an adapter; requests already running with it finish with it."""
+        return await self.engine.remove_lora(lora_int_id)
+
     # -- control plane -----------------------------------------------------------
     def model_info(self) -> ModelInfo:
         mc = self.engine.model_config
@@ -329,6 +311,8 @@ class LLMReplica:
             vocab_size=mc.vocab_size,
             tokenizer=self.engine.tokenizer,
             max_num_seqs=self.max_num_seqs,
+            tool_call_parser=self.tool_call_parser,
+            enable_auto_tool_choice=self.enable_auto_tool_choice,
         )
 
     def healthy(self) -> bool:
@@ -359,11 +343,19 @@ class LLMReplica:
         timer.daemon = True
         timer.start()
 
+    def _record_prefill(self, seconds: float) -> None:
+        if len(self._first_prefills) < PREFILL_SAMPLES:
+            self._first_prefills.append(seconds)
+        self._recent_prefills.append(seconds)
+
     def invariants(self) -> dict[str, Any]:
-        """The engine's idle invariants (cluster/invariants.py), for ``/debug/invariants``."""
+        """The engine's idle invariants (cluster/invariants.py), for ``/debug/invariants``, with the
+        replica's start-up phases and prefill times (its first requests, its latest)."""
         from fleetlm.cluster.invariants import engine_invariants
 
-        return {"replica": self.replica, "healthy": self.healthy(), **engine_invariants(self.engine).to_dict()}
+        return {"replica": self.replica, "healthy": self.healthy(), **engine_invariants(self.engine).to_dict(),
+                "startup_seconds": self.startup_seconds,
+                "prefill_s": {"first": list(self._first_prefills), "recent": list(self._recent_prefills)}}
 
     def health(self) -> ReplicaHealth:
         try:

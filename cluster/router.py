@@ -15,16 +15,22 @@ Three pieces, one concept:
    its own recent decisions. No Ray, no I/O, no clock (``now`` is an argument),
    so it is unit-tested exactly. The rule, in one paragraph:
 
-   A replica's *match* is the number of leading request blocks found in its
+   A request with a LoRA adapter first prefers the replicas that hold it:
+   in a device slot (the replica's summary lists it), else already checked
+   and read into host memory, else any (the replica will read it; its
+   requests wait for that load, so it counts in the load that autoscaling
+   sees as waiting requests). Within that,
+   a replica's *match* is the number of leading request blocks found in its
    summary (if the summary is fresher than ``stats_ttl_s``) or among the
    blocks this router itself sent there in the last ``memory_ttl_s``. Its
    *load* is Serve's own live count of requests on it when the router has
    one (its queue-length cache), else its reported ``num_running +
    num_waiting`` plus the requests this router sent it since that report
    and that are still in flight. The
-   replicas are ranked by (longest match, lowest load, fewest blocks this
-   router recently sent there, id); the first wins, unless its match is not
-   zero and its load is out of balance with the least loaded replica:
+   replicas are ranked by (adapter affinity, longest match, lowest load,
+   fewest blocks this router recently sent there, id); the first wins,
+   unless its affinity or match is not zero and its load is out of balance
+   with the least loaded replica:
    ``load > min_load + imbalance_abs and load > imbalance_ratio * min_load``.
    Then the choice is power of two choices on load (ties by id). With no
    match anywhere the ranking already picks the least loaded replica, and
@@ -118,6 +124,9 @@ def routing_summary(engine: Any, max_blocks: int = SUMMARY_MAX_BLOCKS) -> dict[s
         "num_waiting": int(s.num_waiting),
         "kv_cache_usage": float(s.kv_cache_usage),
         "block_hash_ids": pack_block_ids(ids),
+        # LoRA adapter ids (none for an engine without LoRA): in the device slots, and read into host memory.
+        "lora_resident": pack_block_ids(getattr(s, "lora_resident_ids", ())),
+        "lora_known": pack_block_ids(getattr(s, "lora_known_ids", ())),
     }
 
 
@@ -126,9 +135,10 @@ def routing_summary(engine: Any, max_blocks: int = SUMMARY_MAX_BLOCKS) -> dict[s
 
 @dataclass(frozen=True)
 class RoutingRequest:
-    """What the policy knows of a request: its prompt's full-block hash ids, in order."""
+    """What the policy knows of a request: its prompt's full-block hash ids, in order, and its LoRA adapter."""
 
     block_hash_ids: tuple[int, ...] = ()
+    lora_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -147,6 +157,8 @@ class ReplicaStats:
     block_hash_ids: frozenset[int] = frozenset()
     timestamp: float | None = None
     num_ongoing: int | None = None
+    lora_resident: frozenset[int] = frozenset()  # adapter ids in the device slots
+    lora_known: frozenset[int] = frozenset()  # adapter ids checked and read into host memory
 
     @classmethod
     def from_summary(cls, replica_id: str, summary: Mapping[str, Any] | None,
@@ -164,6 +176,8 @@ class ReplicaStats:
                 block_hash_ids=frozenset(unpack_block_ids(packed)) if packed else frozenset(),
                 timestamp=float(summary["t"]),
                 num_ongoing=num_ongoing,
+                lora_resident=frozenset(unpack_block_ids(summary.get("lora_resident", b""))),
+                lora_known=frozenset(unpack_block_ids(summary.get("lora_known", b""))),
             )
         except (KeyError, TypeError, ValueError):
             return cls(replica_id, num_ongoing=num_ongoing)
@@ -214,7 +228,7 @@ class RouterConfig:
 @dataclass(frozen=True)
 class RoutingDecision:
     replica_id: str
-    reason: str  # "prefix" (longest match), "least_loaded" (no match anywhere), "imbalance" (p2c)
+    reason: str  # "prefix" (adapter or longest match), "least_loaded" (no match anywhere), "imbalance" (p2c)
     matched_blocks: int
     loads: Mapping[str, int] = field(default_factory=dict)
 
@@ -252,6 +266,13 @@ def matched_blocks(request: RoutingRequest, stats: ReplicaStats, memory: RouterM
     return n
 
 
+def adapter_affinity(request: RoutingRequest, stats: ReplicaStats, now: float, config: RouterConfig) -> int:
+    """2: the request's adapter is in the replica's device slots; 1: in its host memory; else 0."""
+    if request.lora_id is None or not is_fresh(stats, now, config):
+        return 0
+    return 2 if request.lora_id in stats.lora_resident else 1 if request.lora_id in stats.lora_known else 0
+
+
 def is_out_of_balance(load: int, min_load: int, config: RouterConfig) -> bool:
     return load > min_load + config.imbalance_abs and load > config.imbalance_ratio * min_load
 
@@ -278,9 +299,10 @@ def decide(request: RoutingRequest, replicas: Sequence[ReplicaStats], memory: Ro
         raise ValueError("no replica to route to")
     loads = {rid: replica_load(s, memory) for rid, s in uniq.items()}
     matches = {rid: matched_blocks(request, s, memory, now, config) for rid, s in uniq.items()}
-    best = min(uniq, key=lambda rid: (-matches[rid], loads[rid], memory.num_blocks(rid), rid))
+    affinity = {rid: adapter_affinity(request, s, now, config) for rid, s in uniq.items()}
+    best = min(uniq, key=lambda rid: (-affinity[rid], -matches[rid], loads[rid], memory.num_blocks(rid), rid))
     min_load = min(loads.values())
-    if matches[best] == 0:
+    if matches[best] == 0 and affinity[best] == 0:
         return RoutingDecision(best, "least_loaded", 0, loads)
     if not is_out_of_balance(loads[best], min_load, config):
         return RoutingDecision(best, "prefix", matches[best], loads)
@@ -297,6 +319,15 @@ def choose_replica(request: RoutingRequest, replicas: Sequence[ReplicaStats], me
                    rng: random.Random | None = None) -> str:
     """The id of the replica the request should go to (see :func:`decide`)."""
     return decide(request, replicas, memory, now, config, rng).replica_id
+
+
+def request_lora_id(args: Sequence[Any], kwargs: Mapping[str, Any]) -> int | None:
+    """The LoRA adapter id of a handle call's ``GenerateRequest`` (None: the base model)."""
+    for v in (*args, *kwargs.values()):
+        lora = getattr(v, "lora_request", None)
+        if lora is not None:
+            return getattr(lora, "lora_int_id", None)
+    return None
 
 
 def request_block_hash_ids(args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[int, ...]:
@@ -329,6 +360,7 @@ __all__ = [
     "pack_block_ids",
     "replica_load",
     "request_block_hash_ids",
+    "request_lora_id",
     "routing_summary",
     "select_summary_blocks",
     "unpack_block_ids",

@@ -23,6 +23,8 @@ EMBEDDED_MODEL = "smollm2-135m-instruct"
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # engine/config.py's, kept equal by a test
+TOOL_CALL_PARSERS = ("hermes", "llama3_json")  # cluster/tool_parsers.py (a test keeps the two equal)
 ROUTERS = ("prefix_aware", "default")
 
 
@@ -72,6 +74,30 @@ def _bool(value: Any, where: str) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{where} must be true or false, got {value!r}")
     return value
+
+
+def _lora_modules(value: Any, where: str) -> tuple[tuple[str, str], ...]:
+    """vLLM's ``--lora-modules``: each ``"name=path"`` or ``{"name": ..., "path": ...}`` -> (name, path)."""
+    if isinstance(value, (str, Mapping)) or not isinstance(value, (list, tuple)):
+        value = [value] if value else []
+    out = []
+    for i, entry in enumerate(value):
+        if isinstance(entry, str) and "=" in entry:
+            name, _, path = entry.partition("=")
+        elif isinstance(entry, Mapping) and set(entry) <= {"name", "path", "base_model_name"}:
+            name, path = entry.get("name"), entry.get("path")
+        elif isinstance(entry, (list, tuple)) and len(entry) == 2:
+            name, path = entry
+        else:
+            raise ValueError(f"{where}[{i}] must be NAME=PATH or a mapping of name and path, got {entry!r}")
+        if not isinstance(name, str) or not name.strip() or not isinstance(path, str) or not path.strip():
+            raise ValueError(f"{where}[{i}]: an adapter needs a non-empty name and path, got {entry!r}")
+        out.append((name.strip(), path.strip()))
+    names = [n for n, _ in out]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"{where}: adapter name(s) given twice: {', '.join(dupes)}")
+    return tuple(out)
 
 
 def _set(obj: Any, name: str, value: Any) -> None:
@@ -160,6 +186,7 @@ class ModelDeploymentConfig:
     block_size: int = 16
     cpu_kv_cache_bytes: int | None = None  # KV budget on CPU; None: the engine's default
     num_kv_blocks: int | None = None  # a fixed KV pool size (blocks per replica), instead of sizing from memory
+    kv_cache_dtype: str | None = None  # auto | fp8 | fp8_e4m3; None: the engine's default (auto)
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
@@ -185,6 +212,20 @@ class ModelDeploymentConfig:
     # H100 at 128 streams, 2,000 a second backed up ~2 s behind the engine.
     stream_chunks_per_s: float = 500.0
     stream_max_interval_s: float = 0.25
+    # Tool calling (vLLM's names): how the model writes tool calls, and whether
+    # tool_choice "auto" (the model decides) is served; "required" and a named
+    # function are enforced with a grammar and need neither.
+    tool_call_parser: str | None = None
+    enable_auto_tool_choice: bool | None = None  # None: off
+    # Multi-LoRA (vLLM's names): adapters chosen per request by their name as
+    # `model`; lora_modules ("name=path" or {name, path}) are read by every
+    # replica at start, more come through POST /v1/load_lora_adapter.
+    # None: the engine's defaults (LoRA off; 1 slot; rank 16; max_loras in host memory).
+    enable_lora: bool | None = None
+    max_loras: int | None = None
+    max_lora_rank: int | None = None
+    max_cpu_loras: int | None = None
+    lora_modules: tuple[tuple[str, str], ...] | None = None
 
     def __post_init__(self) -> None:
         _str(self.model, "model")
@@ -212,6 +253,8 @@ class ModelDeploymentConfig:
         _int(self.block_size, f"{w}: block_size", 1)
         _opt_int(self.cpu_kv_cache_bytes, f"{w}: cpu_kv_cache_bytes", 1)
         _opt_int(self.num_kv_blocks, f"{w}: num_kv_blocks", 1)
+        if self.kv_cache_dtype is not None:
+            _choice(self.kv_cache_dtype, f"{w}: kv_cache_dtype", KV_CACHE_DTYPES)
         _set(self, "gpu_memory_utilization", _float(
             self.gpu_memory_utilization, f"{w}: gpu_memory_utilization",
             low=0.0, high=1.0, low_inclusive=False))
@@ -230,8 +273,23 @@ class ModelDeploymentConfig:
         _set(self, "stream_max_interval_s", _float(self.stream_max_interval_s, f"{w}: stream_max_interval_s",
                                                    low=0.0))
         _choice(self.load_format, f"{w}: load_format", LOAD_FORMATS)
+        if self.tool_call_parser is not None:
+            _choice(self.tool_call_parser, f"{w}: tool_call_parser", TOOL_CALL_PARSERS)
+        if self.enable_auto_tool_choice is not None and _bool(
+                self.enable_auto_tool_choice, f"{w}: enable_auto_tool_choice") and self.tool_call_parser is None:
+            raise ValueError(f"{w}: enable_auto_tool_choice needs a tool_call_parser "
+                             f"({', '.join(TOOL_CALL_PARSERS)})")
         if self.quantization is not None:
             _str(self.quantization, f"{w}: quantization")
+        if self.enable_lora is not None:
+            _bool(self.enable_lora, f"{w}: enable_lora")
+        _opt_int(self.max_loras, f"{w}: max_loras", 1)
+        _opt_int(self.max_lora_rank, f"{w}: max_lora_rank", 1)
+        _opt_int(self.max_cpu_loras, f"{w}: max_cpu_loras", self.max_loras or 1)
+        if self.lora_modules is not None:
+            _set(self, "lora_modules", _lora_modules(self.lora_modules, f"{w}: lora_modules"))
+            if self.lora_modules and not self.enable_lora:
+                raise ValueError(f"{w}: lora_modules needs enable_lora: true")
         if self.autoscaling is not None:
             if not isinstance(self.autoscaling, AutoscalingConfig):
                 raise ValueError(f"{w}: autoscaling must be an AutoscalingConfig")
@@ -255,7 +313,8 @@ class ModelDeploymentConfig:
         """The engine's settings (EngineArgs / LLM keyword names, as in
         DESIGN.md); None values are left out so the engine's defaults apply."""
         replica_keys = ("name", "num_replicas", "autoscaling", "max_waiting_requests", "max_waiting_tokens",
-                        "stream_chunks_per_s", "stream_max_interval_s")
+                        "stream_chunks_per_s", "stream_max_interval_s", "tool_call_parser", "enable_auto_tool_choice",
+                        "lora_modules")
         return {k: v for k, v in dataclasses.asdict(self).items()
                 if k not in replica_keys and v is not None}
 
@@ -357,6 +416,7 @@ __all__ = [
     "DEVICES",
     "DTYPES",
     "EMBEDDED_MODEL",
+    "KV_CACHE_DTYPES",
     "LOAD_FORMATS",
     "ModelDeploymentConfig",
     "ROUTERS",

@@ -11,6 +11,7 @@ and when they completed. Nothing in it awaits or blocks.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from typing import Any
@@ -24,6 +25,7 @@ from fleetlm.cluster.router import (
     RoutingRequest,
     decide,
     request_block_hash_ids,
+    request_lora_id,
 )
 
 
@@ -61,8 +63,7 @@ def _make_ray_router_class() -> type:
                 ongoing = self._replica_queue_len_cache.get(key)
             stats = cached[1]
             if ongoing is not None:
-                stats = ReplicaStats(stats.replica_id, stats.num_running, stats.num_waiting,
-                                     stats.kv_cache_usage, stats.block_hash_ids, stats.timestamp, ongoing)
+                stats = dataclasses.replace(stats, num_ongoing=ongoing)
             return stats
 
         async def choose_replicas(self, candidate_replicas: list[Any],
@@ -71,8 +72,9 @@ def _make_ray_router_class() -> type:
                 return []
             by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
             request = RoutingRequest(
-                request_block_hash_ids(pending_request.args, pending_request.kwargs)
-                if pending_request is not None else ())
+                request_block_hash_ids(pending_request.args, pending_request.kwargs),
+                request_lora_id(pending_request.args, pending_request.kwargs),
+            ) if pending_request is not None else RoutingRequest()
             now = time.time()
             decision = decide(request, [self._stats_of(r) for r in candidate_replicas],
                               self._memory, now, self._config, self._rng)

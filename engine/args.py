@@ -6,7 +6,15 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from fleetlm.engine.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from fleetlm.engine.config import (
+    CacheConfig,
+    EngineConfig,
+    LoRAConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+    resolve_kv_cache_dtype,
+)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_COMPILE_CACHE = Path.home() / ".cache" / "fleetlm" / "compile"
@@ -59,6 +67,8 @@ class EngineArgs:
     block_size: int = 16
     num_kv_blocks: int | None = None
     cpu_kv_cache_bytes: int = 2 << 30
+    # "auto" (the model's dtype), "fp8" or "fp8_e4m3": K/V stored as E4M3 with scales, twice the tokens.
+    kv_cache_dtype: str = "auto"
     long_prefill_token_threshold: int = 0
     enforce_eager: bool = False
     # None: on for CUDA workers of one pipeline stage, off otherwise; True
@@ -72,6 +82,13 @@ class EngineArgs:
     # Compiled kernels kept across starts, under a key of versions and device;
     # None: ~/.cache/fleetlm/compile on GPU, none on CPU (nothing compiles there).
     compile_cache_dir: str | None = None
+    # Multi-LoRA (engine/lora.py): adapters chosen per request; max_loras device
+    # slots (distinct adapters per step), adapters up to max_lora_rank, and
+    # max_cpu_loras adapters kept in host memory (None: max_loras).
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> EngineArgs:
@@ -106,6 +123,7 @@ class EngineArgs:
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         device = self.resolve_device()
+        cache_dtype = resolve_kv_cache_dtype(self.kv_cache_dtype)  # before any weights are found
         source = resolve_model(self.model, self.load_format)
         hf = source.hf_config
         dtype = self.dtype
@@ -173,6 +191,7 @@ class EngineArgs:
             cpu_kv_cache_bytes=self.cpu_kv_cache_bytes,
             enable_prefix_caching=self.enable_prefix_caching,
             num_blocks=self.num_kv_blocks,
+            cache_dtype=cache_dtype,
         )
         return EngineConfig(
             model=model,
@@ -185,7 +204,24 @@ class EngineArgs:
             max_logprobs=self.max_logprobs,
             warmup=gpu if self.warmup is None else self.warmup,
             compile_cache_dir=self.compile_cache_dir or (str(DEFAULT_COMPILE_CACHE) if gpu else None),
+            lora=self.create_lora_config(),
         )
+
+    def create_lora_config(self) -> LoRAConfig | None:
+        if self.enable_lora not in (True, False):
+            raise ValueError(f"enable_lora must be true or false, got {self.enable_lora!r}")
+        for name in ("max_loras", "max_lora_rank", "max_cpu_loras"):
+            v = getattr(self, name)
+            if v is None and name == "max_cpu_loras":
+                continue
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if not self.enable_lora:
+            return None
+        cpu = self.max_cpu_loras if self.max_cpu_loras is not None else self.max_loras
+        if cpu < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({cpu}) must be >= max_loras ({self.max_loras})")
+        return LoRAConfig(max_loras=self.max_loras, max_lora_rank=self.max_lora_rank, max_cpu_loras=cpu)
 
 
 EXECUTOR_BACKENDS = ("mp", "uni", "ray")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -20,6 +21,7 @@ from collections.abc import AsyncIterator, Callable
 from fleetlm.engine.args import EngineArgs
 from fleetlm.engine.block_hash import block_hash_id
 from fleetlm.engine.llm_engine import EngineStats, LLMEngine
+from fleetlm.engine.lora import LoRARequest
 from fleetlm.engine.outputs import RequestOutput
 from fleetlm.engine.sampling_params import SamplingParams
 from fleetlm.engine.snapshot import EngineSnapshot
@@ -66,12 +68,14 @@ class AsyncEngine:
     def __init__(self, engine: LLMEngine, stuck_after_s: float = 120.0) -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer
+        self.startup_seconds = engine.startup_seconds
         self.model_config = engine.model_config
         self.config = engine.config
         self.stuck_after_s = stuck_after_s
         self._lock = threading.Lock()
         self._adds: list = []
         self._aborts: list[str] = []
+        self._lora_removals: list[int] = []
         self._wake = threading.Event()
         self._streams: dict[str, _Stream] = {}
         self._dead: BaseException | None = None
@@ -93,24 +97,27 @@ class AsyncEngine:
         request_id: str,
         prior_output_token_ids: list[int] | None = None,
         coalesce_s: Callable[[], float] | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield cumulative outputs of one request; the last has ``finished=True``.
 
         ``coalesce_s()``, asked after each yield, is the least time before the
         next one: outputs arriving sooner wait and merge into one (the first
         and the final output are never held back). Raises ValueError before
-        the first yield for a request that can never run. Leaving the
-        iteration early (client gone) aborts the request.
+        the first yield for a request that can never run (a bad adapter
+        included). Leaving the iteration early (client gone) aborts the request.
         """
         self._raise_if_dead()
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
-        if isinstance(prompt, str) and len(prompt) > TOKENIZE_OFF_LOOP_CHARS:
-            group = await asyncio.get_running_loop().run_in_executor(
-                None, self.engine.make_group, request_id, prompt, params, prior_output_token_ids
-            )
+        # An adapter seen for the first time is checked on disk: off the loop too.
+        new_lora = lora_request is not None and lora_request.lora_int_id not in self.engine.list_loras()
+        make = functools.partial(self.engine.make_group, request_id, prompt, params, prior_output_token_ids,
+                                 **({"lora_request": lora_request} if lora_request is not None else {}))
+        if new_lora or (isinstance(prompt, str) and len(prompt) > TOKENIZE_OFF_LOOP_CHARS):
+            group = await asyncio.get_running_loop().run_in_executor(None, make)
         else:
-            group = self.engine.make_group(request_id, prompt, params, prior_output_token_ids)
+            group = make()
         stream = _Stream(asyncio.get_running_loop())
         self._streams[request_id] = stream
         with self._lock:
@@ -142,6 +149,25 @@ class AsyncEngine:
             self._streams.pop(request_id, None)
             if not finished:
                 self._request_abort(request_id)
+
+    # -- adapters ------------------------------------------------------------------
+    async def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Check an adapter and read it into the workers' host memory (off the event loop);
+        raises ``LoRAAdapterError`` for a bad one. False if it was already added."""
+        self._raise_if_dead()
+        return await asyncio.get_running_loop().run_in_executor(None, self.engine.add_lora, lora_request)
+
+    async def remove_lora(self, lora_int_id: int) -> bool:
+        """Forget an adapter (False if unknown); requests running with it finish with it."""
+        if lora_int_id not in self.engine.list_loras():
+            return False
+        with self._lock:
+            self._lora_removals.append(lora_int_id)
+        self._wake.set()
+        return True
+
+    def list_loras(self) -> set[int]:
+        return self.engine.list_loras()
 
     async def abort(self, request_id: str) -> None:
         self._request_abort(request_id)
@@ -200,6 +226,9 @@ class AsyncEngine:
                 with self._lock:
                     adds, self._adds = self._adds, []
                     aborts, self._aborts = self._aborts, []
+                    removals, self._lora_removals = self._lora_removals, []
+                for lora_int_id in removals:  # scheduler state: the engine thread's
+                    eng.remove_lora(lora_int_id)
                 for group in adds:
                     try:
                         eng.add_group(group)

@@ -11,6 +11,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+# vLLM's kv_cache_dtype values FleetLM accepts: "auto" stores K/V in the model's
+# dtype; "fp8" is "fp8_e4m3" (E4M3 with scales, workers/kv_cache.py).
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+
+
+def resolve_kv_cache_dtype(value: Any) -> str:
+    """``kv_cache_dtype`` as the engine stores it: "auto" or "fp8_e4m3"; anything else is an error."""
+    if value not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got {value!r}")
+    return "fp8_e4m3" if value == "fp8" else value
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -72,6 +83,8 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     # Force the number of blocks (tests use this to make preemption happen).
     num_blocks: int | None = None
+    # "auto": K/V in the model's dtype; "fp8_e4m3": one byte per element with scales.
+    cache_dtype: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -98,6 +111,15 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    """Multi-LoRA limits (``enable_lora``); see ``engine/lora.py``."""
+
+    max_loras: int = 1  # device slots: the distinct adapters one step may use
+    max_lora_rank: int = 16  # largest adapter rank; sizes every slot
+    max_cpu_loras: int = 1  # adapters each worker keeps in host memory (>= max_loras)
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
     cache: CacheConfig
@@ -113,3 +135,4 @@ class EngineConfig:
     warmup: bool = False
     # Where Triton's compiled kernels persist across starts (workers/compile_cache.py); None: Triton's default.
     compile_cache_dir: str | None = None
+    lora: LoRAConfig | None = None  # None: LoRA off (enable_lora=False)

@@ -18,6 +18,11 @@ How steps overlap is chosen once, when the engine is built (``StepMode``):
   tokens on the host (see ``Scheduler.schedule(ahead=True)``).
 - ``pipelined`` (pipeline parallelism): one micro-batch in flight per
   stage, over disjoint requests.
+
+Guided requests (``engine/structured_output.py``) wait outside the scheduler
+until their grammar compiles; a step carries its constrained rows' bitmask,
+except an ahead step: its masks follow from the step in flight, so they are
+supplied once that step is processed, while its forward pass runs.
 """
 
 from __future__ import annotations
@@ -25,31 +30,23 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
+import time
 from collections import deque
-from dataclasses import dataclass
 
 from fleetlm.engine.config import EngineConfig
 from fleetlm.engine.detokenizer import IncrementalDetokenizer
+from fleetlm.engine.lora import LoRARegistry, LoRARequest
 from fleetlm.engine.output_processor import OutputProcessor, RequestGroup, Sequence
 from fleetlm.engine.outputs import RequestOutput
 from fleetlm.engine.request import Request, RequestStatus
 from fleetlm.engine.sampling_params import SamplingParams
 from fleetlm.engine.scheduler import Scheduler
-from fleetlm.engine.snapshot import EngineSnapshot
+from fleetlm.engine.snapshot import EngineSnapshot, EngineStats
 from fleetlm.engine.step import ModelRunnerOutput, SchedulerOutput
+from fleetlm.engine.structured_output import StructuredOutput
 from fleetlm.engine.warmup import WarmupReport, warm_up
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float
-    prefix_cache_queried_tokens: int
-    prefix_cache_hit_tokens: int
-    num_preemptions: int
 
 
 class StepMode(enum.Enum):
@@ -71,25 +68,21 @@ def choose_step_mode(async_scheduling: bool, workers) -> StepMode:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, tokenizer=None, worker_group=None) -> None:
-        from fleetlm.workers.loader import load_tokenizer, resolve_model
+        from fleetlm.workers.loader import model_tokenizer
         from fleetlm.workers.worker_group import create_worker_group
 
         self.config = config
         self.model_config = config.model
-        if tokenizer is None:
-            mc = config.model
-            if mc.tokenizer is not None:
-                from transformers import AutoTokenizer
-
-                tokenizer = AutoTokenizer.from_pretrained(mc.tokenizer)
-            else:
-                tokenizer = load_tokenizer(resolve_model(mc.model, "dummy" if mc.kind == "dummy" else "auto"))
-            if mc.chat_template is not None:
-                tokenizer.chat_template = mc.chat_template
-        self.tokenizer = tokenizer
+        t0 = time.perf_counter()
+        self.tokenizer = tokenizer if tokenizer is not None else model_tokenizer(config.model)
+        tokenizer_s = time.perf_counter() - t0
         self.workers = worker_group or create_worker_group(config)
-        self.scheduler = Scheduler(config.scheduler, config.cache, self.workers.num_blocks)
+        self.scheduler = Scheduler(config.scheduler, config.cache, self.workers.num_blocks, config.lora)
+        self.loras = (LoRARegistry(config.model, config.lora, self.scheduler.loras, self.workers)
+                      if config.lora is not None else None)
         self.outputs = OutputProcessor(self.scheduler.finish_request)
+        self.structured: StructuredOutput | None = None  # made with the first guided request
+        self._parked: list[RequestGroup] = []  # guided requests whose grammar is compiling
         self.num_steps = 0
         self.num_steps_ahead = 0  # steps launched while the one before was still in flight
         self.mode = choose_step_mode(bool(config.async_scheduling), self.workers)
@@ -100,15 +93,26 @@ class LLMEngine:
         # A step that raised left the scheduler advanced past work that never
         # ran (progress moves at schedule time): nothing may be scheduled after it.
         self._step_failure: BaseException | None = None
-        # Seconds per start-up phase: the workers' (start, weights, KV, graphs), then the warm-up.
-        self.startup_seconds: dict[str, float] = dict(self.workers.startup_seconds)
+        # Seconds per start-up phase: the tokenizer, the workers' (start, weights, KV, graphs), the warm-up.
+        self.startup_seconds: dict[str, float] = {"tokenizer": tokenizer_s, **self.workers.startup_seconds}
         self.warmup_report: WarmupReport | None = None
+        cache = self.workers.compile_cache  # None for Ray workers: each logs its own
         if config.warmup:
             self.warmup_report = warm_up(self)
             self.startup_seconds["warmup"] = self.warmup_report.seconds
-        cache = self.workers.compile_cache  # None for Ray workers: each logs its own
+            if cache is not None and self.warmup_report.finished:
+                cache.mark_warm(self.warmup_report.seconds)
+        self.startup_details = self._startup_details()
         logger.info("engine up: %s%s", ", ".join(f"{k} {v:.2f} s" for k, v in self.startup_seconds.items()),
-                    f"; compile cache {cache.dir} ({cache.entries_at_start} entries at start)" if cache else "")
+                    f"; compile cache {cache.dir} ({cache.entries_at_start} entries at start, "
+                    f"{'warm' if cache.warm else 'cold'})" if cache else "")
+
+    def _startup_details(self) -> dict:
+        """What the start-up found and moved: the compile cache (warm or not), the weights' bytes and GB/s."""
+        cache = self.workers.compile_cache
+        nbytes, seconds = self.workers.weights_bytes, self.startup_seconds.get("load_weights")
+        weights = {"bytes": nbytes, "seconds": seconds, "gbps": nbytes / seconds / 1e9} if nbytes and seconds else None
+        return {"compile_cache": cache.to_dict() if cache is not None else None, "weights": weights}
 
     @property
     def async_scheduling(self) -> bool:
@@ -130,9 +134,10 @@ class LLMEngine:
             return prompt, self.tokenizer.encode(prompt, add_special_tokens=False)
         return None, list(prompt)
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    lora_request: LoRARequest | None = None) -> None:
         """Validate and queue a request; raises ValueError (naming the problem) if it can never run."""
-        self.add_group(self.make_group(request_id, prompt, params))
+        self.add_group(self.make_group(request_id, prompt, params, lora_request=lora_request))
 
     def make_group(
         self,
@@ -140,15 +145,18 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         prior_output_token_ids: list[int] | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> RequestGroup:
         """Tokenize and validate without touching the scheduler (safe from any thread).
 
         ``prior_output_token_ids`` resumes a request that already produced
         those tokens elsewhere (migration after a replica failure): they count
         toward max_tokens, penalties and seeded sampling, and only the tokens
-        after them are reported.
+        after them are reported. ``lora_request`` runs it with that adapter
+        (checked here: a bad one raises ``LoRAAdapterError``, a ValueError).
         """
         params = params or SamplingParams()
+        lora = self._lora_registry().check(lora_request).adapter if lora_request is not None else None
         text, ids = self.tokenize(prompt)
         self._validate(ids, params)
         prior = list(prior_output_token_ids or ())
@@ -162,12 +170,14 @@ class LLMEngine:
             params = dataclasses.replace(params, max_tokens=self.model_config.max_model_len - len(ids))
         self.scheduler.check_fits(len(ids), params.max_tokens)
         group = RequestGroup(request_id, text, ids)
+        if params.guided_decoding is not None:
+            group.grammar = self._structured().prepare(params)  # raises for a bad grammar, before anything runs
         bs = self.config.cache.block_size
         eos = self.model_config.eos_token_ids
         for i in range(params.n):
             child_params = params if params.n == 1 else params.clone_for_child(i)
             child_id = request_id if params.n == 1 else f"{request_id}#{i}"
-            req = Request(child_id, ids, child_params, bs, eos, prior_output_token_ids=prior)
+            req = Request(child_id, ids, child_params, bs, eos, prior_output_token_ids=prior, lora=lora)
             detok = IncrementalDetokenizer(self.tokenizer, ids + prior, req.params)
             group.children.append(Sequence(i, req, detok))
         return group
@@ -175,11 +185,34 @@ class LLMEngine:
     def add_group(self, group: RequestGroup) -> None:
         if group.request_id in self.groups:
             raise ValueError(f"request id {group.request_id!r} is already in use")
+        if group.grammar is not None:  # (make_group checked that it fits)
+            self._parked.append(group)
+        else:
+            self._schedule_group(group)
+        self.outputs.add(group)
+
+    def _schedule_group(self, group: RequestGroup) -> None:
         leader = None
         for child in group.children:
             self.scheduler.add_request(child.req, leader)
             leader = leader or child.req
-        self.outputs.add(group)
+
+    def _structured(self) -> StructuredOutput:
+        if self.structured is None:
+            self.structured = StructuredOutput.for_engine(self.config, self.tokenizer)
+        return self.structured
+
+    def _admit_compiled(self) -> list[RequestOutput]:
+        """Guided requests whose grammar is ready go to the scheduler, in arrival order; returns
+        the outputs of those whose grammar failed (with nothing else to do, waits a little)."""
+        if not self._parked:
+            return []
+        live = [g for g in self._parked if self.groups.get(g.request_id) is g]  # not aborted meanwhile
+        idle = not self.scheduler.requests and not self._in_flight
+        ready, failed, self._parked = self.structured.sort_parked(live, wait_s=0.05 if idle else 0.0)
+        for group in ready:
+            self._schedule_group(group)
+        return [self.outputs.pop(g.request_id).output() for g in failed]
 
     def _validate(self, ids: list[int], params: SamplingParams) -> None:
         mc = self.model_config
@@ -195,6 +228,24 @@ class LLMEngine:
                 "(prompt + at least one generated token must fit)"
             )
         params.validate_for_model(vocab, max_logprobs=self.config.max_logprobs, max_n=self.config.max_n)
+
+    # -- adapters (vLLM's add_lora / remove_lora / list_loras) ----------------------
+    def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Check an adapter (raises ``LoRAAdapterError``) and have the workers read it into host
+        memory, so no step reads its files; False if it was added before."""
+        return self._lora_registry().add(lora_request)
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        """Forget an adapter; requests running with it finish with it, then its slot is freed."""
+        return self.loras is not None and self.loras.remove(lora_int_id)
+
+    def list_loras(self) -> set[int]:
+        return self.loras.ids() if self.loras is not None else set()
+
+    def _lora_registry(self) -> LoRARegistry:
+        if self.loras is None:
+            raise ValueError("a LoRA adapter was given but the engine was built without enable_lora=True")
+        return self.loras
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         group = self.outputs.pop(request_id)
@@ -222,11 +273,12 @@ class LLMEngine:
             self.workers.check_health()
             raise RuntimeError(f"an earlier step failed, the engine cannot continue: {self._step_failure!r}")
         try:
+            failed = self._admit_compiled()
             if self.mode == StepMode.PIPELINED:
-                return self._pipelined_step(emit_unfinished)
+                return failed + self._pipelined_step(emit_unfinished)
             if self.mode == StepMode.ASYNC:
-                return self._async_step(emit_unfinished)
-            return self._sync_step(emit_unfinished)
+                return failed + self._async_step(emit_unfinished)
+            return failed + self._sync_step(emit_unfinished)
         except BaseException as e:
             self._step_failure = e
             raise
@@ -235,7 +287,7 @@ class LLMEngine:
         out = self._schedule()
         if out is None:
             return []
-        return self._process_step(out, self.workers.launch(out).result(), emit_unfinished)
+        return self._process_step(out, self.workers.launch(self._with_grammar(out)).result(), emit_unfinished)
 
     def _async_step(self, emit_unfinished: bool) -> list[RequestOutput]:
         """Launch the step after the one in flight, then wait for and process the one in flight.
@@ -249,9 +301,10 @@ class LLMEngine:
             out = self._schedule()
             if out is None:
                 return []
-            self._in_flight.append((out, self.workers.launch(out)))
+            self._in_flight.append((out, self.workers.launch(self._with_grammar(out))))
         ahead = self._schedule(ahead=True)
         if ahead is not None:
+            ahead = self._with_grammar(ahead, later=True)
             self._in_flight.append((ahead, self.workers.launch(ahead)))
             self.num_steps_ahead += 1
         return self._finish_oldest(emit_unfinished)
@@ -268,7 +321,7 @@ class LLMEngine:
             out = self._schedule(busy)
             if out is None:
                 break
-            self._in_flight.append((out, self.workers.launch(out)))
+            self._in_flight.append((out, self.workers.launch(self._with_grammar(out))))
         if not self._in_flight:
             return []
         return self._finish_oldest(emit_unfinished)
@@ -276,8 +329,15 @@ class LLMEngine:
     def _finish_oldest(self, emit_unfinished: bool) -> list[RequestOutput]:
         out, pending = self._in_flight.popleft()
         outputs = self._process_step(out, pending.result(), emit_unfinished)
+        if self._in_flight and self._in_flight[-1][0].grammar_later:
+            # The step launched ahead samples under masks that follow from the tokens just taken in.
+            ahead, step = self._in_flight[-1]
+            step.supply_grammar(self.structured.bitmask(ahead, self.scheduler.requests))
         self._drain_if_idle()
         return outputs
+
+    def _with_grammar(self, out: SchedulerOutput, later: bool = False) -> SchedulerOutput:
+        return out if self.structured is None else self.structured.attach(out, self.scheduler.requests, later)
 
     def _drain_if_idle(self) -> None:
         """With no request left, the steps still in flight only compute for requests
@@ -299,6 +359,9 @@ class LLMEngine:
     def _process_step(self, out: SchedulerOutput, result: ModelRunnerOutput, emit_unfinished: bool) -> list[RequestOutput]:
         self.num_steps += 1
         results = self.scheduler.update_from_output(out, result.by_request())
+        if self.structured is not None:  # grammars take the new tokens; one that reached its end ends its request
+            for req, status in self.structured.advance(results):
+                self.scheduler.finish_request(req.request_id, status)
         return self.outputs.process(results, result.logprobs_by_request(), emit_unfinished, result.prompt_logprobs)
 
     # -- state -----------------------------------------------------------------
@@ -306,11 +369,12 @@ class LLMEngine:
         bm = self.scheduler.blocks
         return EngineStats(
             num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting),
+            num_waiting=len(self.scheduler.waiting) + len(self._parked),
             kv_cache_usage=bm.usage,
             prefix_cache_queried_tokens=bm.queried_tokens,
             prefix_cache_hit_tokens=bm.hit_tokens,
             num_preemptions=self.scheduler.num_preemptions,
+            **(self.loras.stats() if self.loras is not None else {}),
         )
 
     def reset_after_warmup(self) -> None:
@@ -327,26 +391,10 @@ class LLMEngine:
                                    num_steps_in_flight=len(self._in_flight))
 
     def idle_invariants(self) -> dict:
-        """What must hold once no request is in flight (asserted by tests after faults).
-
-        Every block is free or cached-unreferenced (none referenced), nothing
-        runs or waits, no step is in flight, and the block manager's
-        structural invariants hold.
-        """
-        snap = self.snapshot()
-        violations = snap.violations()
-        return {
-            "num_blocks": snap.num_blocks,
-            "free_blocks": snap.num_free_blocks - snap.num_cached_free_blocks,
-            "cached_unreferenced_blocks": snap.num_cached_free_blocks,
-            "referenced_blocks": len(snap.referenced_blocks),
-            "running": snap.num_running,
-            "waiting": snap.num_waiting,
-            "open_requests": snap.num_output_groups,
-            "steps_in_flight": snap.num_steps_in_flight,
-            "violations": violations,
-            "ok": not violations,
-        }
+        """What must hold once no request is in flight (``EngineSnapshot.idle_report``)."""
+        return self.snapshot().idle_report()
 
     def shutdown(self) -> None:
+        if self.structured is not None:
+            self.structured.shutdown()
         self.workers.shutdown()

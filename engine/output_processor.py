@@ -49,6 +49,7 @@ class RequestGroup:
         self.request_id, self.prompt, self.prompt_token_ids = request_id, prompt, prompt_token_ids
         self.children: list[Sequence] = []
         self.prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # when asked: filled by position
+        self.grammar = None  # guided requests: the Future of their compiled grammar (engine/structured_output.py)
 
     @property
     def finished(self) -> bool:

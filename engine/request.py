@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 
 from fleetlm.engine.block_hash import hash_prompt_blocks
+from fleetlm.engine.step import LoRAAdapter
 from fleetlm.engine.sampling_params import SamplingParams
 
 
@@ -65,13 +66,16 @@ class Request:
         arrival_time: float | None = None,
         cache_key: str | None = None,
         prior_output_token_ids: list[int] | None = None,
+        lora: LoRAAdapter | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.params = params
         self.eos_token_ids = () if params.ignore_eos else eos_token_ids
         self.block_size = block_size
-        self.cache_key = cache_key  # extra key of the block hashes (e.g. adapter id)
+        self.lora = lora  # its LoRA adapter (None: the base model)
+        # Extra key of the block hashes: KV computed under one adapter serves only that adapter.
+        self.cache_key = lora.cache_key if lora is not None else cache_key
         # A request resumed elsewhere (migrated from a failed replica) starts
         # with the tokens it already produced: they count as output for
         # max_tokens, penalties and seeds, exactly as after a preemption.
@@ -84,11 +88,12 @@ class Request:
         self.spec_token_ids: list[int] = []
         self.num_spec_in_flight = 0
         self.num_cached_tokens = -1  # prefix-cache hit at first admission (-1 = not yet)
+        self.grammar = None  # a guided request's grammar matcher (engine/structured_output.py)
         self.num_preemptions = 0
         self.status = RequestStatus.WAITING
         self.stop_reason: int | str | None = None
         self.times = RequestTimes(arrival=time.monotonic() if arrival_time is None else arrival_time)
-        self.block_hashes: list[bytes] = hash_prompt_blocks(self.token_ids, block_size, cache_key)
+        self.block_hashes: list[bytes] = hash_prompt_blocks(self.token_ids, block_size, self.cache_key)
 
     @property
     def num_tokens(self) -> int:

@@ -51,6 +51,60 @@ def _fail(name: str, requirement: str, value) -> None:
     raise ValueError(f"{name} must be {requirement}, got {value!r}.")
 
 
+GUIDED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+@dataclass(frozen=True, kw_only=True)
+class GuidedDecodingParams:
+    """Constrain the output to a JSON schema, a regex, one of some strings, or a grammar
+    (vLLM's names): exactly one of ``json`` (a schema, as a dict or its JSON text),
+    ``regex``, ``choice`` (a list of strings), ``grammar`` (EBNF/GBNF with a ``root``
+    rule, or Lark with a ``start`` rule), ``json_object=True`` (any JSON object).
+
+    Only the shape is checked here; whether the schema, regex or grammar is
+    valid and supported is checked when the engine receives the request
+    (``engine/structured_output.py``), before any compute.
+    """
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    backend: str | None = None  # None or "xgrammar" (the only one)
+    disable_any_whitespace: bool = False  # JSON: no whitespace beyond what JSON needs
+
+    def __post_init__(self) -> None:
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
+        given = [k for k in GUIDED_KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(
+                f"guided_decoding must set exactly one of {', '.join(GUIDED_KINDS)}; got "
+                f"{', '.join(given) if given else 'none'}."
+            )
+        if self.json is not None and not isinstance(self.json, (str, dict)):
+            _fail("guided_decoding.json", "a JSON schema (a dict or its JSON text)", self.json)
+        for name in ("regex", "grammar"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, str) or not v):
+                _fail(f"guided_decoding.{name}", "a non-empty string", v)
+        if self.choice is not None:
+            if (not isinstance(self.choice, (list, tuple)) or not self.choice
+                    or not all(isinstance(c, str) and c for c in self.choice)):
+                _fail("guided_decoding.choice", "a non-empty list of non-empty strings", self.choice)
+            set_("choice", list(self.choice))
+        if self.json_object not in (None, True, False):
+            _fail("guided_decoding.json_object", "a boolean", self.json_object)
+        if self.backend not in (None, "xgrammar", "auto"):
+            _fail("guided_decoding.backend", "None or 'xgrammar' (the only grammar engine here)", self.backend)
+        if not isinstance(self.disable_any_whitespace, bool):
+            _fail("guided_decoding.disable_any_whitespace", "a boolean", self.disable_any_whitespace)
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in GUIDED_KINDS if getattr(self, k) not in (None, False))
+
+
 @dataclass(frozen=True, kw_only=True)
 class SamplingParams:
     """How to sample one request's completion(s). See vLLM's docs for each field.
@@ -84,6 +138,7 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
     detokenize: bool = True
+    guided_decoding: GuidedDecodingParams | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
@@ -157,6 +212,9 @@ class SamplingParams:
                 if not _is_real(v) or not -100.0 <= v <= 100.0:
                     _fail("logit_bias", "values in [-100, 100]", v)
             set_("logit_bias", {int(k): float(v) for k, v in bias.items()})
+
+        if self.guided_decoding is not None and not isinstance(self.guided_decoding, GuidedDecodingParams):
+            _fail("guided_decoding", "None or a GuidedDecodingParams", self.guided_decoding)
 
         if self.top_k == -1:
             set_("top_k", 0)

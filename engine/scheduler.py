@@ -11,12 +11,15 @@ from collections import deque
 
 from fleetlm.engine.block_manager import BlockManager, cdiv
 from fleetlm.engine.config import CacheConfig, SchedulerConfig
+from fleetlm.engine.lora import LoRAConfig
+from fleetlm.engine.lora_slots import LoRASlots
 from fleetlm.engine.request import Request, RequestStatus
 from fleetlm.engine.sampling_params import needs_output_history
 from fleetlm.engine.step import PLACEHOLDER, NewRequest, ScheduledRequest, SchedulerOutput
 
 class Scheduler:
-    def __init__(self, sched: SchedulerConfig, cache: CacheConfig, num_blocks: int) -> None:
+    def __init__(self, sched: SchedulerConfig, cache: CacheConfig, num_blocks: int,
+                 lora: LoRAConfig | None = None) -> None:
         self.config = sched
         self.block_size = cache.block_size
         self.blocks = BlockManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
@@ -34,6 +37,8 @@ class Scheduler:
         # never receives the old request's tokens).
         self._in_flight: dict[int, list[Request]] = {}
         self._next_step_id = 0
+        # Multi-LoRA: the adapters in the workers' device slots (engine/lora_slots.py).
+        self.loras = LoRASlots(lora.max_loras) if lora is not None else None
 
     # -- admission -----------------------------------------------------------
     def check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
@@ -69,8 +74,12 @@ class Scheduler:
             return None
         if req.status == RequestStatus.RUNNING:
             self.running.remove(req)
+            if self.loras:
+                self.loras.release(req.lora)
         elif req in self.waiting:
             self.waiting.remove(req)
+            if self.loras:
+                self.loras.forget(request_id)
         req.status = status
         req.times.finished = time.monotonic()
         self.blocks.free_request(request_id)
@@ -97,6 +106,9 @@ class Scheduler:
         first-served while budget, sequence cap and blocks allow, each starting
         after its longest cached prefix. Nothing is admitted in a step that
         preempted, so a preempted request is not overtaken by newcomers.
+        With LoRA, a waiting request is admitted only if its adapter holds
+        (or can take) one of the device slots (``engine/lora_slots.py``),
+        else it keeps its place and the scan goes on.
         Progress is advanced here, at schedule time: the step will compute
         what it was given; a step that samples leaves a pending token. A
         decode whose request holds proposals (``Request.spec_token_ids``)
@@ -117,6 +129,8 @@ class Scheduler:
         waits for the step in flight instead (synchronous fallback).
         """
         cfg = self.config
+        if self.loras:
+            self.loras.begin_step()
         budget = cfg.max_num_batched_tokens
         cap = cfg.long_prefill_token_threshold or budget
         scheduled: list[tuple[Request, int]] = []
@@ -156,7 +170,8 @@ class Scheduler:
             skipped: list[Request] = []
             while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
                 req = self.waiting[0]
-                if self._must_wait_for_leader(req):
+                if self._must_wait_for_leader(req) or (
+                        self.loras and not self.loras.can_acquire(req.request_id, req.lora)):
                     skipped.append(self.waiting.popleft())
                     continue
                 hits = self.blocks.get_computed_blocks(req)
@@ -165,6 +180,8 @@ class Scheduler:
                 if not self.blocks.allocate_slots(req, n, hits):
                     break
                 self.waiting.popleft()
+                if self.loras:
+                    self.loras.acquire(req.request_id, req.lora)
                 req.num_computed_tokens = num_cached
                 if req.num_cached_tokens < 0:
                     req.num_cached_tokens = num_cached
@@ -182,7 +199,8 @@ class Scheduler:
             if req.request_id not in self._seen_by_workers:
                 self._seen_by_workers.add(req.request_id)
                 prior = req.token_ids[req.num_prompt_tokens : req.num_prompt_tokens + req.num_prior_output_tokens]
-                new_requests.append(NewRequest(req.request_id, req.prompt_token_ids, req.params, prior))
+                new_requests.append(NewRequest(req.request_id, req.prompt_token_ids, req.params, prior,
+                                               req.lora.lora_int_id if req.lora else None))
             start = req.num_computed_tokens
             num_spec = max(0, start + n - req.num_tokens)  # proposals past the newest token
             n_real = n - num_spec
@@ -215,6 +233,7 @@ class Scheduler:
             finished_request_ids=finished,
             preempted_request_ids=[r.request_id for r in preempted],
             step_id=step_id,
+            lora_loads=self.loras.take_loads() if self.loras and out else {},
         )
 
     def update_from_output(self, out: SchedulerOutput, accepted: dict[str, list[int]]) -> list[tuple[Request, list[int]]]:
@@ -282,6 +301,8 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         assert not req.num_pending_tokens, f"{req} preempted while a step computes it"
         self.blocks.free_request(req.request_id)
+        if self.loras:
+            self.loras.release(req.lora)
         req.spec_token_ids = []
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0

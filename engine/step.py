@@ -18,6 +18,7 @@ proposals are given back by the scheduler (``Scheduler.update_from_output``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from fleetlm.engine.sampling_params import SamplingParams
 
@@ -51,6 +52,21 @@ class ScheduledRequest:
 
 
 @dataclass(frozen=True)
+class LoRAAdapter:
+    """A LoRA adapter the engine has checked (``engine/lora.py``): what a worker needs to load it."""
+
+    lora_int_id: int
+    lora_name: str
+    path: str  # the local PEFT directory (adapter_config.json + adapter_model.safetensors)
+    scaling: float  # lora_alpha / r (or / sqrt(r) with use_rslora)
+
+    @property
+    def cache_key(self) -> str:
+        """The prefix cache's extra key: blocks computed under one adapter never serve another."""
+        return f"lora:{self.lora_int_id}"
+
+
+@dataclass(frozen=True)
 class NewRequest:
     """Sent to the workers once, the first time a request is scheduled."""
 
@@ -58,6 +74,21 @@ class NewRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     prior_output_token_ids: list[int] = field(default_factory=list)  # migrated requests only
+    lora_int_id: int | None = None  # its adapter: it runs in that adapter's device slot
+
+
+@dataclass(frozen=True)
+class GrammarBitmask:
+    """Allowed tokens of a step's constrained sampling rows (structured output).
+
+    ``request_ids``: the constrained requests that sample this step, in step
+    order; each owns ``1 + num_spec_tokens`` consecutive rows of ``bitmask``,
+    an int32 CPU tensor ``[rows, ceil(vocab / 32)]`` whose bit ``t % 32`` of
+    word ``t // 32`` is set when token ``t`` is allowed. Other rows sample freely.
+    """
+
+    request_ids: list[str]
+    bitmask: Any
 
 
 @dataclass(frozen=True)
@@ -69,6 +100,14 @@ class SchedulerOutput:
     finished_request_ids: list[str] = field(default_factory=list)  # workers drop their state
     preempted_request_ids: list[str] = field(default_factory=list)
     step_id: int = 0  # matches the step's result to the requests it scheduled
+    # Structured output: the bitmask of the step's constrained rows; or, with
+    # ``grammar_later``, it depends on the step in flight: the worker runs the
+    # forward pass and waits for ``PendingStep.supply_grammar`` to sample.
+    grammar: GrammarBitmask | None = None
+    grammar_later: bool = False
+    # Device LoRA slots (re)assigned since the last step: slot -> adapter to load
+    # there before this step runs (engine/lora_slots.py).
+    lora_loads: dict[int, LoRAAdapter] = field(default_factory=dict)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -117,3 +156,7 @@ class PendingStep:
 
     def result(self) -> ModelRunnerOutput:
         return self._output
+
+    def supply_grammar(self, grammar: GrammarBitmask | None) -> None:
+        """Sample a step launched with ``grammar_later`` under this bitmask."""
+        raise RuntimeError(f"{type(self).__name__} does not take a grammar after launch")

@@ -12,7 +12,11 @@ synthetic requests that take each path once:
 - decodes at batch sizes 1, 3, 16 and up to 64 (the GEMV at one row, the
   batched GEMMs, the sampler at each size class);
 - every sampling path: greedy, temperature with top-p/top-k/min-p, the three
-  penalties, seeded sampling, logprobs and prompt logprobs.
+  penalties, seeded sampling, logprobs and prompt logprobs;
+- structured output, when its grammar engine is installed: a guided request
+  beside a free one builds the tokenizer's grammar table (1-2 s for a large
+  vocabulary, which the first user of ``response_format`` would otherwise
+  wait for) and takes the token-bitmask kernel and deferred sampling once.
 
 Afterwards the prefix cache is emptied and the counters the metrics read are
 zeroed, so the warm-up leaves no trace a client or an operator could see. The
@@ -23,11 +27,12 @@ are aborted (and the warm-up reports it did not finish).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import random
 import time
 from dataclasses import dataclass, field
 
-from fleetlm.engine.sampling_params import SamplingParams
+from fleetlm.engine.sampling_params import GuidedDecodingParams, SamplingParams
 
 SAMPLING_VARIANTS = (
     SamplingParams(temperature=0.0),
@@ -109,6 +114,9 @@ def warm_up(engine, time_limit_s: float = 300.0) -> WarmupReport:
     w.run("sampling_batch", variants)
     for i, spec in enumerate(variants):  # each alone: the batch-1 path of each
         w.run(f"sampling_{i}", [spec])
+    if importlib.util.find_spec("xgrammar") is not None:
+        guided = SamplingParams(temperature=0.0, max_tokens=4, guided_decoding=GuidedDecodingParams(json_object=True))
+        w.run("guided", [(w.prompt(min(12, room)), guided), (w.prompt(min(12, room)), four)])
     engine.reset_after_warmup()
     w.report.seconds = time.monotonic() - t0
     return w.report

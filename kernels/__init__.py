@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fleetlm.kernels import activation, attention, gemv, kv_cache, rmsnorm, rotary, wq_linear
+from fleetlm.kernels import activation, attention, gemv, kv_cache, lora, qlinear, quant, rmsnorm, rotary, token_bitmask, wq_linear
 
 try:
     import triton  # noqa: F401
@@ -39,6 +39,19 @@ class Ops:
     paged_attention: Callable[..., torch.Tensor]
     # Weights kept quantized (AWQ, GPTQ, GGUF blocks): kernels/wq_linear.py.
     wq_linear: Callable[..., torch.Tensor]
+    apply_token_bitmask: Callable[..., None]
+    # W8A8 (kernels/quant.py, kernels/qlinear.py): activation quantization fused into its
+    # producer, the 8-bit GEMV for one decode row, and the batched 8-bit matmul.
+    quantize: Callable[..., quant.QuantizedActivation]
+    rms_norm_quant: Callable[..., quant.QuantizedActivation]
+    fused_add_rms_norm_quant: Callable[..., tuple[quant.QuantizedActivation, torch.Tensor]]
+    silu_and_mul_quant: Callable[..., quant.QuantizedActivation]
+    qgemv_applies: Callable[..., bool]
+    qgemv: Callable[..., torch.Tensor]
+    qgemv_silu_mul: Callable[..., torch.Tensor]
+    scaled_mm: Callable[..., torch.Tensor]
+    lora_shrink: Callable[..., torch.Tensor]
+    lora_expand: Callable[..., torch.Tensor]
 
 
 def select_ops(device: torch.device | str, use_triton: bool | None = None) -> Ops:
@@ -64,6 +77,17 @@ def select_ops(device: torch.device | str, use_triton: bool | None = None) -> Op
             store_kv_cache=kv_cache.store_kv_cache,
             paged_attention=attention.paged_attention,
             wq_linear=wq_linear.wq_linear,
+            apply_token_bitmask=token_bitmask.apply_token_bitmask,
+            quantize=quant.quantize,
+            rms_norm_quant=quant.rms_norm_quant,
+            fused_add_rms_norm_quant=quant.fused_add_rms_norm_quant,
+            silu_and_mul_quant=quant.silu_and_mul_quant,
+            qgemv_applies=qlinear.qgemv_applies,
+            qgemv=qlinear.qgemv,
+            qgemv_silu_mul=qlinear.qgemv_silu_mul,
+            scaled_mm=qlinear.scaled_mm,
+            lora_shrink=lora.lora_shrink,
+            lora_expand=lora.lora_expand,
         )
     return Ops(
         backend="torch",
@@ -76,6 +100,18 @@ def select_ops(device: torch.device | str, use_triton: bool | None = None) -> Op
         store_kv_cache=kv_cache.store_kv_cache_ref,
         paged_attention=attention.paged_attention_ref,
         wq_linear=wq_linear.wq_linear_ref,
+        apply_token_bitmask=token_bitmask.apply_token_bitmask_ref,
+        quantize=quant.quantize_ref,
+        rms_norm_quant=quant.rms_norm_quant_ref,
+        fused_add_rms_norm_quant=quant.fused_add_rms_norm_quant_ref,
+        silu_and_mul_quant=quant.silu_and_mul_quant_ref,
+        qgemv_applies=qlinear.qgemv_applies_ref,
+        qgemv=qlinear.qgemv_ref,
+        qgemv_silu_mul=qlinear.qgemv_silu_mul_ref,
+        # torch._scaled_mm and torch._int_mm run on CPU too (torch >= 2.13): the quantized path itself.
+        scaled_mm=qlinear.scaled_mm_ref,
+        lora_shrink=lora.lora_shrink_ref,
+        lora_expand=lora.lora_expand_ref,
     )
 
 

@@ -26,10 +26,19 @@ Kernels (the launcher picks one from ``max_seqlen_q``):
   sequences still fill all SMs; ``_decode_reduce_kernel`` merges the slices
   with their log-sum-exps.
 
+FP8 cache (``k_cache.dtype == torch.float8_e4m3fn``, written by
+``kernels/kv_cache.py``): an element means ``e4m3 * scale[kv_head]`` with one
+float32 scale per KV head for K and one for V (``k_scale``/``v_scale``,
+``[KH]``). Tiles are loaded as E4M3 and widened to the query's dtype (exact:
+every E4M3 value is a bfloat16/float16 value) right before the tensor-core dot;
+the scales never touch the inner loop: a program owns one KV head, so
+``k_scale`` folds into the softmax scale and ``v_scale`` multiplies the
+normalized output once.
+
 Cost. Decode is memory bound: each request reads its whole context once,
-``2 * seq_len * KH * D * e`` bytes (``e`` bytes per element), e.g. 64 requests
-of 4096 tokens with KH=8, D=128 in bf16: 1.07 GB per layer, ~0.33 ms at
-3.35 TB/s. Prefill is compute bound: ``4 * H * D * n_pairs`` FLOPs, with
+``2 * seq_len * KH * D * e`` bytes (``e`` bytes per element: 2 in bf16, 1 in FP8), e.g. 64
+requests of 4096 tokens with KH=8, D=128 in bf16: 1.07 GB per layer, ~0.33 ms
+at 3.35 TB/s; in FP8 half of that. Prefill is compute bound: ``4 * H * D * n_pairs`` FLOPs, with
 ``n_pairs = q_len * c + q_len * (q_len + 1) / 2`` (query, key) pairs per request.
 """
 
@@ -38,6 +47,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from fleetlm.kernels.kv_cache import FP8_DTYPE, check_scales
 
 try:
     import triton
@@ -138,6 +149,8 @@ if HAS_TRITON:
         cu_seqlens_q_ptr,
         seq_lens_ptr,
         block_tables_ptr,
+        k_scale_ptr,
+        v_scale_ptr,
         scale_log2,
         num_reqs,
         stride_qt,
@@ -161,9 +174,12 @@ if HAS_TRITON:
         BLOCK_SIZE: tl.constexpr,
         UPCAST: tl.constexpr,
         PRECISION: tl.constexpr,
+        FP8_KV: tl.constexpr,
     ):
         tile = tl.program_id(0)
         kv_head = tl.program_id(1)
+        if FP8_KV:  # K's scale folds into the softmax scale
+            scale_log2 = scale_log2 * tl.load(k_scale_ptr + kv_head)
 
         # Find the request of this tile: the last r with cu_seqlens_q[r] // BLOCK_Q + r <= tile
         # (a strictly increasing function of r, so a binary search).
@@ -224,6 +240,8 @@ if HAS_TRITON:
 
         l_i = tl.where(l_i > 0.0, l_i, 1.0)  # only padding rows have l == 0; they are not stored
         out = acc / l_i[:, None]
+        if FP8_KV:
+            out = out * tl.load(v_scale_ptr + kv_head)
         tl.store(
             out_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
             out.to(out_ptr.dtype.element_ty),
@@ -241,6 +259,8 @@ if HAS_TRITON:
         cu_seqlens_q_ptr,
         seq_lens_ptr,
         block_tables_ptr,
+        k_scale_ptr,
+        v_scale_ptr,
         scale_log2,
         num_heads,
         num_splits,
@@ -264,10 +284,13 @@ if HAS_TRITON:
         SPLIT: tl.constexpr,
         UPCAST: tl.constexpr,
         PRECISION: tl.constexpr,
+        FP8_KV: tl.constexpr,
     ):
         req = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
+        if FP8_KV:  # K's scale folds into the softmax scale, V's into the normalized output
+            scale_log2 = scale_log2 * tl.load(k_scale_ptr + kv_head)
         q_start = tl.load(cu_seqlens_q_ptr + req)
         if tl.load(cu_seqlens_q_ptr + req + 1) == q_start:
             return  # a request with no query this step
@@ -310,11 +333,15 @@ if HAS_TRITON:
             has_keys = l_i > 0.0
             lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
             out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+            if FP8_KV:
+                out = out * tl.load(v_scale_ptr + kv_head)
             part_row = (row * num_heads + head) * num_splits + split
             tl.store(part_lse_ptr + part_row, lse, mask=h_mask)
             tl.store(part_out_ptr + part_row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=mask)
         else:
             out = acc / l_i[:, None]
+            if FP8_KV:
+                out = out * tl.load(v_scale_ptr + kv_head)
             tl.store(
                 out_ptr + row * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
                 out.to(out_ptr.dtype.element_ty),
@@ -353,7 +380,8 @@ if HAS_TRITON:
         tl.store(out_ptr + token * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
-def _check(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables) -> None:
+def _check(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, k_scale, v_scale) -> bool:
+    """Validate the inputs; True when the cache is FP8 (with its scales)."""
     if q.dim() != 3 or q.stride(-1) != 1:
         raise ValueError(f"q must be [T, H, D] with a unit-stride last dim, got {tuple(q.shape)} {q.stride()}")
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -361,8 +389,10 @@ def _check(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables) -> None:
     if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
         raise ValueError(f"k_cache and v_cache must both be [num_blocks, block_size, KH, D], got "
                          f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise ValueError(f"cache dtypes ({k_cache.dtype}, {v_cache.dtype}) must equal q's {q.dtype}")
+    fp8 = check_scales(k_cache, v_cache, k_scale, v_scale)
+    if not fp8 and (k_cache.dtype != q.dtype or v_cache.dtype != q.dtype):
+        raise ValueError(f"cache dtypes ({k_cache.dtype}, {v_cache.dtype}) must equal q's {q.dtype} "
+                         f"(or be {FP8_DTYPE} with scales)")
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("k_cache and v_cache must have a unit-stride last dim")
     num_heads, head_dim = q.shape[1:]
@@ -385,6 +415,7 @@ def _check(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables) -> None:
     devices = {t.device for t in (q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables)}
     if len(devices) != 1:
         raise ValueError(f"all tensors must be on one device, got {devices}")
+    return fp8
 
 
 def _dot_mode(dtype: torch.dtype, device: torch.device) -> tuple[bool, str]:
@@ -427,10 +458,11 @@ def default_decode_config(q: torch.Tensor, num_reqs: int, num_kv_heads: int, max
 
 
 def paged_attention_prefill(
-    q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale, config: PrefillConfig | None = None
+    q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale, config: PrefillConfig | None = None,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch ``_prefill_kernel`` (valid for every batch, including decode-only ones)."""
-    _check(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables)
+    fp8 = _check(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, k_scale, v_scale)
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     num_reqs = seq_lens.shape[0]
@@ -448,6 +480,7 @@ def paged_attention_prefill(
     grid = (num_tokens // block_q + num_reqs, num_kv_heads)
     _prefill_kernel[grid](
         q, k_cache, v_cache, out, cu_seqlens_q, seq_lens, block_tables,
+        k_scale if fp8 else seq_lens, v_scale if fp8 else seq_lens,  # unused unless FP8
         float(scale) * _LOG2E, num_reqs,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -455,7 +488,7 @@ def paged_attention_prefill(
         block_tables.stride(0),
         GROUP=group, GROUP_P=group_p, BLOCK_Q=block_q, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         HEAD_DIM=head_dim, HEAD_DIM_P=max(16, triton.next_power_of_2(head_dim)), BLOCK_SIZE=block_size,
-        UPCAST=upcast, PRECISION=precision,
+        UPCAST=upcast, PRECISION=precision, FP8_KV=fp8,
         num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=True,
     )
     return out
@@ -463,10 +496,10 @@ def paged_attention_prefill(
 
 def paged_attention_decode(
     q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale, max_seqlen_k: int,
-    config: DecodeConfig | None = None,
+    config: DecodeConfig | None = None, k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch the split-K ``_decode_kernel`` (+ reduce). Every request must have q_len <= 1."""
-    _check(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables)
+    fp8 = _check(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, k_scale, v_scale)
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     num_reqs = seq_lens.shape[0]
@@ -488,6 +521,7 @@ def paged_attention_decode(
     upcast, precision = _dot_mode(q.dtype, q.device)
     _decode_kernel[(num_reqs, num_kv_heads, config.num_splits)](
         q, k_cache, v_cache, out, part_out, part_lse, cu_seqlens_q, seq_lens, block_tables,
+        k_scale if fp8 else seq_lens, v_scale if fp8 else seq_lens,  # unused unless FP8
         float(scale) * _LOG2E, num_heads, config.num_splits,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -495,7 +529,7 @@ def paged_attention_decode(
         block_tables.stride(0),
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=config.block_n,
         HEAD_DIM=head_dim, HEAD_DIM_P=head_dim_p, BLOCK_SIZE=block_size,
-        SPLIT=split, UPCAST=upcast, PRECISION=precision,
+        SPLIT=split, UPCAST=upcast, PRECISION=precision, FP8_KV=fp8,
         num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=True,
     )
     if split:
@@ -517,11 +551,18 @@ def paged_attention(
     scale: float,
     max_seqlen_q: int,
     max_seqlen_k: int,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Triton paged attention; split-K decode kernel when ``max_seqlen_q == 1``."""
+    """Triton paged attention; split-K decode kernel when ``max_seqlen_q == 1``.
+
+    ``k_scale``/``v_scale`` (float32 ``[KH]``) are required for, and only for, an FP8 cache.
+    """
     if max_seqlen_q == 1:
-        return paged_attention_decode(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale, max_seqlen_k)
-    return paged_attention_prefill(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale)
+        return paged_attention_decode(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale, max_seqlen_k,
+                                      k_scale=k_scale, v_scale=v_scale)
+    return paged_attention_prefill(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale,
+                                   k_scale=k_scale, v_scale=v_scale)
 
 
 def paged_attention_ref(
@@ -534,14 +575,19 @@ def paged_attention_ref(
     scale: float,
     max_seqlen_q: int,
     max_seqlen_k: int,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Torch reference: per request, gather K/V through the block table and call SDPA.
 
     The SDPA call mirrors Hugging Face's for the same shapes (``enable_gqa``,
     ``is_causal`` for a whole prompt, no mask for one query), so float32 CPU
     results track HF's; a chunk after a cached prefix gets the bottom-right
-    aligned boolean causal mask. ``max_seqlen_*`` are unused here.
+    aligned boolean causal mask. ``max_seqlen_*`` are unused here. An FP8
+    cache is dequantized (``e4m3 * scale`` in float32, then q's dtype) as it
+    is gathered.
     """
+    fp8 = check_scales(k_cache, v_cache, k_scale, v_scale)
     num_tokens, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     out = torch.empty((num_tokens, num_heads, head_dim), dtype=q.dtype, device=q.device)
@@ -552,8 +598,16 @@ def paged_attention_ref(
         if q_len == 0:
             continue
         blocks = block_tables[i, : math.ceil(seq_len / block_size)]
-        k = k_cache[blocks].flatten(0, 1)[:seq_len].transpose(0, 1).unsqueeze(0)  # [1, KH, S, D]
-        v = v_cache[blocks].flatten(0, 1)[:seq_len].transpose(0, 1).unsqueeze(0)
+        if fp8:  # gathered as bytes (not every device's index kernel takes float8), then dequantized
+            k = k_cache.view(torch.uint8)[blocks].flatten(0, 1)[:seq_len].view(FP8_DTYPE)  # [S, KH, D]
+            v = v_cache.view(torch.uint8)[blocks].flatten(0, 1)[:seq_len].view(FP8_DTYPE)
+            k = (k.float() * k_scale.view(-1, 1)).to(q.dtype)
+            v = (v.float() * v_scale.view(-1, 1)).to(q.dtype)
+        else:
+            k = k_cache[blocks].flatten(0, 1)[:seq_len]  # [S, KH, D]
+            v = v_cache[blocks].flatten(0, 1)[:seq_len]
+        k = k.transpose(0, 1).unsqueeze(0)  # [1, KH, S, D]
+        v = v.transpose(0, 1).unsqueeze(0)
         qi = q[q_start:q_end].transpose(0, 1).unsqueeze(0)  # [1, H, q_len, D]
         mask = None
         if 1 < q_len < seq_len:

@@ -41,8 +41,9 @@ _copy = copy_block
 def _read(lazy, spec: ParamSpec, out_range: tuple[int, int] | None, in_range: tuple[int, int] | None):
     """The block of a checkpoint tensor covering output features ``out_range`` and input features ``in_range``.
 
-    A dimension of size 1 is broadcast over the features (a per-tensor
-    scale, or the trailing 1 of ``[out, 1]`` scales): every rank keeps it.
+    A dimension of size 1, or one the tensor lacks, is broadcast over the
+    features (a per-tensor scale, 0-d or ``[1]``, or the trailing 1 of
+    ``[out, 1]`` scales): every rank keeps it whole.
     Float tensors are read in the layer's dtype; integer and FP8 tensors as
     stored (a float block for an FP8 tensor is the format's to quantize).
     """
@@ -51,11 +52,9 @@ def _read(lazy, spec: ParamSpec, out_range: tuple[int, int] | None, in_range: tu
         cuts[spec.out_dim] = spec.element_range(out_range, spec.out_per, "output")
     if in_range is not None and spec.in_dim is not None:
         cuts[spec.in_dim] = spec.element_range(in_range, spec.in_per, "input")
-    cuts = {d: c for d, c in cuts.items() if d >= len(lazy.shape) or lazy.shape[d] != 1}
+    cuts = {d: c for d, c in cuts.items() if d < len(lazy.shape) and lazy.shape[d] != 1}
     if set(cuts) - {0, 1}:
         raise ValueError(f"{spec.name}: only the first two dimensions of a tensor can be split")
-    if set(cuts) & set(range(len(lazy.shape), 2)):
-        raise ValueError(f"{spec.name}: checkpoint tensor of shape {lazy.shape} has no dimension to split")
     dtype = spec.dtype if _CASTABLE.get(spec.dtype) else None
     return lazy.load(rows=cuts.get(0), cols=cuts.get(1), dtype=dtype)
 
@@ -100,6 +99,10 @@ class LinearBase(nn.Module):
         rng = spec.element_range((part[0], part[0] + part[1]), spec.out_per, "output")
         return dst.narrow(spec.out_dim, rng.start, rng.stop - rng.start)
 
+    def input_quant(self, x):
+        """How this layer wants ``x`` quantized by the kernel producing it (None: as it is); see formats/base.py."""
+        return self.method.input_quant(self, x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.apply(self, x, self.bias)
 
@@ -115,6 +118,10 @@ class ColumnParallelLinear(LinearBase):
         lo = self.ctx.tp_rank * self.out_per_rank
         self._load_part(name, lazy, (lo, lo + self.out_per_rank), None, 0, None)
 
+    def output_shards(self) -> list[tuple[int, int, int]]:
+        """Per fused projection: (first output feature this rank keeps, how many, where they sit here)."""
+        return [(self.ctx.tp_rank * self.out_per_rank, self.out_per_rank, 0)]
+
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel projections of one input fused into one matmul (gate_up)."""
@@ -124,13 +131,17 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self.shard_sizes = [_split(n, ctx.tp_size, "output features") for n in out_sizes]
 
     def load_shard(self, shard: int, name: str, lazy) -> None:
-        size = self.shard_sizes[shard]
-        lo = self.ctx.tp_rank * size
-        self._load_part(name, lazy, (lo, lo + size), None, sum(self.shard_sizes[:shard]), size)
+        lo, size, offset = self.output_shards()[shard]
+        self._load_part(name, lazy, (lo, lo + size), None, offset, size)
 
-    def silu_mul(self, x: torch.Tensor, silu_and_mul) -> torch.Tensor:
-        """``silu(gate) * up`` of the two halves (a format may fuse it into the matmul)."""
-        return self.method.apply_silu_mul(self, x, self.bias, silu_and_mul)
+    def output_shards(self) -> list[tuple[int, int, int]]:
+        rank = self.ctx.tp_rank
+        return [(rank * size, size, sum(self.shard_sizes[:i])) for i, size in enumerate(self.shard_sizes)]
+
+    def silu_mul(self, x: torch.Tensor, silu_and_mul, quant=None) -> torch.Tensor:
+        """``silu(gate) * up`` of the two halves (a format may fuse it into the matmul, and quantize it as
+        ``quant``, the next layer's ``input_quant``, asks)."""
+        return self.method.apply_silu_mul(self, x, self.bias, silu_and_mul, quant)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -161,17 +172,19 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.q_size, self.kv_size = q, kv
 
     def load_shard(self, shard: str, name: str, lazy) -> None:
-        rank, d = self.ctx.tp_rank, self.head_dim
-        if shard == "q":
-            lo, size, offset = rank * self.q_size, self.q_size, 0
-        else:
-            if self.total_kv_heads >= self.ctx.tp_size:
-                head = rank * self.num_kv_heads
-            else:
-                head = rank * self.total_kv_heads // self.ctx.tp_size
-            lo, size = head * d, self.kv_size
-            offset = self.q_size + (0 if shard == "k" else self.kv_size)
+        lo, size, offset = self.output_shards()["qkv".index(shard)]
         self._load_part(name, lazy, (lo, lo + size), None, offset, size)
+
+    def output_shards(self) -> list[tuple[int, int, int]]:
+        """q, k, v: (first checkpoint row this rank keeps, how many, offset in the fused output)."""
+        rank = self.ctx.tp_rank
+        if self.total_kv_heads >= self.ctx.tp_size:
+            head = rank * self.num_kv_heads
+        else:
+            head = rank * self.total_kv_heads // self.ctx.tp_size
+        kv_lo = head * self.head_dim
+        return [(rank * self.q_size, self.q_size, 0), (kv_lo, self.kv_size, self.q_size),
+                (kv_lo, self.kv_size, self.q_size + self.kv_size)]
 
 
 class RowParallelLinear(LinearBase):
@@ -186,6 +199,9 @@ class RowParallelLinear(LinearBase):
     def load(self, name: str, lazy) -> None:
         lo = self.ctx.tp_rank * self.in_per_rank
         self._load_part(name, lazy, None, (lo, lo + self.in_per_rank), 0, None)
+
+    def output_shards(self) -> list[tuple[int, int, int]]:
+        return [(0, self.out_per_rank, 0)]  # every rank computes every output feature (partial sums)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The bias is added once, after the sum over ranks.

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from fleetlm.workers.kv_cache import LayerKVCache
+
 
 @dataclass
 class AttentionMetadata:
@@ -30,10 +32,10 @@ class PagedAttention(nn.Module):
         self.scale = head_dim**-0.5
         self.ops = ops
 
-    def forward(self, q, k, v, meta: AttentionMetadata, kv_cache: tuple[torch.Tensor, torch.Tensor]):
-        k_cache, v_cache = kv_cache
-        self.ops.store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+    def forward(self, q, k, v, meta: AttentionMetadata, kv_cache: LayerKVCache):
+        c = kv_cache
+        self.ops.store_kv_cache(k, v, c.k, c.v, meta.slot_mapping, c.k_scale, c.v_scale)
         return self.ops.paged_attention(
-            q, k_cache, v_cache, meta.cu_seqlens_q, meta.seq_lens, meta.block_tables,
-            self.scale, meta.max_seqlen_q, meta.max_seqlen_k,
+            q, c.k, c.v, meta.cu_seqlens_q, meta.seq_lens, meta.block_tables,
+            self.scale, meta.max_seqlen_q, meta.max_seqlen_k, c.k_scale, c.v_scale,
         )

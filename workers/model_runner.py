@@ -16,14 +16,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fleetlm.engine.config import CacheConfig, ModelConfig
+from fleetlm.engine.config import CacheConfig, LoRAConfig, ModelConfig
 from fleetlm.engine.sampling_params import needs_output_history
 from fleetlm.engine.step import PLACEHOLDER, ModelRunnerOutput, SchedulerOutput
 from fleetlm.kernels import select_ops
 from fleetlm.parallel.context import ParallelContext
+from fleetlm.workers import kv_cache
 from fleetlm.workers.attention import AttentionMetadata
+from fleetlm.workers.guided_logits import constrain_logits
 from fleetlm.workers.models import model_class
-from fleetlm.workers.pending import PendingOutput, ReqState
+from fleetlm.workers.pending import DeferredSampling, PendingOutput, ReqState
 from fleetlm.workers.sampler import Sampler, SamplingBatch, SamplingRow, compute_topk_logprobs, min_tokens_banned_ids
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -31,15 +33,23 @@ _NP_DTYPES = {torch.int64: np.int64, torch.int32: np.int32}
 
 
 class ModelRunner:
-    def __init__(self, model_cfg: ModelConfig, cache_cfg: CacheConfig, ctx: ParallelContext, device: torch.device):
+    def __init__(self, model_cfg: ModelConfig, cache_cfg: CacheConfig, ctx: ParallelContext, device: torch.device,
+                 lora: LoRAConfig | None = None, max_rows: int = 0):
         self.model_cfg, self.cache_cfg, self.ctx = model_cfg, cache_cfg, ctx
         self.device = device
         self.dtype = DTYPES[model_cfg.dtype]
         self.block_size = cache_cfg.block_size
+        if cache_cfg.cache_dtype != "auto":
+            kv_cache.check_fp8_kv_supported(device)
         self.ops = select_ops(device)
         self.model = model_class(model_cfg.hf_config)(model_cfg, ctx, self.ops, self.dtype, device)
+        self.lora = None  # multi-LoRA: slots on the projections, each step's tile table
+        if lora is not None:
+            from fleetlm.workers.lora_manager import LoRAManager
+
+            self.lora = LoRAManager(self.model, self.ops, lora, self.dtype, device, max_rows)
         self.sampler = Sampler()
-        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.kv_caches: list[kv_cache.LayerKVCache] = []
         self.states: dict[str, ReqState] = {}
         self.graphs = None  # DecodeGraphs, once captured (CUDA only)
         # The previous launch's sampled tokens (still on the device) and each request's row in them.
@@ -48,6 +58,7 @@ class ModelRunner:
         # Steps may be launched ahead on a TP > 1 stage: rank 0 broadcasts each
         # step's sampled ids so that every rank can fill the next one's placeholders.
         self.share_samples = False
+        self._deferred: DeferredSampling | None = None  # a launched step waiting for its grammar
         eos = model_cfg.eos_token_ids
         self.eos_token_ids = list(eos)
 
@@ -58,16 +69,15 @@ class ModelRunner:
     def kv_bytes_per_block(self) -> int:
         attn = self.model.layers[0].self_attn if len(self.model.layers) else None
         kv_heads = attn.num_kv_heads if attn else 1
-        elem = torch.tensor([], dtype=self.dtype).element_size()
-        return 2 * self.model.num_local_layers * self.block_size * kv_heads * self.model_cfg.head_dim * elem
+        return kv_cache.kv_bytes_per_block(self.model.num_local_layers, self.block_size, kv_heads,
+                                           self.model_cfg.head_dim, self.cache_cfg.cache_dtype, self.dtype)
 
     def init_kv_cache(self, num_blocks: int) -> None:
+        """Allocate the pool (FP8: with each layer's scales, from its loaded weights)."""
         attn = self.model.layers[0].self_attn
-        shape = (num_blocks, self.block_size, attn.num_kv_heads, self.model_cfg.head_dim)
-        self.kv_caches = [
-            (torch.zeros(shape, dtype=self.dtype, device=self.device), torch.zeros(shape, dtype=self.dtype, device=self.device))
-            for _ in range(self.model.num_local_layers)
-        ]
+        self.kv_caches = kv_cache.allocate(self.model.layers, num_blocks, self.block_size, attn.num_kv_heads,
+                                           self.model_cfg.head_dim, self.cache_cfg.cache_dtype, self.dtype,
+                                           self.device)
 
     def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int) -> float:
         """Capture decode graphs (single-stage CUDA workers only); returns seconds taken."""
@@ -76,6 +86,8 @@ class ModelRunner:
         from fleetlm.workers.cuda_graphs import DecodeGraphs
 
         t0 = time.perf_counter()
+        if self.lora is not None:
+            self.lora.state.active = True  # capture the LoRA kernels: replays read the tile table
         self.graphs = DecodeGraphs(self.model, self.kv_caches, max_num_seqs, max_model_len, self.block_size, self.device)
         self.graphs.capture()
         return time.perf_counter() - t0
@@ -194,6 +206,8 @@ class ModelRunner:
         Placeholder tokens are filled on the device from the sampled tokens of
         the previous launch. The last stage returns a ``PendingOutput``.
         """
+        if self._deferred is not None and not self._deferred.sampled:
+            raise RuntimeError("launch before the previous step got its grammar (its samples feed this step)")
         self._update_states(out)
         if out.is_empty:
             return PendingOutput.ready(ModelRunnerOutput.empty())
@@ -201,7 +215,10 @@ class ModelRunner:
         self._last_sampled, self._last_rows = None, {}
         q = meta.max_seqlen_q
         uniform = q == 1 or all(len(s.token_ids) == q for s in out.scheduled)
-        if self.graphs is not None and hidden is None and self.graphs.can_run(len(out.scheduled), q if uniform else None):
+        graph = self.graphs is not None and hidden is None and self.graphs.can_run(len(out.scheduled), q if uniform else None)
+        if self.lora is not None:
+            self.lora.prepare(out, self.graphs.padded_size(len(out.scheduled)) * q if graph else ids.shape[0])
+        if graph:
             result = self.graphs.run(ids, pos, meta)
         else:
             result = self.model(ids, pos, meta, self.kv_caches, hidden, residual)
@@ -227,7 +244,20 @@ class ModelRunner:
                 PendingOutput.ready(ModelRunnerOutput.empty())
         logits = self.model.compute_logits(result[logits_indices]).float()
         states = [self.states[rid] for rid in req_ids]
-        sampled = self.sampler(logits, self._sampling_batch(states, proposals))
+        batch = self._sampling_batch(states, proposals)
+
+        def sample(grammar):
+            return self._sample(logits, batch, grammar, req_ids, states, proposals, prompt)
+
+        if out.grammar_later:  # the bitmask is built from the step in flight, while this forward runs
+            self._deferred = DeferredSampling(sample)
+            return self._deferred
+        return sample(out.grammar)
+
+    def _sample(self, logits, batch, grammar, req_ids, states, proposals, prompt) -> PendingOutput:
+        if grammar is not None and grammar.request_ids:
+            logits = self._constrain(logits, batch, grammar, req_ids, proposals)
+        sampled = self.sampler(logits, batch)
         self._last_sampled = sampled.sampled_token_ids
         self._remember_rows(req_ids, proposals)
         if self.share_samples:
@@ -245,6 +275,20 @@ class ModelRunner:
             self._last_rows = dict(zip(req_ids, first_rows))
         else:
             self._last_rows = {rid: i for i, rid in enumerate(req_ids)}
+
+    def _constrain(self, logits, batch: SamplingBatch, grammar, req_ids: list[str], proposals: list[list[int]]):
+        """Mask the constrained rows (``workers/guided_logits.py``); their bitmask rows reach the
+        device without a wait."""
+        first, row = {}, 0
+        for rid, props in zip(req_ids, proposals):
+            first[rid] = (row, 1 + len(props))
+            row += 1 + len(props)
+        rows = [first[rid][0] + j for rid in grammar.request_ids for j in range(first[rid][1])]
+        if len(rows) != grammar.bitmask.shape[0]:
+            raise RuntimeError(f"grammar bitmask has {grammar.bitmask.shape[0]} rows for {len(rows)} constrained rows")
+        (rows_d,) = self._upload(torch.int64, np.asarray(rows, dtype=np.int64))
+        bitmask = grammar.bitmask.to(self.device, non_blocking=True)
+        return constrain_logits(logits, batch, rows, rows_d, bitmask, self.ops.apply_token_bitmask)
 
     # Prompt positions whose logits are computed at once for prompt logprobs (bounds the
     # float32 [rows, vocab] scratch: 512 x 128k vocab = 256 MiB).

@@ -117,3 +117,26 @@ class PendingOutput(PendingStep):
                 entries.append(row)
             result.append(entries)
         return result
+
+
+class DeferredSampling(PendingStep):
+    """A launched step whose forward pass is queued and whose sampling waits for its
+    grammar bitmask (built from the step before, once that step's tokens are back)."""
+
+    def __init__(self, sample) -> None:
+        self._sample = sample  # grammar -> PendingOutput
+        self._pending: PendingOutput | None = None
+
+    @property
+    def sampled(self) -> bool:
+        return self._pending is not None
+
+    def supply_grammar(self, grammar) -> None:
+        if self._pending is not None:
+            raise RuntimeError("this step already got its grammar")
+        self._pending, self._sample = self._sample(grammar), None
+
+    def result(self) -> ModelRunnerOutput:
+        if self._pending is None:
+            raise RuntimeError("a step launched with grammar_later was never given its grammar")
+        return self._pending.result()

@@ -40,6 +40,7 @@ instead of hanging.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pickle
 import time
@@ -47,19 +48,14 @@ from collections import deque
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
-from ray.util.placement_group import (
-    PlacementGroup,
-    get_current_placement_group,
-    placement_group,
-    placement_group_table,
-    remove_placement_group,
-)
+from ray.util.placement_group import PlacementGroup, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from fleetlm.engine.config import EngineConfig
 from fleetlm.engine.step import ModelRunnerOutput, PendingStep, SchedulerOutput
-from fleetlm.parallel.placement import PlacementSpec, assign_bundles, check_cluster_fits, stage_bundles
+from fleetlm.parallel.placement import PlacementSpec
 from fleetlm.workers.shm_ring import RingClosed, RingTimeout, ShmRing
+from fleetlm.workers.ray_placement import reserve
 from fleetlm.workers.step_codec import STOP, StepEncoder
 from fleetlm.workers.worker_actor import StepError, WorkerActor, WorkerInfo
 
@@ -73,9 +69,19 @@ _PUT_THRESHOLD_BYTES = 64 << 10
 class RayPendingStep(PendingStep):
     """One launched step; ``result()`` waits for it (bounded), in launch order."""
 
-    def __init__(self, group: RayWorkerGroup, index: int) -> None:
+    def __init__(self, group: RayWorkerGroup, index: int, held: SchedulerOutput | None = None) -> None:
         self.group, self.index = group, index
         self._output: ModelRunnerOutput | None = None
+        self._held = held  # a grammar_later step not sent yet (Ray calls)
+
+    def supply_grammar(self, grammar) -> None:
+        """The bitmask of a step launched with ``grammar_later``: on the ring, a message of its
+        own after the step; by Ray calls (each runs a whole step), the step itself, now."""
+        if self._held is not None:
+            self.group._send(dataclasses.replace(self._held, grammar=grammar, grammar_later=False))
+            self._held = None
+        else:
+            self.group._write_step(self.group.encoder.encode_grammar(self.index, grammar))
 
     def result(self) -> ModelRunnerOutput:
         if self._output is None:
@@ -97,6 +103,7 @@ class RayWorkerGroup:
     """
 
     compile_cache = None  # each worker points its Triton at the cache itself and logs it
+    weights_bytes = None  # each worker's own
 
     def __init__(
         self,
@@ -148,7 +155,10 @@ class RayWorkerGroup:
     # -- startup ------------------------------------------------------------------
     def _start(self) -> None:
         t0 = time.perf_counter()
-        plan = self._reserve()
+        try:
+            self.pg, self._owns_pg, plan = reserve(self.spec, self.tp_size, self.pp_size)
+        except TimeoutError as e:
+            raise WorkerGroupError(str(e)) from None
         cpu_threads = 1 if self.config.parallel.device != "cuda" else None
         self.workers = [
             WorkerActor.options(
@@ -204,46 +214,6 @@ class RayWorkerGroup:
             for rank, w in enumerate(self.workers)
         ]
 
-    def _reserve(self) -> list[int]:
-        """Reserve (or borrow) the placement group; returns the bundle index of each rank."""
-        current = get_current_placement_group()
-        if current is not None:
-            # Inside a Ray Serve replica (or any actor in a placement group):
-            # the workers' devices are already reserved in this group.
-            self.pg, self._owns_pg = current, False
-            self._wait_ready()
-            return self._plan_in_borrowed_group()
-        if self.spec.fail_fast:
-            nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-            check_cluster_fits(self.spec, self.tp_size, self.pp_size, nodes)
-        self.pg = placement_group(stage_bundles(self.spec, self.tp_size, self.pp_size), strategy=self.spec.strategy)
-        self._owns_pg = True
-        self._wait_ready()
-        # Stage s -> bundle s: a bundle sits on one node, so a stage does too.
-        return [stage for stage in range(self.pp_size) for _ in range(self.tp_size)]
-
-    def _wait_ready(self) -> None:
-        ready, _ = ray.wait([self.pg.ready()], timeout=self.spec.timeout_s)
-        if not ready:
-            need = {k: v * self.world_size for k, v in self.spec.worker_resources().items()}
-            raise WorkerGroupError(
-                f"could not reserve {need} for tp {self.tp_size} x pp {self.pp_size} workers within "
-                f"{self.spec.timeout_s:g} s; available now: "
-                f"{ {k: ray.available_resources().get(k, 0.0) for k in need} } (other replicas may hold them)"
-            )
-
-    def _plan_in_borrowed_group(self) -> list[int]:
-        table = placement_group_table(self.pg)
-        pg_hex = self.pg.id.hex()
-        avail = ray.available_resources()
-        specs = self.pg.bundle_specs
-        # What is still free in each bundle (the replica actor itself may use one).
-        free = [
-            {k: avail.get(f"{k}_group_{i}_{pg_hex}", 0.0) for k in spec} for i, spec in enumerate(specs)
-        ]
-        nodes = [table["bundles_to_node_id"].get(i, "") for i in range(len(specs))]
-        return assign_bundles(self.spec, self.tp_size, self.pp_size, free, nodes)
-
     # -- the step -----------------------------------------------------------------
     def launch(self, out: SchedulerOutput) -> RayPendingStep:
         """Send a step without waiting for it; ``.result()`` waits (bounded by ``step_timeout_s``).
@@ -253,14 +223,23 @@ class RayWorkerGroup:
         stage 0 runs step k+1 while stage 1 runs step k.
         """
         self._raise_if_failed()
+        self._launched += 1
+        if out.grammar_later and self.steps is None:
+            return RayPendingStep(self, self._launched - 1, held=out)
+        self._send(out)
+        return RayPendingStep(self, self._launched - 1)
+
+    def _send(self, out: SchedulerOutput) -> None:
         payload = self.encoder.encode(out)
         if self.steps is not None:
-            self._ring_io(lambda deadline: self.steps.write(payload, deadline, self._loop_ended), "sending a step")
+            self._write_step(payload)
         else:
             arg = ray.put(payload) if len(payload) > _PUT_THRESHOLD_BYTES else payload
             self._calls.append([w.execute.remote(arg) for w in self.workers])
-        self._launched += 1
-        return RayPendingStep(self, self._launched - 1)
+
+    def _write_step(self, payload: bytes) -> None:
+        self._raise_if_failed()
+        self._ring_io(lambda deadline: self.steps.write(payload, deadline, self._loop_ended), "sending a step")
 
     def _result(self, index: int) -> ModelRunnerOutput:
         """The result of launched step ``index``; results arrive in launch order."""
@@ -336,6 +315,17 @@ class RayWorkerGroup:
             raise WorkerGroupError(f"worker group failed earlier: {self._failure}")
 
     # -- control --------------------------------------------------------------------
+    def add_lora(self, adapter) -> None:
+        """Every worker reads the adapter into host memory (a worker that cannot says why; the group stays up)."""
+        errors = self._gather([w.lora.remote("add_lora", adapter) for w in self.workers], self.init_timeout_s,
+                              "adapter loading")
+        if any(errors):
+            raise ValueError(next(filter(None, errors)))
+
+    def remove_lora(self, lora_int_id: int) -> None:
+        self._gather([w.lora.remote("remove_lora", lora_int_id) for w in self.workers], self.step_timeout_s,
+                     "adapter removal")
+
     def check_health(self) -> None:
         """Raise ``WorkerGroupError`` if a worker is dead or does not answer within ``health_timeout_s``."""
         self._raise_if_failed()

@@ -14,7 +14,7 @@ import torch
 
 from fleetlm.engine.config import EngineConfig
 from fleetlm.parallel.context import SINGLE, ParallelContext
-from fleetlm.workers.compile_cache import use_compile_cache
+from fleetlm.workers.compile_cache import settings_fingerprint, use_compile_cache
 from fleetlm.workers.loader import iter_weights, resolve_model
 from fleetlm.workers.model_runner import DTYPES, ModelRunner
 
@@ -29,9 +29,14 @@ class Worker:
             torch.cuda.set_device(self.device)
         self.compile_cache = None
         if config.compile_cache_dir is not None:  # before anything compiles
-            self.compile_cache = use_compile_cache(config.compile_cache_dir, self.device)
+            self.compile_cache = use_compile_cache(config.compile_cache_dir, self.device, settings_fingerprint(config))
         torch.manual_seed(config.model.seed)
-        self.runner = ModelRunner(config.model, config.cache, ctx, self.device)
+        sc = config.scheduler
+        # Rows of the largest forward: a full step, or a CUDA graph's padded batch (of up to 8 tokens each).
+        max_rows = max(sc.max_num_batched_tokens, 8 * sc.max_num_seqs)
+        self.runner = ModelRunner(config.model, config.cache, ctx, self.device, config.lora, max_rows)
+        if config.warmup and self.runner.lora is not None:
+            self.runner.lora.warm_up()
         # One stage of several TP ranks may get steps launched ahead: see ModelRunner.share_samples.
         self.runner.share_samples = ctx.tp_size > 1 and ctx.pp_size == 1
 
@@ -43,6 +48,9 @@ class Worker:
         weights = iter_weights(source, device=self.device, dtype=DTYPES[mc.dtype], seed=mc.seed,
                                keep_quantized=mc.quantization == "gguf")
         self.runner.load_weights(weights)
+        # The bytes that now sit on the device (a tied weight once): over the seconds, the load's GB/s.
+        tensors = {t.data_ptr(): t for t in self.runner.model.state_dict().values()}
+        self.weights_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
         return time.perf_counter() - t0
 
     def num_available_blocks(self) -> int:
@@ -82,6 +90,14 @@ class Worker:
     def capture_cuda_graphs(self) -> float:
         sc = self.config.scheduler
         return self.runner.capture_cuda_graphs(sc.max_num_seqs, sc.max_model_len)
+
+    def add_lora(self, adapter) -> None:
+        """Read a checked adapter (``engine.step.LoRAAdapter``) into host memory now (a step would
+        otherwise read it when first needed)."""
+        self.runner.lora.add(adapter)
+
+    def remove_lora(self, lora_int_id: int) -> None:
+        self.runner.lora.remove(lora_int_id)
 
     def launch(self, scheduler_output):
         """Queue a step without waiting for it (single-stage worker); returns a ``PendingOutput``."""

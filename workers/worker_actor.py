@@ -36,7 +36,7 @@ from fleetlm.engine.config import EngineConfig
 from fleetlm.engine.step import ModelRunnerOutput
 from fleetlm.parallel.distributed import create_store, init_distributed, split_rank
 from fleetlm.workers.shm_ring import RingClosed, ShmRing
-from fleetlm.workers.step_codec import STOP, StepDecoder
+from fleetlm.workers.step_codec import STOP, LateGrammar, StepDecoder
 from fleetlm.workers.worker import Worker
 
 logger = logging.getLogger("fleetlm.worker_actor")
@@ -134,6 +134,7 @@ class WorkerActor:
         steps = ShmRing.attach(steps_handle, reader)
         results = ShmRing.attach(results_handle, None) if results_handle is not None else None
         completer = _Completer(results, self.rank) if results is not None and launch_ahead else None
+        deferred = None  # a launched step whose sampling waits for its grammar (the next message)
         try:
             while True:
                 payload = steps.read(time.monotonic() + IDLE_FOREVER_S,
@@ -142,10 +143,19 @@ class WorkerActor:
                     return
                 out = self.decoder.decode(payload)
                 try:
+                    if isinstance(out, LateGrammar):  # only the sampling worker has a step waiting for it
+                        if deferred is not None:
+                            deferred.supply_grammar(out.grammar)
+                            completer.put(deferred)
+                            deferred = None
+                        continue
                     if launch_ahead:
                         pending = self.worker.launch(out)
                         if completer is not None:
-                            completer.put(pending)
+                            if out.grammar_later:
+                                deferred = pending
+                            else:
+                                completer.put(pending)
                         continue
                     result = self.worker.execute_stage(out)
                 except Exception as e:
@@ -162,6 +172,15 @@ class WorkerActor:
             steps.close()
             if results is not None:
                 results.close()
+
+    def lora(self, op: str, arg) -> str | None:
+        """``add_lora`` / ``remove_lora`` on the worker's host cache (thread-safe: it runs beside
+        the step loop); an error comes back as text, the adapter's fault, not the worker's."""
+        try:
+            getattr(self.worker, op)(arg)
+        except Exception as e:  # noqa: BLE001 - reported to the caller, the replica stays up
+            return f"{type(e).__name__}: {e}"
+        return None
 
     @ray.method(concurrency_group="control")
     def ping(self) -> bool:

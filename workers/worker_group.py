@@ -3,8 +3,10 @@
 Every worker group has the same interface: ``num_blocks`` (KV blocks each
 worker holds), ``startup_seconds`` (seconds per start-up phase),
 ``compile_cache`` (where an in-process worker's compiled kernels live),
+``weights_bytes`` (what an in-process worker loaded onto its device),
 ``launch(out) -> PendingStep`` (``.result()`` waits for the step's
-``ModelRunnerOutput``), ``check_health()``, ``shutdown()``, and what
+``ModelRunnerOutput``), ``add_lora(adapter)`` / ``remove_lora(id)``
+(adapters in the workers' host memory), ``check_health()``, ``shutdown()``, and what
 it can do, from which the engine picks its step mode once
 (``engine/llm_engine.py``): ``supports_async`` (a launch returns before
 the device finishes, so the next step may be launched behind it) and
@@ -40,10 +42,17 @@ class LocalWorkerGroup:
         if config.use_cuda_graphs:
             self.startup_seconds["cuda_graphs"] = self.worker.capture_cuda_graphs()
         self.compile_cache = self.worker.compile_cache
+        self.weights_bytes = self.worker.weights_bytes
 
     def launch(self, out: SchedulerOutput) -> PendingOutput:
         """Queue the step on the device; ``.result()`` waits for its ``ModelRunnerOutput``."""
         return self.worker.launch(out)
+
+    def add_lora(self, adapter) -> None:
+        self.worker.add_lora(adapter)
+
+    def remove_lora(self, lora_int_id: int) -> None:
+        self.worker.remove_lora(lora_int_id)
 
     def check_health(self) -> None:
         return None

@@ -27,6 +27,8 @@ from fleetlm.parallel.formats.registry import (
 FORMATS: dict[str, type[LinearMethod]] = {"dense": DenseMethod}
 
 # Quantized formats: importing each registers it (one line per format).
+from fleetlm.parallel.formats import w8a8  # noqa: E402,F401  fp8, int8
+from fleetlm.parallel.formats import compressed_tensors  # noqa: E402,F401
 
 
 def linear_methods(ops, weight_format: str = "dense",

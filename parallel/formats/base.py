@@ -18,7 +18,10 @@ GGUF blocks to come). For one layer it
   repacking, scales of merged shards);
 - computes ``y = x W^T (+ b)`` (``apply``), and optionally the fused
   ``silu(gate) * up`` of a merged gate/up projection (``apply_silu_mul``);
-
+- may ask the producer of its input for it quantized (``input_quant``):
+  the RMSNorm before it, or the SiLU-and-mul of the gate/up projection,
+  then quantize in their own kernel and hand over a ``QuantizedActivation``
+  (kernels/quant.py), which ``apply`` takes as well as a float tensor.
 
 Models never touch a layer's tensors; they call the layer.
 """
@@ -29,6 +32,14 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+
+@dataclass(frozen=True)
+class ActQuant:
+    """How a layer wants its input quantized: to ``dtype`` (FP8 E4M3, INT8) per token, or by static ``scale``."""
+
+    dtype: torch.dtype
+    scale: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -81,11 +92,20 @@ class LinearMethod:
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         """Called once every tensor of ``layer`` is loaded."""
 
+    def input_quant(self, layer: nn.Module, x) -> ActQuant | None:
+        """How this layer wants input ``x`` (its rows and dtype matter) from its producer; None: as it is."""
+        return None
+
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
 
-    def apply_silu_mul(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, silu_and_mul) -> torch.Tensor:
-        """``silu(gate) * up`` of a merged [gate; up] projection; formats with a fused kernel override it."""
+    def apply_silu_mul(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, silu_and_mul,
+                       quant: ActQuant | None = None) -> torch.Tensor:
+        """``silu(gate) * up`` of a merged [gate; up] projection; formats with a fused kernel override it.
+
+        ``quant``: the consumer's ``input_quant``; a format may return the
+        result quantized that way, or float (the consumer then quantizes it).
+        """
         return silu_and_mul(self.apply(layer, x, bias))
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fleetlm.parallel.formats.base import LinearMethod, ParamSpec, register
+from fleetlm.parallel.formats.base import ActQuant, LinearMethod, ParamSpec, register
 
 
 class DenseMethod(LinearMethod):
@@ -19,6 +19,7 @@ class DenseMethod(LinearMethod):
     def __init__(self, ops) -> None:
         self.linear = ops.linear
         self.linear_silu_mul = ops.linear_silu_mul
+        self.silu_and_mul_quant = ops.silu_and_mul_quant
 
     def create_weights(self, layer: nn.Module, in_features: int, out_features: int, dtype: torch.dtype,
                        device: torch.device | str) -> list[ParamSpec]:
@@ -27,5 +28,8 @@ class DenseMethod(LinearMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return self.linear(x, layer.weight, bias)
 
-    def apply_silu_mul(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, silu_and_mul) -> torch.Tensor:
+    def apply_silu_mul(self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None, silu_and_mul,
+                       quant: ActQuant | None = None) -> torch.Tensor:
+        if quant is not None:  # a dense gate/up before a quantized down_proj
+            return self.silu_and_mul_quant(self.linear(x, layer.weight, bias), quant.dtype, quant.scale)
         return self.linear_silu_mul(x, layer.weight, bias)

@@ -10,13 +10,18 @@ the scale-up proves the replicas' ``record_autoscaling_stats`` reach the
 custom policy. Then a trickle of one request at a time lets the count fall
 back to one. Every request of both phases must succeed (200 and a finished
 completion): replicas that scale down drain first, and none is routed to
-while it stops. With ``min_replicas: 0`` the deployment idles at zero
-replicas and the first request waits for a cold start instead of failing.
+while it stops. A new replica is fast from its first requests: their
+prefill (first step to first token, from ``/debug/invariants``) is within 2x
+of the old replica's latest ones under the same burst. With ``min_replicas:
+0`` the deployment idles at zero replicas, ``/health`` stays 200 (the load
+balancer keeps the endpoint), ``/ready`` says the model is not warm, and the
+first request waits for a cold start instead of failing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import statistics
 import time
 
 import httpx
@@ -68,8 +73,15 @@ async def one(client: httpx.AsyncClient, tally: Tally, i: int, max_tokens: int) 
         tally.failed.append(repr(e))
 
 
-async def burst_until_scaled(url: str, tally: Tally) -> tuple[int, float]:
-    """12 clients in a loop until more than one replica runs; (max replicas seen, seconds)."""
+def replicas_report(url: str) -> dict[str, dict]:
+    """Each replica's entry of /debug/invariants (its start-up phases and prefill times), by id."""
+    reps = httpx.get(url + "/debug/invariants", timeout=30).json()["models"][MODEL]["replicas"]
+    return {r["replica"]: r for r in reps}
+
+
+async def burst_until_scaled(url: str, tally: Tally, old: set[str]) -> tuple[int, float]:
+    """12 clients in a loop until more than one replica runs and a new one has served a few
+    requests; (max replicas seen, seconds)."""
     start = time.monotonic()
     stop = asyncio.Event()
     seen = 1
@@ -87,6 +99,12 @@ async def burst_until_scaled(url: str, tally: Tally) -> tuple[int, float]:
             n = (await asyncio.to_thread(replica_counts)).get(DEPLOYMENT, 0)
             seen = max(seen, n)
             if n >= 2:
+                break
+            await asyncio.sleep(1.0)
+        scaled = time.monotonic()
+        while seen >= 2 and time.monotonic() - scaled < 30:  # the new replica's first requests
+            reps = await asyncio.to_thread(replicas_report, url)
+            if any(len(r["prefill_s"]["first"]) >= 3 for rid, r in reps.items() if rid not in old):
                 break
             await asyncio.sleep(1.0)
         stop.set()
@@ -119,11 +137,20 @@ def url():
 def test_burst_scales_up_and_idleness_scales_down_without_failures(url):
     deploy(url, ARGS)
     assert replica_counts() == {DEPLOYMENT: 1}
+    old = set(replicas_report(url))
     tally = Tally()
-    peak, up_s = asyncio.run(burst_until_scaled(url, tally))
+    peak, up_s = asyncio.run(burst_until_scaled(url, tally, old))
     burst_ok = tally.ok
     print(f"burst: {burst_ok} requests ok, {peak} replicas after {up_s:.1f} s")
     assert peak >= 2, f"no scale-up within {UP_TIMEOUT_S} s: {replica_counts()}"
+    # The new replica's first requests against the old replica's latest, in the same burst.
+    reps = replicas_report(url)
+    new_first = [s for rid, r in reps.items() if rid not in old for s in r["prefill_s"]["first"]]
+    old_recent = [s for rid, r in reps.items() if rid in old for s in r["prefill_s"]["recent"]]
+    assert new_first and old_recent, reps
+    print(f"prefill: new replica's first {statistics.median(new_first):.3f} s, "
+          f"old replica's latest {statistics.median(old_recent):.3f} s")
+    assert statistics.median(new_first) <= 2 * statistics.median(old_recent), (new_first, old_recent)
     left, down_s = asyncio.run(trickle_until_one(url, tally))
     print(f"idle: {tally.ok - burst_ok} requests ok, {left} replica(s) after {down_s:.1f} s")
     assert left == 1, f"no scale-down within {DOWN_TIMEOUT_S} s: {replica_counts()}"
@@ -144,6 +171,14 @@ def test_scale_to_zero_first_request_waits_for_a_replica(url):
     while serve.status().applications[APP].status != "RUNNING":
         assert time.monotonic() < deadline, serve.status()
         time.sleep(0.5)
+    assert replica_counts() == {DEPLOYMENT: 0}
+    # Scaled to zero: the endpoint stays up for the load balancer, /ready says not warm, and
+    # neither probe starts a replica.
+    health = httpx.get(url + "/health", timeout=30)
+    assert health.status_code == 200, health.text
+    ready = httpx.get(url + "/ready", timeout=30)
+    assert ready.status_code == 503 and ready.json()["models"][MODEL] == {
+        "warm": False, "replicas": 0, "healthy_replicas": 0, "cold_start": True}, ready.text
     assert replica_counts() == {DEPLOYMENT: 0}
     body = {"model": MODEL, "prompt": "Hello", "max_tokens": 2, "temperature": 0}
     start = time.monotonic()

@@ -102,8 +102,6 @@ BAD_REQUESTS = [
     ("unknown-field", "POST", "/v1/completions", {"json": {"prompt": "x", "max_tokenz": 3}}, 400, "max_tokenz"),
     ("stream-options-without-stream", "POST", "/v1/chat/completions",
      {"json": {"messages": CHAT, "stream_options": {"include_usage": True}}}, 400, "stream_options"),
-    ("echo-with-logprobs", "POST", "/v1/completions", {"json": {"prompt": "x", "echo": True, "logprobs": 1}}, 400,
-     "echo"),
     ("logit-bias-bad-key", "POST", "/v1/completions", {"json": {"prompt": "x", "logit_bias": {"a": 1}}}, 400,
      "logit_bias"),
     ("unknown-model", "POST", "/v1/completions", {"json": {"model": "gpt-17", "prompt": "x"}}, 404, "model"),
@@ -155,10 +153,14 @@ def test_limits_at_the_limit_succeed(base):
             ("/v1/completions", {"prompt": "x", "logprobs": 5, "max_tokens": 1}),
             ("/v1/chat/completions", {"messages": CHAT, "logprobs": True, "top_logprobs": 5, "max_tokens": 1}),
             ("/v1/completions", {"prompt": "x", "stop": ["a", "b", "c", "s" * 20], "max_tokens": 1}),
+            ("/v1/completions", {"prompt": "x", "echo": True, "logprobs": 5, "max_tokens": 1}),
         ]
         for path, body in cases:
             r = http.post(base + path, json=body)
             assert r.status_code == 200, (body, r.text)
+        # echo with logprobs scores the prompt: a one-token prompt's token comes first, unscored.
+        lp = r.json()["choices"][0]["logprobs"]
+        assert lp["tokens"][0] == "x" and lp["token_logprobs"][0] is None and len(lp["tokens"]) == 2
 
 
 def test_open_endpoints_need_no_key(base):

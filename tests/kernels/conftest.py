@@ -28,6 +28,10 @@ _KERNEL_MODULES = (
     "fleetlm.kernels.gemv",
     "fleetlm.kernels.kv_cache",
     "fleetlm.kernels.attention",
+    "fleetlm.kernels.token_bitmask",
+    "fleetlm.kernels.quant",
+    "fleetlm.kernels.qlinear",
+    "fleetlm.kernels.lora",
 )
 
 _CUDA = torch.cuda.is_available()

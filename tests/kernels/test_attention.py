@@ -22,7 +22,7 @@ from fleetlm.kernels.attention import (
     paged_attention_prefill,
     paged_attention_ref,
 )
-from fleetlm.kernels.kv_cache import store_kv_cache_ref
+from fleetlm.kernels.kv_cache import quantize_fp8, store_kv_cache_ref
 
 requires_triton = pytest.mark.triton  # skipped by conftest.py when Triton cannot run here
 
@@ -64,13 +64,21 @@ class Batch:
     max_seqlen_k: int
     keys: list[torch.Tensor]  # dense [seq_len, KH, D] per request, as written to the cache
     values: list[torch.Tensor]
+    k_scale: torch.Tensor | None = None  # FP8 cache: float32 [KH]
+    v_scale: torch.Tensor | None = None
 
     def args(self):
         return (self.q, self.k_cache, self.v_cache, self.cu_seqlens_q, self.seq_lens, self.block_tables, self.scale)
 
+    def scales(self) -> dict:
+        return {"k_scale": self.k_scale, "v_scale": self.v_scale}
 
-def make_batch(q_lens, seq_lens, num_heads, num_kv_heads, head_dim, dtype, device, seed=0) -> Batch:
-    """Random q/K/V; each request's K/V stored through store_kv_cache_ref into random, shuffled blocks."""
+
+def make_batch(q_lens, seq_lens, num_heads, num_kv_heads, head_dim, dtype, device, seed=0, fp8=False) -> Batch:
+    """Random q/K/V; each request's K/V stored through store_kv_cache_ref into random, shuffled blocks.
+
+    ``fp8``: an E4M3 cache with per-head power-of-two scales (head h's K/V are N(0, (h + 1)^2), so
+    the scales differ between heads); ``keys``/``values`` are then what the cache holds, dequantized."""
     gen = torch.Generator().manual_seed(seed)
     blocks_per_req = [math.ceil(s / BLOCK_SIZE) for s in seq_lens]
     num_blocks = sum(blocks_per_req) + 4
@@ -78,8 +86,9 @@ def make_batch(q_lens, seq_lens, num_heads, num_kv_heads, head_dim, dtype, devic
     free = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()
     block_tables = torch.zeros(len(q_lens), max(blocks_per_req) + 2, dtype=torch.int32)
     cache_shape = (num_blocks, BLOCK_SIZE, num_kv_heads, head_dim)
-    k_cache = torch.full(cache_shape, float("nan"), dtype=dtype)
-    v_cache = torch.full(cache_shape, float("nan"), dtype=dtype)
+    cache_dtype = torch.float8_e4m3fn if fp8 else dtype
+    k_cache = torch.full(cache_shape, float("nan"), dtype=dtype).to(cache_dtype)  # E4M3 has a NaN too
+    v_cache = torch.full(cache_shape, float("nan"), dtype=dtype).to(cache_dtype)
     keys, values, slots = [], [], []
     for i, (seq_len, n) in enumerate(zip(seq_lens, blocks_per_req)):
         block_tables[i, :n] = torch.tensor([free.pop() for _ in range(n)], dtype=torch.int32)
@@ -87,7 +96,17 @@ def make_batch(q_lens, seq_lens, num_heads, num_kv_heads, head_dim, dtype, devic
         slots.append(block_tables[i, pos // BLOCK_SIZE].long() * BLOCK_SIZE + pos % BLOCK_SIZE)
         keys.append(torch.randn(seq_len, num_kv_heads, head_dim, generator=gen).to(dtype))
         values.append(torch.randn(seq_len, num_kv_heads, head_dim, generator=gen).to(dtype))
-    store_kv_cache_ref(torch.cat(keys), torch.cat(values), k_cache, v_cache, torch.cat(slots))
+    k_scale = v_scale = None
+    if fp8:
+        head_gain = torch.arange(1, num_kv_heads + 1).view(-1, 1)  # heads of different ranges
+        keys = [(k * head_gain).to(dtype) for k in keys]
+        values = [(v * head_gain).to(dtype) for v in values]
+        k_scale = torch.exp2(torch.ceil(torch.log2(head_gain.flatten() * 6.0 / 448)))
+        v_scale = torch.exp2(torch.ceil(torch.log2(head_gain.flatten() * 12.0 / 448)))
+    store_kv_cache_ref(torch.cat(keys), torch.cat(values), k_cache, v_cache, torch.cat(slots), k_scale, v_scale)
+    if fp8:  # what the cache holds, for dense_attention
+        keys = [(quantize_fp8(k, k_scale).float() * k_scale.view(-1, 1)).to(dtype) for k in keys]
+        values = [(quantize_fp8(v, v_scale).float() * v_scale.view(-1, 1)).to(dtype) for v in values]
     q = torch.randn(sum(q_lens), num_heads, head_dim, generator=gen).to(dtype)
     cu_seqlens_q = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
     return Batch(
@@ -102,6 +121,8 @@ def make_batch(q_lens, seq_lens, num_heads, num_kv_heads, head_dim, dtype, devic
         max_seqlen_k=max(seq_lens),
         keys=keys,
         values=values,
+        k_scale=None if k_scale is None else k_scale.to(device),
+        v_scale=None if v_scale is None else v_scale.to(device),
     )
 
 
@@ -222,3 +243,86 @@ def test_launcher_rejects_bad_inputs():
     for message, (index, value) in bad.items():
         with pytest.raises(ValueError, match=message):
             paged_attention(*args[:index], value, *args[index + 1 :], 3, 20)
+
+
+# --- FP8 (E4M3) cache: dequantized inside the kernels ------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_fp8_ref_matches_dense(scenario, dtype):
+    # The reference attends over exactly the dequantized values the cache holds.
+    q_lens, seq_lens = SCENARIOS[scenario]
+    batch = make_batch(q_lens, seq_lens, 6, 2, 64, dtype, "cpu", fp8=True)
+    out = paged_attention_ref(*batch.args(), batch.max_seqlen_q, batch.max_seqlen_k, **batch.scales())
+    assert out.dtype == dtype and not out.isnan().any()
+    # K here is up to 2x larger than in the plain tests, so are the scores and their float32 rounding.
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else TOL_DENSE[dtype]
+    torch.testing.assert_close(out.double(), dense_attention(batch), **tol)
+
+
+def test_fp8_error_against_the_unquantized_cache():
+    # E4M3 keeps 3 mantissa bits (each element within 1/16 relative): the output stays within a few
+    # percent of the float32 cache's, and is not identical to it.
+    q_lens, seq_lens = SCENARIOS["chunked_mixed"]
+    exact = make_batch(q_lens, seq_lens, 8, 2, 64, torch.float32, "cpu")
+    fp8 = make_batch(q_lens, seq_lens, 8, 2, 64, torch.float32, "cpu", fp8=True)
+    # The same random draws, scaled per head as make_batch(fp8=True) scales them.
+    gain = torch.arange(1, 3).view(1, -1, 1)
+    k_cache = exact.k_cache * gain.unsqueeze(0)
+    v_cache = exact.v_cache * gain.unsqueeze(0)
+    ref = paged_attention_ref(exact.q, k_cache, v_cache, *exact.args()[3:], exact.max_seqlen_q, exact.max_seqlen_k)
+    out = paged_attention_ref(*fp8.args(), fp8.max_seqlen_q, fp8.max_seqlen_k, **fp8.scales())
+    err = (out - ref).norm() / ref.norm()
+    assert 1e-3 < err < 0.04, err
+
+
+# (scenario, num_heads, num_kv_heads, head_dim, config): GQA 3 and 4, a non power of two head_dim.
+FP8_PREFILL_CASES = [
+    ("cached_prefix", 6, 2, 64, None),
+    ("chunked_mixed", 8, 2, 80, SMALL_TILES),
+]
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scenario,num_heads,num_kv_heads,head_dim,config", FP8_PREFILL_CASES)
+def test_fp8_prefill_kernel_matches_ref(device, scenario, num_heads, num_kv_heads, head_dim, config, dtype):
+    q_lens, seq_lens = SCENARIOS[scenario]
+    batch = make_batch(q_lens, seq_lens, num_heads, num_kv_heads, head_dim, dtype, device, fp8=True)
+    ref = paged_attention_ref(*batch.args(), batch.max_seqlen_q, batch.max_seqlen_k, **batch.scales())
+    out = paged_attention_prefill(*batch.args(), config, **batch.scales())
+    assert out.shape == batch.q.shape and out.dtype == dtype
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_heads,num_kv_heads,config", DECODE_CASES[1:])
+def test_fp8_decode_kernel_matches_ref(device, num_heads, num_kv_heads, config, dtype):
+    q_lens, seq_lens = SCENARIOS["decode"]
+    batch = make_batch(q_lens, seq_lens, num_heads, num_kv_heads, 64, dtype, device, fp8=True)
+    ref = paged_attention_ref(*batch.args(), batch.max_seqlen_q, batch.max_seqlen_k, **batch.scales())
+    out = paged_attention_decode(*batch.args(), batch.max_seqlen_k, config, **batch.scales())
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+
+
+@requires_triton
+def test_fp8_dispatch_matches_ref(device):
+    for scenario in ("decode", "prefill"):
+        q_lens, seq_lens = SCENARIOS[scenario]
+        batch = make_batch(q_lens, seq_lens, 4, 1, 64, torch.bfloat16, device, seed=2, fp8=True)
+        ref = paged_attention_ref(*batch.args(), batch.max_seqlen_q, batch.max_seqlen_k, **batch.scales())
+        out = paged_attention(*batch.args(), batch.max_seqlen_q, batch.max_seqlen_k, **batch.scales())
+        torch.testing.assert_close(out, ref, **TOL[torch.bfloat16])
+
+
+def test_fp8_launcher_rejects_bad_inputs():
+    batch = make_batch([3, 2], [3, 20], 4, 2, 64, torch.float32, "cpu", fp8=True)
+    with pytest.raises(ValueError, match="needs k_scale"):
+        paged_attention(*batch.args(), 3, 20)
+    with pytest.raises(ValueError, match=r"k_scale must be float32 \[num_kv_heads=2\]"):
+        paged_attention(*batch.args(), 3, 20, k_scale=batch.k_scale[:1], v_scale=batch.v_scale)
+    plain = make_batch([3, 2], [3, 20], 4, 2, 64, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="are for a"):
+        paged_attention(*plain.args(), 3, 20, **batch.scales())

@@ -73,3 +73,72 @@ def test_launcher_rejects_bad_inputs():
         store_kv_cache(k[:, :1], v[:, :1], k_cache, v_cache, slots)
     with pytest.raises(ValueError, match="contiguous"):
         store_kv_cache(k, v, k_cache.transpose(0, 1), v_cache.transpose(0, 1), slots)
+
+
+# --- FP8 (E4M3) cache: quantized with per-head power-of-two scales --------------------------------
+
+FP8 = torch.float8_e4m3fn
+
+
+def _fp8_inputs(num_tokens, num_kv_heads, head_dim, dtype, device, seed=0):
+    """As _inputs, with an FP8 cache, per-head power-of-two scales, and values that saturate (> 448 * scale)
+    or fall to E4M3 subnormals (< 2^-6 * scale)."""
+    k, v, k_cache, v_cache, slots = _inputs(num_tokens, num_kv_heads, head_dim, dtype, "cpu", seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    k_scale = torch.exp2(torch.randint(-6, 3, (num_kv_heads,), generator=gen).float())
+    v_scale = torch.exp2(torch.randint(-6, 3, (num_kv_heads,), generator=gen).float())
+    spread = torch.exp2(torch.randint(-12, 10, k.shape, generator=gen).float())  # 2^-12 .. 2^9 times N(0, 1)
+    k = (k.float() * spread * k_scale.view(-1, 1)).to(dtype)
+    v = (v.float() * spread.flip(0) * v_scale.view(-1, 1)).to(dtype)
+    k_cache, v_cache = k_cache.to(FP8), v_cache.to(FP8)
+    return [t.to(device) for t in (k, v, k_cache, v_cache, slots, k_scale, v_scale)]
+
+
+def _store_loop_fp8(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale):
+    # Quantize one element at a time (Python floats): x / scale, saturated at 448, rounded by torch's cast.
+    for t, slot in enumerate(slot_mapping.tolist()):
+        if slot < 0:
+            continue
+        for h in range(k.shape[1]):
+            for cache, x, s in ((k_cache, k, k_scale), (v_cache, v, v_scale)):
+                vals = [min(max(float(e) / float(s[h]), -448.0), 448.0) for e in x[t, h].float().tolist()]
+                cache[slot // BLOCK_SIZE, slot % BLOCK_SIZE, h] = torch.tensor(vals).to(FP8)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fp8_ref_matches_loop(dtype):
+    k, v, k_cache, v_cache, slots, k_scale, v_scale = _fp8_inputs(11, 3, 40, dtype, "cpu")
+    k_loop, v_loop = k_cache.clone(), v_cache.clone()
+    _store_loop_fp8(k, v, k_loop, v_loop, slots, k_scale, v_scale)
+    store_kv_cache_ref(k, v, k_cache, v_cache, slots, k_scale, v_scale)
+    assert torch.equal(k_cache.view(torch.uint8), k_loop.view(torch.uint8))
+    assert torch.equal(v_cache.view(torch.uint8), v_loop.view(torch.uint8))
+    stored = k_cache.float()
+    assert stored.abs().max() == 448.0 and ((stored != 0) & (stored.abs() < 2**-6)).any()  # both ends exercised
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_tokens,num_kv_heads,head_dim", [(7, 2, 64), (13, 3, 40)])
+def test_fp8_store_matches_ref(device, dtype, num_tokens, num_kv_heads, head_dim):
+    k, v, k_cache, v_cache, slots, k_scale, v_scale = _fp8_inputs(num_tokens, num_kv_heads, head_dim, dtype, device)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    store_kv_cache_ref(k, v, k_ref, v_ref, slots, k_scale, v_scale)
+    store_kv_cache(k, v, k_cache, v_cache, slots, k_scale, v_scale)
+    # Power-of-two scales: the kernel's rounding (to nearest even, saturating) gives the reference's bits.
+    assert torch.equal(k_cache.view(torch.uint8), k_ref.view(torch.uint8))
+    assert torch.equal(v_cache.view(torch.uint8), v_ref.view(torch.uint8))
+
+
+def test_fp8_launcher_rejects_bad_scales():
+    k, v, k_cache, v_cache, slots, k_scale, v_scale = _fp8_inputs(5, 2, 64, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="needs k_scale"):
+        store_kv_cache(k, v, k_cache, v_cache, slots)
+    with pytest.raises(ValueError, match=r"v_scale must be float32 \[num_kv_heads=2\]"):
+        store_kv_cache(k, v, k_cache, v_cache, slots, k_scale, v_scale[:1])
+    with pytest.raises(ValueError, match="k_scale must be float32"):
+        store_kv_cache(k, v, k_cache, v_cache, slots, k_scale.double(), v_scale)
+    with pytest.raises(ValueError, match="are for a"):
+        store_kv_cache(k, v, k_cache.float(), v_cache.float(), slots, k_scale, v_scale)
+    with pytest.raises(ValueError, match="dtypes differ"):
+        store_kv_cache(k, v, k_cache, v_cache.float(), slots, k_scale, v_scale)

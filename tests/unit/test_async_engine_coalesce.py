@@ -18,6 +18,7 @@ class TickingEngine:
         self.tokenizer = self.model_config = None
         self.config = SimpleNamespace()
         self.tokens: dict[str, list[int]] = {}
+        self.startup_seconds: dict[str, float] = {}
         self.finished_at: dict[str, float] = {}
 
     def make_group(self, request_id, prompt, params, prior_output_token_ids=None):

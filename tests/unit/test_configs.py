@@ -87,8 +87,16 @@ DESIGN_METRICS = frozenset({
     "fleetlm_num_preemptions_total",
     "fleetlm_request_success_total",
     "fleetlm_request_errors_total",
+    "fleetlm_startup_seconds",
     "fleetlm_requests_accepted_total",
     "fleetlm_requests_finished_total",
+    # Multi-LoRA (issue 16): per adapter, and each replica's device slots.
+    "fleetlm_lora_requests_total",
+    "fleetlm_lora_prompt_tokens_total",
+    "fleetlm_lora_generation_tokens_total",
+    "fleetlm_lora_resident_adapters",
+    "fleetlm_lora_loads_total",
+    "fleetlm_lora_evictions_total",
 })
 
 
@@ -559,11 +567,13 @@ def test_allow_list_is_the_dataclass_fields():
         "max_logprobs", "max_stop_sequences", "max_stop_length", "max_tokens_limit", "router"}
     assert sc.allowed_keys(ModelDeploymentConfig) == {
         "name", "model", "device", "dtype", "tensor_parallel_size", "pipeline_parallel_size",
-        "max_model_len", "max_num_seqs", "max_num_batched_tokens", "cpu_kv_cache_bytes", "num_kv_blocks",
+        "max_model_len", "max_num_seqs", "max_num_batched_tokens", "cpu_kv_cache_bytes", "num_kv_blocks", "kv_cache_dtype",
         "gpu_memory_utilization", "enable_prefix_caching", "async_scheduling", "load_format", "num_replicas",
         "autoscaling", "max_waiting_requests", "max_waiting_tokens", "stream_chunks_per_s", "stream_max_interval_s",
         "tokenizer", "chat_template", "trust_remote_code", "seed", "long_prefill_token_threshold", "block_size",
-        "enforce_eager", "warmup", "compile_cache_dir", "distributed_executor_backend", "quantization"}
+        "enforce_eager", "warmup", "compile_cache_dir", "distributed_executor_backend", "quantization",
+        "tool_call_parser", "enable_auto_tool_choice",
+        "enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras", "lora_modules"}
 
 
 def test_every_engine_argument_is_a_model_key_and_a_serve_flag():
@@ -842,7 +852,8 @@ def test_metric_specs():
         "fleetlm_time_to_first_token_seconds", "fleetlm_time_per_output_token_seconds",
         "fleetlm_e2e_request_latency_seconds"]
     assert {n for n, k in kinds.items() if k == "gauge"} == {
-        "fleetlm_num_requests_running", "fleetlm_num_requests_waiting", "fleetlm_kv_cache_usage_ratio"}
+        "fleetlm_num_requests_running", "fleetlm_num_requests_waiting", "fleetlm_kv_cache_usage_ratio",
+        "fleetlm_lora_resident_adapters", "fleetlm_startup_seconds"}
     with pytest.raises(KeyError):
         mn.metric_spec("fleetlm_nope")
 

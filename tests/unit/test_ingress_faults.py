@@ -267,13 +267,13 @@ def test_http_path_never_deserializes_untrusted_bytes_unsafely():
     import ast
     import inspect
 
-    from fleetlm.cluster import (admission, backend, chat, completions, errors, generation, http_plumbing, ledger,
-                                 messages, migration, openapi, protocol, server)
+    from fleetlm.cluster import (admission, backend, chat, completions, deltas, errors, generation, http_plumbing,
+                                 ledger, messages, migration, openapi, protocol, server)
 
     banned_modules = {"pickle", "cPickle", "dill", "cloudpickle", "marshal", "shelve", "jsonpickle"}
     banned_calls = {"eval", "exec", "__import__"}
-    for mod in (server, generation, completions, chat, protocol, http_plumbing, backend, messages, errors, openapi,
-                admission, ledger, migration):
+    for mod in (server, generation, completions, chat, protocol, http_plumbing, backend, messages, deltas, errors,
+                openapi, admission, ledger, migration):
         tree = ast.parse(inspect.getsource(mod))
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
@@ -287,3 +287,83 @@ def test_http_path_never_deserializes_untrusted_bytes_unsafely():
                     raise AssertionError(f"{mod.__name__}: {ast.unparse(node)[:80]}")
                 if name == "load" and isinstance(fn, ast.Attribute) and ast.unparse(fn.value) == "yaml":
                     raise AssertionError(f"{mod.__name__}: yaml.load (use safe_load)")
+
+
+class ColdBackend(Backend):
+    """A model whose replicas the test sets; info() takes ``info_s`` (a replica's first answer)."""
+
+    def __init__(self, replicas, info_s=0.0):
+        super().__init__()
+        self.replicas, self.info_s = replicas, info_s
+        self.info_calls = 0
+        self.tok = CountingTok()
+
+    async def info(self):
+        self.info_calls += 1
+        await asyncio.sleep(self.info_s)
+        return ModelInfo(self.name, 64, 4, 50, self.tok, self.max_num_seqs)
+
+    async def health(self):
+        return list(self.replicas)
+
+
+class CountingTok(Tok):
+    def __init__(self):
+        self.calls = []
+
+    def encode(self, text, add_special_tokens=False):
+        self.calls.append("encode")
+        return super().encode(text)
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True):
+        self.calls.append("template")
+        return super().apply_chat_template(messages)
+
+
+def test_health_is_ready_only_once_the_ingress_is_warm_for_the_model():
+    """What the first request would pay (info and tokenizer from a replica, a first encode, the chat
+    template) is paid before /health says 200; /ready says which models are warm."""
+    from fleetlm.cluster import server as server_mod
+
+    async def go():
+        backend = ColdBackend([ReplicaHealth("r1", True)], info_s=0.5)
+        server, c = client(backend)
+        server_mod.WARM_WAIT_S, wait = 0.05, server_mod.WARM_WAIT_S
+        try:
+            r = await c.get("/health")
+            assert r.status_code == 503 and r.json()["warming"] == ["m"], r.text
+            r = await c.get("/ready")
+            assert r.status_code == 503 and r.json()["models"]["m"]["warm"] is False
+            await asyncio.sleep(0.6)
+            assert (await c.get("/health")).status_code == 200
+        finally:
+            server_mod.WARM_WAIT_S = wait
+        r = await c.get("/ready")
+        assert r.status_code == 200 and r.json()["models"]["m"] == {
+            "warm": True, "replicas": 1, "healthy_replicas": 1, "cold_start": False}
+        assert backend.info_calls == 1 and {"encode", "template"} <= set(backend.tok.calls)
+        # An unhealthy replica is not ready, warm ingress or not.
+        backend.replicas = [ReplicaHealth("r1", False, "stuck")]
+        assert (await c.get("/health")).status_code == 503
+    run(go())
+
+
+def test_a_model_scaled_to_zero_keeps_health_200_and_is_not_warmed_by_probes():
+    """Scale to zero: the load balancer must keep the endpoint (the first request cold-starts a
+    replica and waits), /ready says the model is not warm, and no probe starts a replica."""
+    async def go():
+        backend = ColdBackend([])
+        from fleetlm.cluster.serve_config import AutoscalingConfig
+
+        server, c = client(backend, autoscaling=AutoscalingConfig(min_replicas=0, max_replicas=1))
+        r = await c.get("/health")
+        assert r.status_code == 200 and r.json()["models"]["m"] == []
+        r = await c.get("/ready")
+        assert r.status_code == 503 and r.json()["models"]["m"] == {
+            "warm": False, "replicas": 0, "healthy_replicas": 0, "cold_start": True}
+        assert backend.info_calls == 0
+        # A fixed replica count that has none running is unhealthy.
+        _, c2 = client(ColdBackend([]))
+        r = await c2.get("/health")
+        assert r.status_code == 503 and r.json()["models"]["m"][0]["message"] == "no replicas"
+    run(go())

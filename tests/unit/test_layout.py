@@ -6,6 +6,7 @@
 - workers/ and parallel/ take from engine/ only the configs, SamplingParams and
   the step contract, so the engine can import workers without a cycle;
 - every package folder is listed in pyproject's packages (a wheel would miss it).
+- no two test files share a basename (pytest imports them by basename).
 """
 
 from __future__ import annotations
@@ -63,3 +64,10 @@ def test_every_package_folder_is_packaged():
                if not any(part.startswith(".") or part in ("tests", "build") for part in p.relative_to(ROOT).parts)}
     names = {".".join(("fleetlm",) + f.relative_to(ROOT).parts) if f != ROOT else "fleetlm" for f in folders}
     assert names <= listed, f"packages missing from pyproject: {sorted(names - listed)}"
+
+
+def test_test_files_have_unique_basenames():
+    # tests/ has no __init__.py files: pytest's default import mode imports each test file by
+    # its basename, so two files of one name in different tiers stop collection of the suite.
+    names = [p.name for p in (ROOT / "tests").rglob("test_*.py")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []

@@ -220,6 +220,17 @@ def test_continuation_request_id_and_resume():
         ("cmpl-1-0#2.m1", (4, 5), 3, 1, 7)
 
 
+
+def test_a_continuation_asks_for_the_prompts_logprobs_only_if_its_choice_has_sent_nothing():
+    """echo + logprobs: the prompt's logprobs come with a choice's first output."""
+    r = Req("cmpl-1-0", [9, 8], SamplingParams(n=2, logprobs=1, prompt_logprobs=1))
+    fresh = continuation(r, migration.SequenceProgress(0, 1), 2, 1)
+    assert fresh.params.prompt_logprobs == 1  # child 1 of a clone would not compute them
+    started = continuation(r, migration.SequenceProgress(0, 0, token_ids=[4], text_len=1), 2, 1)
+    assert started.params.prompt_logprobs is None and started.params.logprobs == 1
+    plain = continuation(Req("cmpl-2-0", [9], SamplingParams(n=1)), migration.SequenceProgress(0, 0), 1, 1)
+    assert plain.params.prompt_logprobs is None
+
 class ResumingEngine:
     """AsyncEngine's surface for LLMReplica: records how each request was started."""
 

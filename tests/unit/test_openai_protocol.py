@@ -18,7 +18,7 @@ from fleetlm.cluster.errors import OpenAIError
 from fleetlm.cluster.messages import ChoiceDelta, GenerateChunk, ModelInfo, ReplicaError, ReplicaHealth, TokenLogprob
 from fleetlm.cluster.migration import MigratingJob
 from fleetlm.cluster.protocol import parse_request
-from fleetlm.cluster.replica import DeltaTracker
+from fleetlm.cluster.deltas import DeltaTracker
 from fleetlm.cluster.server import OpenAIServer, create_app
 from fleetlm.cluster.serve_config import ServeAppConfig
 from fleetlm.engine.outputs import CompletionOutput, Logprob, RequestOutput
@@ -84,7 +84,7 @@ def test_completion_request_rejects(body, param):
     ({"messages": "hi"}, "messages"),
     ({}, "messages"),
     ({"messages": [{"role": "bot", "content": "x"}]}, "messages[0].role"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0]"),  # a tool message without tool_call_id
     ({"messages": [{"content": "x"}]}, "messages[0].role"),
     ({"messages": [CHAT[0], {"role": "user"}]}, "messages[1].content"),
     ({"messages": [{"role": "user", "content": None}]}, "messages[0].content"),
@@ -95,7 +95,7 @@ def test_completion_request_rejects(body, param):
     ({"messages": CHAT, "logprobs": True, "top_logprobs": -1}, "top_logprobs"),
     ({"messages": CHAT, "max_completion_tokens": 0}, "max_completion_tokens"),
     ({"messages": CHAT, "tools": [{"type": "function"}]}, "tools"),
-    ({"messages": CHAT, "response_format": {"type": "json_object"}}, "response_format.type"),
+    ({"messages": CHAT, "response_format": {"type": "xml"}}, "response_format.type"),
     ({"messages": CHAT, "temperature": float("nan")}, "temperature"),
 ])
 def test_chat_request_rejects(body, param):
@@ -376,7 +376,6 @@ def test_http_streaming_sse_and_usage():
     (lambda c: c.post("/v1/completions", json={"prompt": "x" * 64}), 400, "prompt"),
     (lambda c: c.post("/v1/completions", json={"prompt": [100]}), 400, "prompt"),
     (lambda c: c.post("/v1/completions", json={"prompt": "x", "max_tokens": 64}), 400, "max_tokens"),
-    (lambda c: c.post("/v1/completions", json={"prompt": "x", "echo": True, "logprobs": 1}), 400, "echo"),
     (lambda c: c.post("/v1/completions", content=b"x" * 2000), 413, None),
     (lambda c: c.post("/v1/completions", content=b"{}", headers={"content-length": "5000"}), 413, None),
     (lambda c: c.get("/v1/completions"), 405, None),
@@ -424,6 +423,58 @@ def test_http_health_and_draining():
         assert r.status_code == 503 and r.json()["error"]["code"] == "draining"
         assert server.inflight == 0
     _run(go())
+
+
+def test_http_echo_with_logprobs_scores_the_prompt_first():
+    """echo + logprobs: the prompt's tokens and logprobs first (the first null), then the completion's,
+    the same streamed as whole; the replica is asked for the prompt's logprobs."""
+    def script(req):
+        assert req.params.prompt_logprobs == req.params.logprobs == 1
+        chunks = _text_chunks(req)
+        ids = req.prompt_token_ids
+        chunks[0].prompt_logprobs = [TokenLogprob(ids[0], "a", None)] + [
+            TokenLogprob(t, "b", -1.0, [(t, "b", -1.0)]) for t in ids[1:]]
+        return chunks
+
+    async def go():
+        _, backend, c = _client(FakeBackend(script=script))
+        body = {"prompt": "ab", "echo": True, "logprobs": 1, "max_tokens": 3, "n": 2}
+        r = await c.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        for ch in r.json()["choices"]:
+            assert ch["text"] == "abHello!"
+            assert ch["logprobs"] == {
+                "tokens": ["a", "b", "Hel", "lo", "!"], "token_logprobs": [None, -1.0, -0.5, -0.5, -0.5],
+                "top_logprobs": [None, {"b": -1.0}, {"Hel": -0.5}, {"lo": -0.5}, {"!": -0.5}],
+                "text_offset": [0, 1, 2, 5, 7]}
+        assert r.json()["usage"]["prompt_tokens"] == 2
+        ev = _events((await c.post("/v1/completions", json={**body, "stream": True})).text)
+        for k in (0, 1):
+            mine = [e["choices"][0] for e in ev if e["choices"] and e["choices"][0]["index"] == k]
+            assert mine[0]["text"] == "abHel" and mine[0]["logprobs"]["tokens"] == ["a", "b", "Hel"]
+            merged = {key: [x for m in mine for x in m["logprobs"][key]] for key in mine[0]["logprobs"]}
+            assert merged == r.json()["choices"][k]["logprobs"]
+        # Without echo the prompt is not scored.
+        await c.post("/v1/completions", json={"prompt": "ab", "logprobs": 1, "max_tokens": 3})
+        assert backend.requests[-1].params.prompt_logprobs is None
+    _run(go())
+
+
+def test_replica_sends_the_prompts_logprobs_once():
+    lp = lambda tid, r: {tid: Logprob(-0.1 * r, r, f"t{tid}")}  # noqa: E731
+    tr = DeltaTracker(num_logprobs=0, num_prompt_logprobs=1, decode=lambda t: f"d{t}")
+    out = _out(["He"], [[10]], logprobs=[[lp(10, 1)]])
+    out.prompt_logprobs = [None, {2: Logprob(-0.5, 3, "t2"), 7: Logprob(-0.2, 1, "t7")}, lp(3, 1)]
+    c, _ = tr.update(out)
+    assert c.prompt_logprobs == [TokenLogprob(1, "d1", None), TokenLogprob(2, "t2", -0.5, [(7, "t7", -0.2)]),
+                                 TokenLogprob(3, "t3", -0.1, [(3, "t3", -0.1)])]
+    c, _ = tr.update(_out(["Hel"], [[10, 11]], logprobs=[[lp(10, 1), lp(11, 1)]]))
+    assert c.prompt_logprobs is None
+    # A one-token prompt: the engine scores nothing, the token still comes first.
+    one = _out(["He"], [[10]], logprobs=[[lp(10, 1)]])
+    one.prompt_token_ids = [5]
+    c, _ = DeltaTracker(num_logprobs=0, num_prompt_logprobs=1, decode=lambda t: f"d{t}").update(one)
+    assert c.prompt_logprobs == [TokenLogprob(5, "d5", None)]
 
 
 def test_replica_errors_become_status_codes():

@@ -129,3 +129,17 @@ def test_quantized_tensors_are_read_as_stored_and_never_cast_silently():
         layer.load("x.weight_scale", stored(torch.tensor([0.5])))  # reaches the format uncut; dense refuses it
     with pytest.raises(ValueError, match="cannot be stored as torch.int8"):
         layer.load("x.weight", stored(w.float()))
+
+
+def test_fleetlm_bench_and_serve_take_quantization():
+    from fleetlm.benchmarks import cli as bench
+    from fleetlm.cluster.cli import build_parser
+    from fleetlm.cluster.serve_config import ModelDeploymentConfig
+
+    ns = bench.build_parser().parse_args(["latency", "--model", "llama-3.1-8b", "--quantization", "fp8"])
+    assert bench.engine_kwargs(ns)["quantization"] == "fp8"
+    ns = build_parser().parse_args(["serve", "m", "--quantization", "int8"])
+    assert ns.quantization == "int8"
+    assert ModelDeploymentConfig(quantization="fp8").engine_kwargs()["quantization"] == "fp8"
+    with pytest.raises(ValueError, match="quantization must be a"):
+        ModelDeploymentConfig(quantization=8)

@@ -128,3 +128,23 @@ def test_codec_payload_does_not_grow_with_context():
     step = _step(1, [(f"r{i}", [1], 2048, list(tables[i])) for i in range(64)])
     steady, full = enc.encode(step), pickle.dumps(step)
     assert len(steady) < len(full) / 10, (len(steady), len(full))
+
+
+def test_codec_carries_grammar_bitmasks_and_late_grammars():
+    import dataclasses
+
+    import torch
+
+    from fleetlm.engine.step import GrammarBitmask
+    from fleetlm.workers.step_codec import LateGrammar
+
+    enc, dec = StepEncoder(), StepDecoder()
+    mask = torch.tensor([[5, -1], [0, 7]], dtype=torch.int32)
+    out = dataclasses.replace(_step(0, [("a", [1], 0, [7])]), grammar=GrammarBitmask(["a"], mask))
+    got = dec.decode(enc.encode(out))
+    assert got.grammar.request_ids == ["a"] and torch.equal(got.grammar.bitmask, mask) and not got.grammar_later
+    later = dec.decode(enc.encode(dataclasses.replace(out, grammar=None, grammar_later=True)))
+    assert later.grammar is None and later.grammar_later
+    late = dec.decode(enc.encode_grammar(0, GrammarBitmask(["a"], mask)))
+    assert isinstance(late, LateGrammar) and late.step_id == 0 and torch.equal(late.grammar.bitmask, mask)
+    assert dec.decode(enc.encode_grammar(1, None)) == LateGrammar(1, None)

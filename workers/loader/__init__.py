@@ -19,7 +19,7 @@ from fleetlm.workers.loader.source import (
     embedded_gguf_path,
     resolve_model,
 )
-from fleetlm.workers.loader.tokenizer import load_tokenizer
+from fleetlm.workers.loader.tokenizer import load_tokenizer, model_tokenizer
 from fleetlm.workers.loader.weights import iter_weights
 
 __all__ = [
@@ -31,5 +31,6 @@ __all__ = [
     "embedded_gguf_path",
     "iter_weights",
     "load_tokenizer",
+    "model_tokenizer",
     "resolve_model",
 ]

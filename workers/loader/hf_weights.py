@@ -1,8 +1,14 @@
 """Weights of an HF model directory (*.safetensors), read lazily by slice.
 
-`safe_open(...).get_slice(name)[rows, cols]` reads only the requested block
-from the memory-mapped file, so a tensor-parallel rank pays for its shard
-only. PyTorch `.bin` checkpoints are not supported (pickle, no slicing).
+A block of whole rows (a whole tensor, or a column-parallel shard) is one
+byte range of the file: ``safetensors_io.ParallelReader`` reads it with
+parallel I/O straight into the device tensor that keeps it (through a small
+pinned staging buffer on a GPU), never a host copy of the model. A block of
+columns (a row-parallel shard) is strided in the file:
+`safe_open(...).get_slice(name)[rows, cols]` reads it from the memory-mapped
+file, touching only the pages that hold it. Either way a tensor-parallel rank
+pays for its shard only. PyTorch `.bin` checkpoints are not supported
+(pickle, no slicing).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import torch
 from safetensors import safe_open
 
 from fleetlm.workers.loader.lazy import LazyTensor
+from fleetlm.workers.loader.safetensors_io import ParallelReader, TensorEntry, read_header
 
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
@@ -35,26 +42,24 @@ def safetensors_files(model_dir: Path) -> list[Path]:
 
 def iter_hf_weights(model_dir: Path, *, device: torch.device, dtype: torch.dtype) -> Iterator[tuple[str, LazyTensor]]:
     """(name as stored, LazyTensor) for every tensor of every checkpoint file."""
+    io = ParallelReader(device)
     for path in safetensors_files(model_dir):
-        with safe_open(path, framework="pt") as f:
-            shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-        for name, shape in shapes.items():
-            yield name, LazyTensor(shape, dtype, device, _SafetensorsReader(path, name))
+        for name, entry in read_header(path).items():
+            yield name, LazyTensor(entry.shape, dtype, device, _SafetensorsReader(path, name, entry, io))
 
 
 class _SafetensorsReader:
     """Reads [rows, cols] of one stored tensor; opens the file per read so a
     LazyTensor stays valid after iteration without holding file handles."""
 
-    def __init__(self, path: Path, name: str):
+    def __init__(self, path: Path, name: str, entry: TensorEntry, io: ParallelReader):
         self.path = path
         self.name = name
+        self.entry = entry
+        self.io = io
 
     def __call__(self, rows: slice | None, cols: slice | None) -> torch.Tensor:
+        if cols is None:
+            return self.io.read_rows(self.path, self.entry, rows)
         with safe_open(self.path, framework="pt") as f:
-            if rows is None:
-                return f.get_tensor(self.name)
-            block = f.get_slice(self.name)
-            if cols is None:
-                return block[rows]
-            return block[rows, cols]
+            return f.get_slice(self.name)[rows, cols]

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fleetlm.workers.loader.gguf_format import read_gguf_header
-from fleetlm.workers.loader.source import ModelSource
+from fleetlm.workers.loader.source import ModelSource, resolve_model
 
 if TYPE_CHECKING:  # transformers costs ~1.5 s to import: only when a tokenizer is built
     from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -34,6 +34,20 @@ DUMMY_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + '\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
 )
+
+
+def model_tokenizer(mc) -> PreTrainedTokenizerBase:
+    """The tokenizer an engine serving ``mc`` (a ``ModelConfig``) uses: its ``tokenizer``
+    setting (a directory or hub id) or the model's own, with its ``chat_template`` override."""
+    if mc.tokenizer is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(mc.tokenizer)
+    else:
+        tokenizer = load_tokenizer(resolve_model(mc.model, "dummy" if mc.kind == "dummy" else "auto"))
+    if mc.chat_template is not None:
+        tokenizer.chat_template = mc.chat_template
+    return tokenizer
 
 
 def load_tokenizer(source: ModelSource, *, cache_dir: str | Path | None = None) -> PreTrainedTokenizerBase:

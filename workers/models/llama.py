@@ -36,7 +36,12 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden, dtype=dtype, device=device), requires_grad=False)
         self.eps, self.ops = eps, ops
 
-    def forward(self, x, residual=None):
+    def forward(self, x, residual=None, quant=None):
+        """``quant``: the next layer's ``input_quant`` (quantized in this kernel), or None."""
+        if quant is not None:
+            if residual is None:
+                return self.ops.rms_norm_quant(x, self.weight, self.eps, quant.dtype, quant.scale)
+            return self.ops.fused_add_rms_norm_quant(x, residual, self.weight, self.eps, quant.dtype, quant.scale)
         if residual is None:
             return self.ops.rms_norm(x, self.weight, self.eps)
         return self.ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
@@ -82,7 +87,8 @@ class LlamaMLP(nn.Module):
         self.ops = ops
 
     def forward(self, x):
-        return self.down_proj(self.gate_up_proj.silu_mul(x, self.ops.silu_and_mul))
+        quant = self.down_proj.input_quant(x)  # same rows as x
+        return self.down_proj(self.gate_up_proj.silu_mul(x, self.ops.silu_and_mul, quant))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -95,12 +101,14 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(cfg, ctx, ops, dtype, device, methods, f"{prefix}.mlp")
 
     def forward(self, positions, x, residual, meta, kv_cache, cos_sin):
+        # Quantized layers get their input quantized by the norm before them, in its kernel.
+        quant = self.self_attn.qkv_proj.input_quant(x)
         if residual is None:
-            residual, x = x, self.input_layernorm(x)
+            residual, x = x, self.input_layernorm(x, quant=quant)
         else:
-            x, residual = self.input_layernorm(x, residual)
+            x, residual = self.input_layernorm(x, residual, quant)
         x = self.self_attn(positions, x, meta, kv_cache, cos_sin)
-        x, residual = self.post_attention_layernorm(x, residual)
+        x, residual = self.post_attention_layernorm(x, residual, self.mlp.gate_up_proj.input_quant(x))
         return self.mlp(x), residual
 
 
