@@ -14,8 +14,16 @@ quantized with its KV head's scale (``k_scale``/``v_scale``, float32 ``[KH]``)::
     k_cache[...] = e4m3(clamp(k[t] / k_scale[h], -448, 448))     # round to nearest even
 
 and the attention kernels read ``e4m3 * scale`` back. The scales are powers of
-two (workers/kv_cache.py makes them so): dividing by one is exact, so this
-kernel and its reference store the same bits.
+two (workers/kv_cache.py makes them so): dividing by one is exact. The E4M3
+byte is then computed with integer operations on the float32 bits
+(``_e4m3_byte`` here, ``encode_e4m3`` in torch for the reference: the same
+steps), never by a float -> fp8 conversion instruction: the bits are the same
+on every backend (GPU, CPU interpreter, torch), and a test checks the encoding
+equals torch's own ``.to(torch.float8_e4m3fn)`` (round to nearest even) for
+every bfloat16 value and random float32 ones. A first H100 run found the
+GPU kernel's bits differing from the torch reference while the interpreter
+agreed; with no float -> fp8 conversion left in either, that class of
+difference is gone by construction.
 
 Cost per stored token: read ``2 * KH * D`` elements of the model's dtype and
 write as many cache elements (1 byte each in FP8, plus 8 bytes of slot); a
@@ -39,23 +47,28 @@ except ImportError:  # CPU-only install: the torch reference below still works.
 if HAS_TRITON:
 
     @triton.jit
-    def _round_to_e4m3(x):
-        """float32 in [-448, 448] -> the nearest E4M3 value (ties to even), still float32.
+    def _e4m3_byte(x):
+        """float32 -> its E4M3 byte (int32 in 0..255): saturated at +-448, rounded to nearest even.
 
-        The cast of an exact E4M3 value is exact on every backend; the CPU
-        interpreter of triton 3.9 rounds float32 -> fp8 casts itself, wrongly
-        (no carry into the exponent, ties away from zero). A few integer ops
-        in a memory-bound kernel.
+        Integer steps only (see ``encode_e4m3``, the same in torch); NaN -> 0x7F/0xFF.
         """
         bits = x.to(tl.int32, bitcast=True)
-        # Normals: keep 3 mantissa bits of 23, rounding to nearest even; a carry bumps the exponent.
-        bits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576  # -1048576 == 0xFFF00000 as int32
-        normal = bits.to(tl.float32, bitcast=True)
-        # Below 2^-6, E4M3's subnormals are multiples of 2^-9: adding 2^14 (ulp 2^-9) rounds to one, ties to even.
-        a = tl.abs(x)
-        sub = (a + 16384.0) - 16384.0
-        sub = tl.where(x < 0, -sub, sub)
-        return tl.where(a < 0.015625, sub, normal)
+        sign = (bits >> 24) & 0x80
+        a = tl.minimum(bits & 0x7FFFFFFF, 0x43E00000)  # |x| saturated at 448 (0x43E00000)
+        # Normals (|x| >= 2^-6): keep 3 of 23 mantissa bits, ties to even; a carry bumps the exponent.
+        r = a + 0x7FFFF + ((a >> 20) & 1)
+        normal = (r >> 20) - 960  # (exponent << 3 | mantissa) rebiased from 127 to 7
+        # Subnormals (|x| < 2^-6): the multiple of 2^-9, i.e. the 24-bit significand >> (14 - e), ties to even.
+        e = (a >> 23) - 127
+        sig = (a & 0x7FFFFF) | 0x800000
+        shift = tl.minimum(14 - e, 25)  # >= 21 here; 25 already sends every significand to 0
+        q = sig >> shift
+        rem = sig - (q << shift)
+        half = 1 << (shift - 1)
+        q += ((rem > half) | ((rem == half) & ((q & 1) == 1))).to(tl.int32)
+        mag = tl.where(a >= 0x3C800000, normal, q)  # 0x3C800000 == 2^-6
+        mag = tl.where((bits & 0x7FFFFFFF) > 0x7F800000, 0x7F, mag)  # NaN stays NaN
+        return sign | mag
 
     @triton.jit
     def _store_kv_cache_kernel(
@@ -93,10 +106,9 @@ if HAS_TRITON:
             one = tl.full([KV_HEADS_P], 1.0, tl.float32)
             inv_k = tl.math.div_rn(one, tl.load(k_scale_ptr + heads, mask=head_mask, other=1.0))
             inv_v = tl.math.div_rn(one, tl.load(v_scale_ptr + heads, mask=head_mask, other=1.0))
-            k = _round_to_e4m3(tl.clamp(k.to(tl.float32) * inv_k[:, None], -448.0, 448.0))
-            v = _round_to_e4m3(tl.clamp(v.to(tl.float32) * inv_v[:, None], -448.0, 448.0))
-            k = k.to(k_cache_ptr.dtype.element_ty)
-            v = v.to(v_cache_ptr.dtype.element_ty)
+            # The caches arrive as bytes (uint8 views): the byte is computed, not converted.
+            k = _e4m3_byte(k.to(tl.float32) * inv_k[:, None]).to(tl.uint8)
+            v = _e4m3_byte(v.to(tl.float32) * inv_v[:, None]).to(tl.uint8)
         tl.store(k_cache_ptr + dst, k, mask=mask)
         tl.store(v_cache_ptr + dst, v, mask=mask)
 
@@ -161,8 +173,8 @@ def store_kv_cache(
     _store_kv_cache_kernel[(num_tokens,)](
         k,
         v,
-        k_cache,
-        v_cache,
+        k_cache.view(torch.uint8) if fp8 else k_cache,
+        v_cache.view(torch.uint8) if fp8 else v_cache,
         slot_mapping,
         k_scale if fp8 else slot_mapping,  # unused unless FP8
         v_scale if fp8 else slot_mapping,
@@ -179,10 +191,34 @@ def store_kv_cache(
     )
 
 
+def encode_e4m3(x: torch.Tensor) -> torch.Tensor:
+    """float32 -> E4M3 bytes (uint8), saturated at +-448, rounded to nearest even; NaN -> 0x7F/0xFF.
+
+    The store kernel's ``_e4m3_byte``, step for step, in int32 torch ops: the
+    same bits on every device. Equal to ``x.clamp(-448, 448).to(float8_e4m3fn)``
+    (tests/kernels/test_kv_cache.py checks every bfloat16 value).
+    """
+    bits = x.float().contiguous().view(torch.int32)
+    sign = (bits >> 24) & 0x80
+    a = torch.clamp(bits & 0x7FFFFFFF, max=0x43E00000)
+    r = a + 0x7FFFF + ((a >> 20) & 1)
+    normal = (r >> 20) - 960
+    e = (a >> 23) - 127
+    sig = (a & 0x7FFFFF) | 0x800000
+    shift = torch.clamp(14 - e, max=25)
+    q = sig >> shift
+    rem = sig - (q << shift)
+    half = 1 << (shift - 1)
+    q = q + ((rem > half) | ((rem == half) & ((q & 1) == 1))).to(torch.int32)
+    mag = torch.where(a >= 0x3C800000, normal, q)
+    mag = torch.where((bits & 0x7FFFFFFF) > 0x7F800000, 0x7F, mag)
+    return (sign | mag).to(torch.uint8)
+
+
 def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``x [..., KH, D]`` -> E4M3 of ``x / scale[h]``, saturated at +-448 (the reference's quantizer)."""
     inv = (1.0 / scale).view(-1, 1)
-    return (x.float() * inv).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return encode_e4m3(x.float() * inv).view(FP8_DTYPE)
 
 
 def store_kv_cache_ref(

@@ -35,6 +35,7 @@ CASES = {
     "decode_64x4096": ([1] * 64, [4096] * 64),
     "decode_ragged": ([1] * 7, [1, 17, 4096, 8191, 300, 16, 2049]),
     "decode_1x32768": ([1], [32768]),
+    "decode_1x8192": ([1], [8192]),  # FP8's default tile (128 keys) split 32 ways on 132 SMs
     "prefill_ragged": ([2048, 1000, 513, 1], [2048, 1000, 513, 1]),
     "prefill_cached_prefix": ([1024, 777], [4096, 2377]),
     "chunked_mixed": ([1, 512, 1, 1, 300], [4096, 1536, 77, 2049, 300]),
@@ -76,6 +77,24 @@ def test_store_kv_cache_fp8_bit_for_bit():
     assert k_ref.float().abs().max() == 448.0  # saturation exercised
 
 
+def test_store_kernel_and_reference_encode_every_bf16_value_as_torchs_cast():
+    # The store computes E4M3 bytes with integer steps (no float->fp8 instruction): on this GPU it and the
+    # reference must give torch's own cast (nearest even, saturating) for every bfloat16 value.
+    x = torch.arange(-32768, 32768, dtype=torch.int32, device="cuda").to(torch.int16).view(torch.bfloat16)
+    x = x.view(-1, KV_HEADS, HEAD_DIM)  # 64 tokens
+    want = x.float().clamp(-448.0, 448.0).to(FP8).view(torch.uint8)
+    assert torch.equal(kv_cache.encode_e4m3(x.float()), want)
+    k_cache = torch.zeros(8, 16, KV_HEADS, HEAD_DIM, dtype=torch.uint8, device="cuda").view(FP8)
+    v_cache = k_cache.clone()
+    one = torch.ones(KV_HEADS, device="cuda")
+    slots = torch.arange(x.shape[0], device="cuda").flip(0)
+    kv_cache.store_kv_cache(x, -x, k_cache, v_cache, slots, one, one)
+    got = k_cache.view(torch.uint8).view(-1, KV_HEADS, HEAD_DIM)[: x.shape[0]].flip(0)
+    assert torch.equal(got, want)
+    got_v = v_cache.view(torch.uint8).view(-1, KV_HEADS, HEAD_DIM)[: x.shape[0]].flip(0)
+    assert torch.equal(got_v, (-x).float().clamp(-448.0, 448.0).to(FP8).view(torch.uint8))
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_paged_attention_fp8_bf16(case):
     batch, scales = _fp8_batch(*CASES[case], torch.bfloat16)
@@ -99,6 +118,27 @@ def test_decode_tiles_and_splits_fp8(block_n, num_splits, num_stages):
     config = attention.DecodeConfig(block_n=block_n, num_splits=num_splits, num_warps=4, num_stages=num_stages)
     out = attention.paged_attention_decode(*batch.args()[:7], batch.max_seqlen_k, config, **scales)
     torch.testing.assert_close(out, attention.paged_attention_ref(*batch.args(), **scales), **TOL[torch.bfloat16])
+
+
+def _compiled_variants(fn) -> int:
+    caches = getattr(fn, "device_caches", None)
+    if caches is None:
+        pytest.skip("this triton keeps its compiled kernels elsewhere")
+    return sum(len(entry[0]) for entry in caches.values())
+
+
+def test_step_to_step_shapes_compile_no_new_variant():
+    # Block tables as wide as the longest request (1, 16, 32, 33 blocks) and 1, 16 or 17 requests: one
+    # compiled variant per kernel, not one per divisibility class met mid-serving.
+    config = attention.DecodeConfig(block_n=128, num_splits=3, num_warps=4, num_stages=2)
+    counts = []
+    for reqs, ctx in ((1, 16), (16, 16 * 16), (17, 32 * 16), (16, 33 * 16 - 5), (3, 40 * 16)):
+        batch, scales = _fp8_batch([1] * reqs, [ctx] * reqs, torch.bfloat16, seed=reqs)
+        attention.paged_attention_decode(*batch.args()[:7], batch.max_seqlen_k, config, **scales)
+        batch, scales = _fp8_batch([ctx] * reqs, [ctx] * reqs, torch.bfloat16, seed=reqs)
+        attention.paged_attention_prefill(*batch.args()[:7], **scales)
+        counts.append((_compiled_variants(attention._decode_kernel), _compiled_variants(attention._prefill_kernel)))
+    assert counts[1:] == counts[:1] * (len(counts) - 1), counts
 
 
 def test_fp8_error_against_the_bf16_cache():

@@ -17,6 +17,7 @@ import torch
 from fleetlm.kernels.attention import (
     DecodeConfig,
     PrefillConfig,
+    default_decode_config,
     paged_attention,
     paged_attention_decode,
     paged_attention_prefill,
@@ -305,6 +306,29 @@ def test_fp8_decode_kernel_matches_ref(device, num_heads, num_kv_heads, config, 
     ref = paged_attention_ref(*batch.args(), batch.max_seqlen_q, batch.max_seqlen_k, **batch.scales())
     out = paged_attention_decode(*batch.args(), batch.max_seqlen_k, config, **batch.scales())
     torch.testing.assert_close(out, ref, **TOL[dtype])
+
+
+def test_default_decode_tiles_follow_the_cache_dtype():
+    # FP8 under 16-bit queries: 128-key tiles, 2 stages (16 KB per K tile, as bf16's 64 keys); others unchanged.
+    for q_dtype in (torch.bfloat16, torch.float16):
+        q = torch.zeros(1, 8, 64, dtype=q_dtype)
+        fp8 = default_decode_config(q, 1, 2, 8192, torch.float8_e4m3fn)
+        plain = default_decode_config(q, 1, 2, 8192)
+        assert (fp8.block_n, fp8.num_stages) == (128, 2)
+        assert (plain.block_n, plain.num_stages) == (64, 3)
+    q32 = torch.zeros(1, 8, 64)
+    assert default_decode_config(q32, 1, 2, 8192, torch.float8_e4m3fn).block_n == 32
+
+
+@requires_triton
+@pytest.mark.parametrize("splits", [1, 3])
+def test_fp8_decode_with_its_default_tile(device, splits):
+    # The FP8 default tile (128 keys, 2 stages), unsplit and split, over ragged contexts.
+    batch = make_batch([1] * 4, [1, 130, 300, 517], 8, 2, 64, torch.bfloat16, device, seed=3, fp8=True)
+    config = DecodeConfig(block_n=128, num_splits=splits, num_warps=4, num_stages=2)
+    ref = paged_attention_ref(*batch.args(), batch.max_seqlen_q, batch.max_seqlen_k, **batch.scales())
+    out = paged_attention_decode(*batch.args(), batch.max_seqlen_k, config, **batch.scales())
+    torch.testing.assert_close(out, ref, **TOL[torch.bfloat16])
 
 
 @requires_triton

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fleetlm.kernels.kv_cache import store_kv_cache, store_kv_cache_ref
+from fleetlm.kernels.kv_cache import encode_e4m3, store_kv_cache, store_kv_cache_ref
 
 requires_triton = pytest.mark.triton  # skipped by conftest.py when Triton cannot run here
 
@@ -115,6 +115,45 @@ def test_fp8_ref_matches_loop(dtype):
     assert torch.equal(v_cache.view(torch.uint8), v_loop.view(torch.uint8))
     stored = k_cache.float()
     assert stored.abs().max() == 448.0 and ((stored != 0) & (stored.abs() < 2**-6)).any()  # both ends exercised
+
+
+def _encoding_cases():
+    """Every bfloat16 value, random float32 bit patterns, N(0, 1) over 32 binades, and every E4M3 midpoint."""
+    every_bf16 = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    gen = torch.Generator().manual_seed(0)
+    raw = torch.randint(-2**31, 2**31 - 1, (200_000,), generator=gen, dtype=torch.int64).to(torch.int32)
+    spread = torch.randn(200_000, generator=gen) * torch.exp2(torch.randint(-20, 12, (200_000,), generator=gen).float())
+    grid = torch.arange(256, dtype=torch.uint8).view(FP8).float()
+    grid = grid[~grid.isnan()].unique()  # sorted, -0 merged with 0
+    mids = (grid[:-1] + grid[1:]) / 2  # ties: to even
+    return torch.cat([every_bf16, raw.view(torch.float32), spread, mids, -mids])
+
+
+def test_encode_e4m3_is_torchs_rounding():
+    # The integer encoding the kernel and the reference share = torch's cast (nearest even), saturated.
+    x = _encoding_cases()
+    want = x.clamp(-448.0, 448.0).to(FP8).view(torch.uint8)
+    got = encode_e4m3(x)
+    bad = (got != want).nonzero().flatten()
+    assert bad.numel() == 0, f"{bad.numel()} differ, e.g. {x[bad[:4]].tolist()}: {got[bad[:4]].tolist()} vs {want[bad[:4]].tolist()}"
+
+
+@requires_triton
+def test_fp8_store_kernel_encodes_like_torch(device):
+    # The same cases through the kernel (as K and V of one KV head, scale 1): the bytes torch's cast gives.
+    x = _encoding_cases()
+    x = torch.cat([x[:65536], x[-1000:], x[65536:65536 + 1048]])  # every bf16, the midpoints, a few random
+    x = x.view(-1, 4, 256)  # few, wide programs: the interpreter is slow per program
+    want = x.clamp(-448.0, 448.0).to(FP8).view(torch.uint8)
+    num_blocks = -(-x.shape[0] // BLOCK_SIZE)
+    caches = [torch.zeros(num_blocks, BLOCK_SIZE, 4, 256, dtype=torch.uint8).view(FP8).to(device) for _ in range(2)]
+    one = torch.ones(4, device=device)
+    slots = torch.arange(x.shape[0], device=device)
+    store_kv_cache(x.to(device), (-x).to(device), *caches, slots, one, one)
+    got_k = caches[0].view(torch.uint8).view(-1, 4, 256)[: x.shape[0]].cpu()
+    got_v = caches[1].view(torch.uint8).view(-1, 4, 256)[: x.shape[0]].cpu()
+    assert torch.equal(got_k, want)
+    assert torch.equal(got_v, (-x).clamp(-448.0, 448.0).to(FP8).view(torch.uint8))
 
 
 @requires_triton
