@@ -51,12 +51,12 @@ class AWQMethod(GroupQuantMethod):
     def kernel_weight(self, layer) -> QuantWeight:
         w = awq_order(unpack(layer.qweight.data, BITS, 1), reverse=True)  # [K, N]
         zeros = awq_order(unpack(layer.qzeros.data, BITS, 1), reverse=True)  # [groups, N]
-        return QuantWeight(
-            qweight=pack(w.t(), BITS, 1),
-            scales=layer.scales.data.t().contiguous(),
+        return QuantWeight(  # repacked along K (the kernels' layout); scales and zeros stay [groups, N]
+            qweight=pack(w, BITS, 0),
+            scales=layer.scales.data.contiguous(),
             bits=BITS,
             group=self.group,
-            zeros=zeros.t().to(torch.uint8).contiguous(),
+            zeros=zeros.to(torch.uint8).contiguous(),
         )
 
 

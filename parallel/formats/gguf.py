@@ -17,9 +17,10 @@ On the torch backend (CPU) each weight is dequantized once at load (float32:
 gguf-py's values exactly), as the dense GGUF path does.
 
 Config (``gguf_quantization_config``): ``tensor_types`` maps each checkpoint
-projection to its type name. Dummy weights (a config without it) are
-encoded round-to-nearest as ``default_type`` (Q4_K unless given) as they
-arrive.
+projection to its type name. Dummy weights (a config without it) arrive as
+float ``[out, in]`` tensors, are cut to the rank's features like any float
+weight (row-parallel layers: the rank's input features, all of them at
+TP=1) and encoded round-to-nearest as ``default_type`` (Q4_K unless given).
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ class GGUFMethod(LinearMethod):
                              f"must split whole blocks)")
         layer.gguf_shards = {}  # output offset -> raw blocks, until process_weights_after_loading
         layer.compute_dtype = dtype
+        if self.dummy_type is not None:
+            # A dummy source yields float [out, in] weights: cut them by input features (a row-parallel
+            # rank's K range, all of K at TP=1), then encode the rank's slice as it arrives.
+            return [ParamSpec("weight", (out_features, in_features), dtype, out_dim=0, in_dim=1)]
         size = BLOCKS[self.types[0]][1]
         return [ParamSpec("weight", (out_features, in_features // block, size), torch.uint8, out_dim=0, in_dim=1,
                           in_per=block)]
@@ -62,8 +67,9 @@ class GGUFMethod(LinearMethod):
         if block.is_floating_point():  # a dummy source's float weight
             if self.dummy_type is None:
                 raise ValueError(f"weight {name}: a GGUF layer takes quantized blocks, got a float tensor")
-            if block.shape[1] != layer.in_per_rank:
-                raise ValueError(f"weight {name}: dummy GGUF weights cannot be split along the input features")
+            if block.dim() != 2 or block.shape[1] != layer.in_per_rank:
+                raise ValueError(f"weight {name}: dummy float weight {tuple(block.shape)} is not [{count}, "
+                                 f"{layer.in_per_rank}] (this rank's input features)")
             block = encode(block, self.dummy_type)
         if block.dtype != torch.uint8 or block.dim() != 3 or block.shape[0] != count:
             raise ValueError(f"weight {name}: expected raw GGUF blocks [{count}, blocks, bytes], got {block.dtype} "

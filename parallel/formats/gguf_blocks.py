@@ -94,15 +94,20 @@ def decode(raw: torch.Tensor, qtype: str) -> QuantWeight:
 
 
 def _weight(q, bits, scales, group, *, zero_point=0, mins=None, super_scales=None, super_mins=None) -> QuantWeight:
+    """Per-row ``q [N, K]`` and ``[N, groups]`` scales -> the kernels' K-major layout (words along K, N contiguous)."""
+
+    def kmajor(t):
+        return None if t is None else t.t().contiguous()
+
     return QuantWeight(
-        qweight=pack(q.to(torch.int32), bits, 1),
-        scales=scales.contiguous(),
+        qweight=pack(q.to(torch.int32).t(), bits, 0),
+        scales=kmajor(scales),
         bits=bits,
         group=group,
         zero_point=zero_point,
-        mins=None if mins is None else mins.contiguous(),
-        super_scales=None if super_scales is None else super_scales.contiguous(),
-        super_mins=None if super_mins is None else super_mins.contiguous(),
+        mins=kmajor(mins),
+        super_scales=kmajor(super_scales),
+        super_mins=kmajor(super_mins),
         super_group=QK_K if super_scales is not None else 0,
     )
 

@@ -98,12 +98,13 @@ class GPTQMethod(GroupQuantMethod):
                 raise ValueError(f"gptq: g_idx is not k // group_size ({group}) but desc_act is false "
                                  f"(a corrupt checkpoint or a wrong quantization_config)")
             g_idx = None
-        return QuantWeight(
-            qweight=layer.qweight.data.t().contiguous(),
-            scales=layer.scales.data.t().contiguous(),
+        return QuantWeight(  # the checkpoint's own K-major layout: no repacking
+            qweight=layer.qweight.data.contiguous(),
+            scales=layer.scales.data.contiguous(),
             bits=self.bits,
             group=group if g_idx is None else self.group,
-            zeros=zeros.t().to(torch.int16).contiguous(),
+            # 4-bit zero points (with v1's wrap, up to 16) fit a byte: AWQ's dtype, so both share compiled kernels
+            zeros=zeros.to(torch.uint8 if self.bits == 4 else torch.int16).contiguous(),
             g_idx=None if g_idx is None else g_idx.contiguous(),
         )
 

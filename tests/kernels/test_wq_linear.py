@@ -1,17 +1,20 @@
-"""Weights kept quantized: the wq_linear kernels (GEMV, skinny tl.dot, tiled GEMM) vs the torch reference.
+"""Weights kept quantized: the wq_linear kernels (GEMV, skinny tl.dot, tiled GEMM, dequant) vs the torch reference.
 
 Weights come from the real formats' decoders (AWQ / GPTQ repacking, GGUF
 blocks encoded here) on small odd shapes. float32 runs the dot in IEEE
 precision: only the order of sums differs. 16-bit activations round each
 dequantized weight to the activation dtype before the MMA (the FMA GEMV
-keeps float32), hence the wider tolerances.
+keeps float32; post-scaled tiles round nothing), hence the wider tolerances.
+``wq_linear`` takes its launch from the config table (defaults here);
+``test_every_path`` drives each kernel and option explicitly through
+``launch``: split-K, swapped operands, post- and pre-scaling, ragged edges.
 """
 
 import pytest
 import torch
 
 from fleetlm.kernels import select_ops
-from fleetlm.kernels.wq_linear import QuantWeight, dequantize, wq_linear, wq_linear_ref
+from fleetlm.kernels.wq_linear import QuantWeight, WQConfig, dequantize, launch, wq_linear, wq_linear_ref
 from fleetlm.parallel.formats.gguf_blocks import SUPPORTED, decode, encode
 from fleetlm.parallel.formats.packing import pack, quantize_groups
 
@@ -29,7 +32,8 @@ def _group_weight(n, k, bits, group, *, sym=False, g_idx=False, seed=0):
     gi = None
     if g_idx:  # act order: a permutation of whole groups over the input features
         gi = (torch.randperm(k, generator=gen) // group).to(torch.int32)
-    return QuantWeight(pack(q, bits, 1), scales, bits, group, zeros.to(torch.int16), g_idx=gi)
+    return QuantWeight(pack(q.t(), bits, 0), scales.t().contiguous(), bits, group,
+                       zeros.t().to(torch.int16).contiguous(), g_idx=gi)
 
 
 def _to(qw: QuantWeight, device) -> QuantWeight:
@@ -109,3 +113,62 @@ def test_reference_is_the_float32_dequantization():
     x = torch.randn(3, 64)
     torch.testing.assert_close(wq_linear_ref(x, qw), x @ dequantize(qw).t(), atol=0, rtol=0)
     assert select_ops("cpu").wq_linear is wq_linear_ref
+
+
+# Each kernel and option on its own (tiles small enough for the interpreter; K splits of uneven length).
+PATHS = {
+    "gemv": WQConfig("gemv", block_n=16, block_kw=8),
+    "gemv-split": WQConfig("gemv", block_n=16, block_kw=4, split_k=3),
+    "mm-swap-post": WQConfig("mm", block_m=16, block_n=16, block_kw=4, swap_ab=True),
+    "mm-post-split": WQConfig("mm", block_m=16, block_n=32, block_kw=4, split_k=2),
+    "mm-pre": WQConfig("mm", block_m=32, block_n=16, block_kw=8, post_scale=False),
+    "mm-swap-pre-split": WQConfig("mm", block_m=16, block_n=16, block_kw=8, swap_ab=True, split_k=4),
+    "dequant": WQConfig("dequant", block_n=16, block_kw=4),
+}
+
+
+def _weights():
+    w = torch.randn(24, 256, generator=torch.Generator().manual_seed(5)) * 0.05
+    return {
+        "w4g32": _group_weight(40, 192, 4, 32),
+        "w4g64-sym": _group_weight(24, 256, 4, 64, sym=True),
+        "w8g32": _group_weight(40, 192, 8, 32),
+        "w4g32-act": _group_weight(24, 256, 4, 32, g_idx=True),
+        "q4_1": decode(encode(w, "Q4_1"), "Q4_1"),
+        "q4_k": decode(encode(w, "Q4_K"), "Q4_K"),
+        "q6_k": decode(encode(w, "Q6_K"), "Q6_K"),
+    }
+
+
+WEIGHTS = _weights()
+
+
+@requires_triton
+@pytest.mark.parametrize("path", sorted(PATHS))
+@pytest.mark.parametrize("name", sorted(WEIGHTS))
+@pytest.mark.parametrize("rows", (1, 5, 37))
+def test_every_path(device, path, name, rows):
+    qw = _to(WEIGHTS[name], device)
+    qw.check()
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, qw.in_features, generator=gen).to(device)
+    b = torch.randn(qw.out_features, generator=gen).to(device) if rows == 5 else None
+    torch.testing.assert_close(launch(x, qw, b, PATHS[path]), wq_linear_ref(x, qw, b), **TOL[torch.float32])
+    assert int(qw.locks.abs().sum()) == 0  # split-K counters are back to zero for the next launch
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_every_path_16bit(device, dtype, path):
+    rows = 1 if path.startswith("gemv") else 5
+    if device.type == "cpu" and dtype == torch.bfloat16 and rows > 1:
+        pytest.skip("tl.dot on bfloat16 is wrong in Triton's interpreter")
+    if device.type == "cpu" and path == "dequant":
+        pytest.skip("the dequant path multiplies with cuBLAS; on CPU F.linear has no fp16 kernel worth testing")
+    for name in ("w4g64-sym", "q4_k"):
+        qw = _to(WEIGHTS[name], device)
+        x = torch.randn(rows, qw.in_features, generator=torch.Generator().manual_seed(2)).to(device=device,
+                                                                                        dtype=dtype)
+        torch.testing.assert_close(launch(x, qw, None, PATHS[path]).float(), wq_linear_ref(x, qw).float(),
+                                   **TOL[dtype])

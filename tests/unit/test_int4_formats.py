@@ -155,3 +155,57 @@ def test_row_parallel_split_inside_a_group_names_the_numbers():
     method = gptq.build(select_ops("cpu"), {"quant_method": "gptq", "bits": 4, "group_size": 128})("m.o_proj")
     with pytest.raises(ValueError, match="192 input x 64 output.*group size 128"):
         RowParallelLinear(576, 64, False, Ctx(), torch.float32, "cpu", method)
+
+
+def _float_lazy(w: torch.Tensor):
+    from fleetlm.workers.loader.lazy import LazyTensor
+
+    return LazyTensor(tuple(w.shape), w.dtype, w.device, lambda rows, cols: w[rows, cols if cols is not None else slice(None)])
+
+
+@pytest.mark.parametrize("tp_size,tp_rank", [(1, 0), (2, 1)])
+def test_dummy_gguf_row_parallel_layer_loads_its_input_features(tp_size, tp_rank):
+    """A dummy source's float weight reaches a GGUF row-parallel layer cut by input features (all of K at TP=1)."""
+    from fleetlm.kernels import select_ops
+    from fleetlm.parallel.context import ParallelContext
+    from fleetlm.parallel.formats import gguf
+    from fleetlm.parallel.layers import MergedColumnParallelLinear, RowParallelLinear
+
+    ctx = ParallelContext(tp_rank=tp_rank, tp_size=tp_size)
+    method_for = gguf.build(select_ops("cpu"), {"quant_method": "gguf", "default_type": "Q4_K"})
+    w = torch.randn(64, 512, generator=torch.Generator().manual_seed(0)) * 0.05
+    down = RowParallelLinear(512, 64, False, ctx, torch.float32, "cpu", method_for("model.layers.0.mlp.down_proj"))
+    down.load("model.layers.0.mlp.down_proj.weight", _float_lazy(w))
+    down.method.process_weights_after_loading(down)
+    cut = w[:, tp_rank * 512 // tp_size:(tp_rank + 1) * 512 // tp_size]
+    assert torch.equal(down.weight, dequantize(decode(encode(cut, "Q4_K"), "Q4_K")))
+    # column-parallel shards of a merged layer: whole rows, K untouched
+    gate_up = MergedColumnParallelLinear(256, [32, 32], False, ctx, torch.float32, "cpu",
+                                         method_for("model.layers.0.mlp.gate_up_proj"))
+    g, u = w[:32, :256], w[32:, :256]
+    gate_up.load_shard(0, "model.layers.0.mlp.gate_proj.weight", _float_lazy(g))
+    gate_up.load_shard(1, "model.layers.0.mlp.up_proj.weight", _float_lazy(u))
+    gate_up.method.process_weights_after_loading(gate_up)
+    rows = slice(tp_rank * 32 // tp_size, (tp_rank + 1) * 32 // tp_size)
+    expect = torch.cat([dequantize(decode(encode(t[rows], "Q4_K"), "Q4_K")) for t in (g, u)])
+    assert torch.equal(gate_up.weight, expect)
+
+
+def test_dummy_gguf_engine_loads_and_generates(tmp_path):
+    """The benchmark's setup in small: load_format="dummy" with a GGUF quantization_config (Q4_K) builds and runs."""
+    from fleetlm import LLM, SamplingParams
+
+    cfg = json.loads((__import__("pathlib").Path(__file__).parents[2] / "configs/models/tiny-llama-8h4kv.json")
+                     .read_text())
+    cfg.update(hidden_size=256, intermediate_size=512, head_dim=32,
+               quantization_config={"quant_method": "gguf", "default_type": "Q4_K"})
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    llm = LLM(model=str(path), load_format="dummy", quantization="gguf", device="cpu", dtype="float32",
+              max_model_len=64, cpu_kv_cache_bytes=8 << 20)
+    try:
+        out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+        assert len(out[0].outputs[0].token_ids) == 4
+        assert llm.engine.config.model.quantization == "gguf"
+    finally:
+        llm.engine.shutdown()
