@@ -31,7 +31,7 @@ from pathlib import Path
 from fleetlm.benchmarks.records import git_commit
 
 CHILD = r"""
-import json, random, sys, time
+import json, random, statistics, sys, time
 import torch
 a = json.loads(sys.argv[1])
 if a["backend"] == "ray":
