@@ -209,8 +209,10 @@ def compile_all(jobs: list[dict], deadline: float, workers: int) -> dict[int, st
     except TimeoutError:
         print(f"compile phase out of time: {sum(not f.done() for f in futures)} groups left", flush=True)
     finally:
+        # the workers, taken before shutdown: Python 3.12's shutdown(wait=False) sets _processes to None
+        procs = list((getattr(pool, "_processes", None) or {}).values())
         pool.shutdown(wait=False, cancel_futures=True)
-        for proc in list(getattr(pool, "_processes", {}).values()):  # unfinished compiles end with the phase
+        for proc in procs:  # unfinished compiles end with the phase
             proc.terminate()
     return results
 
