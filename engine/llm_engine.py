@@ -310,10 +310,6 @@ class LLMEngine:
     def _finish_oldest(self, emit_unfinished: bool) -> list[RequestOutput]:
         out, pending = self._in_flight.popleft()
         outputs = self._process_step(out, pending.result(), emit_unfinished)
-        if self._in_flight and self._in_flight[-1][0].grammar_later:
-            # The step launched ahead samples under masks that follow from the tokens just taken in.
-            ahead, step = self._in_flight[-1]
-            step.supply_grammar(self.structured.bitmask(ahead, self.scheduler.requests))
         self._drain_if_idle()
         return outputs
 
@@ -349,6 +345,11 @@ class LLMEngine:
         if self.structured is not None:  # grammars take the new tokens; one that reached its end ends its request
             for req, status in self.structured.advance(results):
                 self.scheduler.finish_request(req.request_id, status)
+            if self._in_flight and self._in_flight[-1][0].grammar_later:
+                # The step launched ahead samples under masks that follow from the tokens just taken in:
+                # supplied before the outputs are assembled, which the device would otherwise wait for.
+                ahead, step = self._in_flight[-1]
+                step.supply_grammar(self.structured.bitmask(ahead, self.scheduler.requests))
         return self.outputs.process(results, result.logprobs_by_request(), emit_unfinished, result.prompt_logprobs)
 
     # -- state -----------------------------------------------------------------
