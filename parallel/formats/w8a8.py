@@ -14,9 +14,10 @@ scale, "static" with the checkpoint's ``input_scale``, "none" keeps them
 16-bit (weight-only: the weight is dequantized for the matmul; the exact
 reference of CPU tests). The producer of a layer's input quantizes it in
 the same kernel when it can (``input_quant``: RMSNorm, SiLU-and-mul); a
-float input is quantized here. Every batch size takes ``scaled_mm``
-(kernels/qlinear.py: 1-16 rows a Triton tensor-core kernel, more rows
-cuBLAS); W8A16's one 16-bit row on GPU takes the FP8/INT8 GEMV.
+float input is quantized here. Batches of 2-16 rows take ``scaled_mm``'s
+Triton tensor-core kernel, more rows cuBLAS (kernels/qlinear.py); one 16-bit
+row on GPU (batch-1 decode) takes the FP8/INT8 GEMV with a 16-bit activation,
+W8A8 or not: it measured faster there.
 
 Online quantization (``quantization="fp8"`` / ``"int8"`` on a float
 checkpoint, or dummy weights): each float ``weight`` block is quantized as
@@ -106,13 +107,13 @@ class W8A8Method(LinearMethod):
 
     # -- forward -------------------------------------------------------------------
     def _gemv(self, rows: int, dtype: torch.dtype) -> bool:
-        # W8A16 only: with 8-bit activations every batch size runs scaled_mm (1-16 rows: its tensor-core
-        # kernel, which reads the codes as they are; a CUDA-core GEMV converts each weight byte).
-        return (self.activations == "none" and self.ops.backend == "triton" and rows == 1
-                and dtype in (torch.bfloat16, torch.float16))
+        # One 16-bit row on GPU (batch-1 decode) takes the GEMV with its activation kept 16-bit, W8A8
+        # or not: on an H100 (8B, INT8) batch-1 decode ran 250 tok/s through it and 212 through
+        # small_mm with quantized activations (benchmarks/results/gpu-w8a8-20261206-152451.json).
+        return self.ops.backend == "triton" and rows == 1 and dtype in (torch.bfloat16, torch.float16)
 
     def input_quant(self, layer: nn.Module, x) -> ActQuant | None:
-        if self.activations == "none":
+        if self.activations == "none" or self._gemv(x.shape[0], x.dtype):
             return None
         return ActQuant(self.qdtype, layer.input_scale if self.activations == "static" else None)
 
