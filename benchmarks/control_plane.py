@@ -84,7 +84,7 @@ def main() -> int:
         StepEncoder = None
 
     sizes = [int(x) for x in ns.sizes.split(",")]
-    kw = dict(model="tiny-llama-8h4kv", load_format="dummy", device="cpu", dtype="float32", max_model_len=4096,
+    kw = dict(model="tiny-llama-8h4kv", load_format="dummy", device="cpu", dtype="float32", max_model_len=2048,
               max_num_seqs=max(sizes), num_kv_blocks=max(sizes) * (CONTEXT // BLOCK + ns.steps // BLOCK + 4))
     result = {"what": "per-step control overhead", "tp": ns.tp, "pp": ns.pp, "context": CONTEXT,
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpus": os.cpu_count(), "rows": []}
