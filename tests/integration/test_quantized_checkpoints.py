@@ -1,7 +1,7 @@
 """AWQ, GPTQ and GGUF checkpoints of the embedded model: FleetLM's greedy tokens equal transformers'.
 
 Each checkpoint is written here in the layout its tool writes
-(``quant_checkpoints.py``); transformers runs the format's float32
+(``int4_checkpoints.py``); transformers runs the format's float32
 dequantization of the same integers. FleetLM must give the same greedy
 tokens, 4 prompts x 32, on one device and at TP=3 (9 query / 3 KV heads
 over 3 gloo ranks; 576 and 1536 input features split into whole groups of
@@ -16,7 +16,7 @@ import torch
 
 from fleetlm import LLM, SamplingParams
 from hf_reference import hf_model_from_source
-from quant_checkpoints import hf_model_from_weights, write_checkpoint, write_gguf
+from int4_checkpoints import hf_model_from_weights, write_checkpoint, write_gguf
 from fleetlm.workers.loader import resolve_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]

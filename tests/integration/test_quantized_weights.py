@@ -1,7 +1,7 @@
 """FP8 and INT8 weights on the real embedded model: checkpoints as the tools write them, exactness, perplexity.
 
 Checkpoints are written here from the embedded model (tests/integration/
-quantized_checkpoints.py: vLLM's ``fp8`` layout by hand, compressed-tensors
+w8a8_checkpoints.py: vLLM's ``fp8`` layout by hand, compressed-tensors
 through its own package). Then:
 
 - the loader reads every tensor back bit for bit (codes, per-channel or
@@ -26,7 +26,7 @@ from fleetlm.workers.loader import EMBEDDED_DEFAULT, iter_weights, load_tokenize
 from fleetlm.workers.model_runner import ModelRunner
 from hf_reference import hf_greedy, hf_model_from_source
 from perplexity import perplexity, text_token_ids
-from quantized_checkpoints import calibrate, compressed_tensors_checkpoint, fp8_checkpoint
+from w8a8_checkpoints import calibrate, compressed_tensors_checkpoint, fp8_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +36,7 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, i
 
 # SmoothQuant's migration strength for the INT8 checkpoint. Perplexity of the result on the fixed text
 # (float32 10.366): alpha 0.5 11.166 (+7.7%), 0.6 10.751 (+3.7%), 0.7 10.951 (+5.6%), 0.85 11.510 (+11.0%);
-# 0.6 is the one kept (chosen on this text, calibrated on another: quantized_checkpoints.CALIBRATION_TEXT).
+# 0.6 is the one kept (chosen on this text, calibrated on another: w8a8_checkpoints.CALIBRATION_TEXT).
 SMOOTHQUANT_ALPHA = 0.6
 
 
