@@ -118,28 +118,15 @@ def _card() -> dict:
 
 
 
-def _copy_bandwidth(torch) -> float:
-    """Measured device copy bandwidth, bytes/s (read + write of 1 GiB)."""
-    a = torch.empty(1 << 29, dtype=torch.int16, device="cuda")
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(10):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    return 2 * a.numel() * 2 * 10 / (time.perf_counter() - t)
-
-
 def kernels(deadline: float, configs: str | None) -> dict:
     import torch
 
+    from fleetlm.benchmarks.ceilings import measure_copy_bandwidth
     from fleetlm.benchmarks.gpu_wq_sweep import MIN_COPY_BYTES, compile_all, make_weight, time_graph
     from fleetlm.kernels import gemv, wq_configs
     from fleetlm.kernels.wq_linear import dequantize, launch
 
-    bw = _copy_bandwidth(torch)
+    bw = measure_copy_bandwidth("cuda")["copy_gbps"] * 1e9
     out: dict = {"copy_bandwidth_GBps": bw / 1e9, "rows": {}}
     table_path = Path(configs) if configs else wq_configs.TABLE_PATH
     if table_path.exists():  # which sweep made the table these launches come from (use_table: main)

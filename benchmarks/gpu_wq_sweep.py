@@ -218,19 +218,10 @@ def compile_all(jobs: list[dict], deadline: float, workers: int) -> dict[int, st
 
 
 # -- the measuring child ---------------------------------------------------------------------------------------
-def _copy_bandwidth() -> float:
-    import torch
+def _copy_bandwidth_Bps() -> float:
+    from fleetlm.benchmarks.ceilings import measure_copy_bandwidth
 
-    a = torch.empty(1 << 29, dtype=torch.int16, device="cuda")
-    b = torch.empty_like(a)
-    for _ in range(3):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(10):
-        b.copy_(a)
-    torch.cuda.synchronize()
-    return 2 * a.numel() * 2 * 10 / (time.perf_counter() - t)
+    return measure_copy_bandwidth("cuda")["copy_gbps"] * 1e9
 
 
 def _clone(qw):
@@ -281,7 +272,7 @@ def child(kind: str, jobs_path: Path, out_path: Path, deadline: float) -> int:
         out.flush()
 
     torch.manual_seed(0)
-    emit({"kind": kind, "event": "start", "copy_bandwidth_Bps": _copy_bandwidth()})
+    emit({"kind": kind, "event": "start", "copy_bandwidth_Bps": _copy_bandwidth_Bps()})
     weights, xs, refs = {}, {}, {}
     for shape, (n, k) in SHAPES.items():
         qw = make_weight(kind, n, k, seed=list(SHAPES).index(shape))
