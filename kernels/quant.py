@@ -37,6 +37,7 @@ try:
     import triton.language as tl
 
     from fleetlm.kernels.e4m3 import round_to_e4m3
+    from fleetlm.kernels.rmsnorm import rms_norm_row
 
     HAS_TRITON = True
 except ImportError:  # CPU-only install: the torch references below still work.
@@ -98,17 +99,9 @@ if HAS_TRITON:
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < hidden
-        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-        dtype = x.dtype
-        if HAS_RESIDUAL:
-            r = tl.load(residual_ptr + row * stride_residual + cols, mask=mask, other=0.0)
-            x = (x.to(tl.float32) + r.to(tl.float32)).to(dtype)
-            tl.store(residual_out_ptr + row * stride_residual_out + cols, x, mask=mask)
-        h = x.to(tl.float32)
-        variance = tl.sum(h * h, axis=0) / hidden
-        normed = (h * tl.rsqrt(variance + eps)).to(dtype)
-        w = tl.load(weight_ptr + cols, mask=mask, other=0.0)
-        v = (w.to(tl.float32) * normed.to(tl.float32)).to(dtype).to(tl.float32)
+        v = rms_norm_row(x_ptr, residual_ptr, weight_ptr, residual_out_ptr, stride_x, stride_residual,
+                         stride_residual_out, hidden, eps, row, cols, mask, HAS_RESIDUAL)
+        v = v.to(x_ptr.dtype.element_ty).to(tl.float32)
         s = _row_scale(v, mask, s_in_ptr, QMAX, STATIC)
         _store_quantized(q_ptr + row * stride_q + cols, v, s, mask, QMAX, IS_FP8)
         tl.store(s_ptr + row, s)

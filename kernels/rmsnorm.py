@@ -30,6 +30,25 @@ except ImportError:  # CPU-only install: the torch reference below still works.
 if HAS_TRITON:
 
     @triton.jit
+    def rms_norm_row(x_ptr, residual_ptr, weight_ptr, residual_out_ptr, stride_x, stride_residual,
+                     stride_residual_out, hidden, eps, row, cols, mask, HAS_RESIDUAL: tl.constexpr):
+        """One row's ``weight * rms_norm(x (+ residual))`` in float32 (stores the new residual);
+        shared with the fused RMSNorm + quantize kernel of kernels/quant.py."""
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+        dtype = x.dtype
+        if HAS_RESIDUAL:
+            r = tl.load(residual_ptr + row * stride_residual + cols, mask=mask, other=0.0)
+            # The residual stream is kept (and rounded) in the model dtype, as in HF.
+            x = (x.to(tl.float32) + r.to(tl.float32)).to(dtype)
+            tl.store(residual_out_ptr + row * stride_residual_out + cols, x, mask=mask)
+        h = x.to(tl.float32)
+        variance = tl.sum(h * h, axis=0) / hidden
+        normed = (h * tl.rsqrt(variance + eps)).to(dtype)
+        w = tl.load(weight_ptr + cols, mask=mask, other=0.0)
+        # Product of two 16-bit floats is exact in float32: one rounding, like torch.
+        return w.to(tl.float32) * normed.to(tl.float32)
+
+    @triton.jit
     def _rms_norm_kernel(
         x_ptr,
         residual_ptr,
@@ -49,20 +68,9 @@ if HAS_TRITON:
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < hidden
-        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-        dtype = x.dtype
-        if HAS_RESIDUAL:
-            r = tl.load(residual_ptr + row * stride_residual + cols, mask=mask, other=0.0)
-            # The residual stream is kept (and rounded) in the model dtype, as in HF.
-            x = (x.to(tl.float32) + r.to(tl.float32)).to(dtype)
-            tl.store(residual_out_ptr + row * stride_residual_out + cols, x, mask=mask)
-        h = x.to(tl.float32)
-        variance = tl.sum(h * h, axis=0) / hidden
-        normed = (h * tl.rsqrt(variance + eps)).to(dtype)
-        w = tl.load(weight_ptr + cols, mask=mask, other=0.0)
-        # Product of two 16-bit floats is exact in float32: one rounding, like torch.
-        out = w.to(tl.float32) * normed.to(tl.float32)
-        tl.store(out_ptr + row * stride_out + cols, out.to(dtype), mask=mask)
+        out = rms_norm_row(x_ptr, residual_ptr, weight_ptr, residual_out_ptr, stride_x, stride_residual,
+                           stride_residual_out, hidden, eps, row, cols, mask, HAS_RESIDUAL)
+        tl.store(out_ptr + row * stride_out + cols, out.to(x_ptr.dtype.element_ty), mask=mask)
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None) -> None:
