@@ -66,9 +66,14 @@ class Budget:
         return self.end - time.monotonic()
 
 
+PARTS = ("ceilings", "kernel", "compile", "batch1", "throughput", "mixed")
+
+
 def part(record: dict, name: str, budget: Budget, need_s: float):
     """Decorator-free runner: call fn, store its figures or its error under ``name``."""
     def run(fn, *args):
+        if name not in record["selected"]:
+            return None
         if budget.left() < need_s:
             record["parts"][name] = {"skipped": f"{budget.left():.0f} s left, needs ~{need_s:.0f} s"}
             return None
@@ -312,7 +317,12 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT") or str(HERE / "results"))
     ap.add_argument("--budget", type=float, default=450.0)
     ap.add_argument("--smoke", action="store_true", help="tiny model on whatever device (the CPU self-test)")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)} (default all)")
     args = ap.parse_args()
+    selected = [x for x in args.parts.split(",") if x]
+    unknown = sorted(set(selected) - set(PARTS))
+    if unknown:
+        ap.error(f"unknown parts {unknown}; known: {', '.join(PARTS)}")
     budget = Budget(args.budget)
     cfg = SMOKE if args.smoke else FULL
     import torch
@@ -323,6 +333,7 @@ def main() -> None:
         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                  cwd=REPO).stdout.strip() or None,
         "card": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "config": cfg, "parts": {},
+        "selected": selected,
         "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
     }
     try:
@@ -337,6 +348,8 @@ def main() -> None:
                                        cfg["concurrency"], gbps)
     llm, timer = None, None
     try:
+        if not set(selected) & {"compile", "batch1", "throughput", "mixed"}:
+            raise LookupError("no selected part needs the engine")
         from fleetlm import LLM
 
         t = time.monotonic()
