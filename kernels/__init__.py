@@ -108,7 +108,7 @@ def select_ops(device: torch.device | str, use_triton: bool | None = None) -> Op
         qgemv_applies=qlinear.qgemv_applies_ref,
         qgemv=qlinear.qgemv_ref,
         qgemv_silu_mul=qlinear.qgemv_silu_mul_ref,
-        # torch._scaled_mm and torch._int_mm run on CPU too (torch >= 2.13): the quantized path itself.
+        # The quantized path itself, in torch ops (kernels/qlinear.py: scaled_mm_ref's CPU branch).
         scaled_mm=qlinear.scaled_mm_ref,
         lora_shrink=lora.lora_shrink_ref,
         lora_expand=lora.lora_expand_ref,

@@ -25,7 +25,10 @@
   ``torch._scaled_mm`` with row-wise scales (2 M N K FLOPs at the FP8 tensor
   core rate, 1,333 TFLOP/s measured on an H200), INT8 through
   ``torch._int_mm`` (917 TOP/s) and one epilogue pass applying both scales.
-  Both run on CPU in torch 2.13 too, which is how CI runs the quantized path.
+  On CPU (how CI runs the quantized path) the references compute the same
+  numbers faster than torch's CPU ``_scaled_mm`` / ``_int_mm``: FP8 codes
+  through a 256-entry table, dequantized, one float32 matmul (bit for bit
+  what CPU ``_scaled_mm`` gives); INT8 through a float64 matmul (exact).
 """
 
 from __future__ import annotations
@@ -195,10 +198,25 @@ def qgemv_silu_mul(x: torch.Tensor, w: torch.Tensor, s_w: torch.Tensor, config: 
     return y
 
 
+_E4M3_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def codes_float(t: torch.Tensor) -> torch.Tensor:
+    """8-bit codes as float32, exactly. FP8 goes through a table of its 256 values: on CPU, torch's
+    elementwise E4M3 conversion is ~3x slower than the lookup (2.3 vs 0.7 ms for a 1536 x 576 weight)."""
+    if t.dtype != torch.float8_e4m3fn or t.is_cuda:
+        return t.float()
+    table = _E4M3_TABLES.get(t.device)
+    if table is None:
+        table = torch.arange(256, dtype=torch.uint8, device=t.device).view(torch.float8_e4m3fn).float()
+        _E4M3_TABLES[t.device] = table
+    return table.index_select(0, t.reshape(-1).view(torch.uint8).int()).view(t.shape)
+
+
 def qgemv_ref(x, w, s_w, bias=None, config=None) -> torch.Tensor:
     """Torch reference of :func:`qgemv` (any number of rows)."""
     _check_weight(w, s_w)
-    y = (x.float() @ w.float().T) * s_w
+    y = (x.float() @ codes_float(w).T) * s_w
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
@@ -217,8 +235,12 @@ def _check_mm(xq: QuantizedActivation, w: torch.Tensor, s_w: torch.Tensor) -> No
 
 
 def _int_mm(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``q w^T`` of int8 codes as int32. On CPU a float64 matmul gives the same integers (every partial sum
+    is an integer below 2^53) about 10x faster than torch's CPU ``_int_mm``."""
     m = q.shape[0]
-    if q.device.type == "cuda" and m < _INT_MM_MIN_ROWS:
+    if not q.is_cuda:
+        return (q.double() @ w.double().t()).to(torch.int32)
+    if m < _INT_MM_MIN_ROWS:
         q = torch.cat([q, q.new_zeros(_INT_MM_MIN_ROWS - m, q.shape[1])])
     return torch._int_mm(q, w.t())[:m]
 
@@ -271,11 +293,16 @@ def scaled_mm_ref(xq: QuantizedActivation, w: torch.Tensor, s_w: torch.Tensor,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
     """Torch reference of :func:`scaled_mm`: the same matmuls, the INT8 epilogue in torch ops."""
     _check_mm(xq, w, s_w)
-    if xq.data.dtype == torch.float8_e4m3fn:
+    if xq.data.dtype == torch.float8_e4m3fn and xq.data.is_cuda:
         # Row-wise scales on CUDA write bf16 only: an fp16 model gets the bf16 result cast.
-        out_dtype = torch.bfloat16 if xq.data.is_cuda else xq.dtype
-        y = torch._scaled_mm(xq.data, w.t(), scale_a=xq.scale, scale_b=s_w.view(1, -1), out_dtype=out_dtype)
+        y = torch._scaled_mm(xq.data, w.t(), scale_a=xq.scale, scale_b=s_w.view(1, -1), out_dtype=torch.bfloat16)
         y = y if bias is None else y + bias
         return y.to(xq.dtype)
+    if xq.data.dtype == torch.float8_e4m3fn:
+        # CPU: what torch's CPU _scaled_mm computes (both operands dequantized to float32, then one matmul),
+        # ~4x faster: it converts the weight elementwise on every call, here a table lookup does.
+        y = (codes_float(xq.data) * xq.scale) @ (codes_float(w) * s_w.view(-1, 1)).t()
+        y = y.to(xq.dtype)
+        return y if bias is None else (y + bias).to(xq.dtype)
     y = _int_mm(xq.data, w).float() * xq.scale * s_w
     return (y if bias is None else y + bias.float()).to(xq.dtype)
