@@ -17,6 +17,7 @@ The float32 reference weights are the formats' published dequantization,
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -168,6 +169,14 @@ def hf_model_from_weights(hf_config: dict, weights: dict[str, torch.Tensor]):
     return model.eval()
 
 
+@functools.lru_cache(maxsize=2)
+def _gguf_reader(path: str):
+    """gguf-py's reader of a file (parsing the embedded model's 49k-token vocabulary takes ~5 s: once per run)."""
+    import gguf
+
+    return gguf.GGUFReader(path)
+
+
 def write_gguf(out_path: Path, types: dict[str, str], model: str = "smollm2-135m-instruct") -> None:
     """Copy the embedded GGUF file with gguf-py's writer, re-encoding projections as ``types``.
 
@@ -181,7 +190,7 @@ def write_gguf(out_path: Path, types: dict[str, str], model: str = "smollm2-135m
 
     from fleetlm.parallel.formats.gguf_blocks import BLOCKS, encode
 
-    reader = gguf.GGUFReader(resolve_model(model).path)
+    reader = _gguf_reader(str(resolve_model(model).path))
     writer = gguf.GGUFWriter(str(out_path), arch=str(reader.fields["general.architecture"].contents()))
     for field in reader.fields.values():
         if field.name == "general.architecture" or field.name.startswith("GGUF."):
