@@ -81,10 +81,13 @@ def two_nodes(tmp_path_factory):
     ray_constants.ENABLE_RAY_CLUSTER = False
     head_port, worker_port = free_port(), free_port()
     ray_tmp = tempfile.mkdtemp(prefix="fln-", dir="/tmp")  # short: Ray's unix sockets live here
+    # Serve runs a proxy on the head node and on every node that hosts a replica: the head gets no
+    # CPU, so the model's replica (one CPU) lands on the worker node and that node's proxy exists.
+    # (With CPUs on both, the replica landed on the head in some runs and the worker's proxy never came.)
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 3, "include_dashboard": False, "temp_dir": ray_tmp})
+        "num_cpus": 0, "include_dashboard": False, "temp_dir": ray_tmp})
     try:
-        worker = cluster.add_node(num_cpus=2, env_vars={"RAY_SERVE_WORKER_PROXY_HTTP_PORT": str(worker_port)})
+        worker = cluster.add_node(num_cpus=3, env_vars={"RAY_SERVE_WORKER_PROXY_HTTP_PORT": str(worker_port)})
         ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
         serve.start(proxy_location="EveryNode", http_options={"host": "127.0.0.1", "port": head_port})
         args = {"api_key": API_KEY, "models": [{"model": MODEL, "num_replicas": 1}]}
