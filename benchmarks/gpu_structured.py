@@ -42,7 +42,6 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 import traceback
@@ -319,6 +318,8 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny model on whatever device (the CPU self-test)")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma list of {', '.join(PARTS)} (default all)")
     args = ap.parse_args()
+    from fleetlm.benchmarks.records import git_commit
+
     selected = [x for x in args.parts.split(",") if x]
     unknown = sorted(set(selected) - set(PARTS))
     if unknown:
@@ -330,8 +331,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     record = {
         "benchmark": "gpu_structured", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                 cwd=REPO).stdout.strip() or None,
+        "commit": git_commit(REPO),
         "card": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "config": cfg, "parts": {},
         "selected": selected,
         "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
