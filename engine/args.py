@@ -243,9 +243,6 @@ def resolve_speculative(value, target: ModelConfig, parallel: ParallelConfig, lo
         return spec
     from fleetlm.workers.loader import resolve_model
 
-    if parallel.world_size > 1:
-        raise ValueError("speculative_config: a draft model needs tensor_parallel_size = pipeline_parallel_size = 1 "
-                         "(use method ngram with several GPUs)")
     # Dummy targets (benchmarks of big shapes) take dummy drafts: a config name or a config.json.
     source = resolve_model(spec.model, "dummy" if load_format == "dummy" else "auto")
     hf = source.hf_config

@@ -20,6 +20,16 @@ In a step where it runs (``ScheduledRequest.draft_token_ids`` is not None):
    Their K/V go to the lookahead slots the scheduler added past the step's
    tokens; the target's next step overwrites what it keeps.
 
+Under tensor or pipeline parallelism the draft is whole (unsharded) on the
+one worker that samples (last stage, TP rank 0), with no collective in its
+forwards; the other workers never see it. Sharding it would put two
+all-reduces per layer into each of its k + 1 forwards per step, latency a
+small model cannot hide (a 135M draft's single-token forward is itself a
+fraction of a millisecond, one small NCCL all-reduce 10-20 us), and would tie
+every rank to the proposal loop. The price is that rank's memory: the whole
+draft's weights and its KV per block, which its block budget counts (the
+replica takes the smallest worker's budget).
+
 Nothing here waits for the device: positions depend on the accepted counts,
 which stay on the device. Cost per step: one draft forward over the step's
 tokens plus ``k`` forwards of one token per proposing request, CUDA graphs

@@ -20,7 +20,7 @@ from fleetlm.engine.config import CacheConfig, LoRAConfig, ModelConfig, Speculat
 from fleetlm.engine.sampling_params import needs_output_history
 from fleetlm.engine.step import PLACEHOLDER, ModelRunnerOutput, SchedulerOutput
 from fleetlm.kernels import select_ops
-from fleetlm.parallel.context import ParallelContext
+from fleetlm.parallel.context import SINGLE, ParallelContext
 from fleetlm.workers import kv_cache
 from fleetlm.workers.attention import AttentionMetadata
 from fleetlm.workers.guided_logits import constrain_logits
@@ -64,10 +64,11 @@ class ModelRunner:
         self.eos_token_ids = list(eos)
         self.verify_as_decode = device.type == "cuda"
         self.drafter = None  # speculative decoding with a draft model (workers/drafter.py)
-        if spec is not None and spec.uses_draft_model:
+        if spec is not None and spec.uses_draft_model and ctx.is_last_stage and ctx.tp_rank == 0:
             from fleetlm.workers.drafter import Drafter
 
-            self.drafter = Drafter(spec, self.block_size, ctx, self.ops, self.dtype, device, cache_cfg.cache_dtype)
+            # Whole, on the one rank that samples: see drafter.py for why it is not sharded.
+            self.drafter = Drafter(spec, self.block_size, SINGLE, self.ops, self.dtype, device, cache_cfg.cache_dtype)
 
     # -- setup -----------------------------------------------------------------
     def load_weights(self, weights) -> None:

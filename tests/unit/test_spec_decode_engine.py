@@ -76,9 +76,10 @@ def test_engine_args_refuse_a_draft_of_another_vocabulary():
     ok = EngineArgs(model="smollm2-360m", load_format="dummy", device="cpu",
                     speculative_config={"model": "smollm2-135m", "num_speculative_tokens": 2}).create_engine_config()
     assert ok.speculative.draft.kind == "dummy" and ok.speculative.draft.dtype == ok.model.dtype
-    with pytest.raises(ValueError, match="a draft model needs tensor_parallel_size"):
-        EngineArgs(model="llama-3.1-8b", load_format="dummy", device="cpu", tensor_parallel_size=2,
-                   speculative_config={"model": "llama-3.2-1b", "num_speculative_tokens": 2}).create_engine_config()
+    # Under tensor parallelism the draft runs whole on the sampling rank (workers/drafter.py).
+    tp = EngineArgs(model="llama-3.1-8b", load_format="dummy", device="cpu", tensor_parallel_size=2,
+                    speculative_config={"model": "llama-3.2-1b", "num_speculative_tokens": 2}).create_engine_config()
+    assert tp.parallel.world_size == 2 and tp.speculative.draft.served_name == "llama-3.2-1b"
 
 
 def test_cli_flag_parses_and_checks_the_json():
