@@ -303,8 +303,16 @@ def test_unknown_load_format():
 
 
 @pytest.mark.parametrize("model", ["no-such-model", "no-such-org/no-such-model-xyz", "/no/such/dir"])
-def test_unknown_model_says_what_is_accepted(model):
-    # A hub id that is not cached is looked up online; this machine is offline.
+def test_unknown_model_says_what_is_accepted(model, monkeypatch):
+    # A hub id that is not cached is looked up online. Offline, huggingface_hub retries for ~23 s
+    # before it gives up; the test makes the hub fail at once, as it does in the end.
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def unreachable(repo_id, filename, **kwargs):
+        raise LocalEntryNotFoundError("cannot reach the Hub and the file is not cached")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", unreachable)
     with pytest.raises(ValueError, match="not found locally|not in the local Hugging Face cache and could not be "
                                          "downloaded") as info:
         resolve_model(model)
