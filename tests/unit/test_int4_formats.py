@@ -10,7 +10,7 @@ from gguf.quants import dequantize as gguf_dequantize
 
 from fleetlm.engine.args import EngineArgs
 from fleetlm.kernels.wq_linear import dequantize
-from fleetlm.parallel.formats import awq, gptq, resolve_quantization
+from fleetlm.parallel.formats import awq, gguf_blocks, gptq, resolve_quantization
 from fleetlm.parallel.formats.gguf_blocks import BLOCKS, decode, encode
 from fleetlm.parallel.formats.packing import AWQ_ORDER, awq_order, pack, unpack
 from fleetlm.workers.loader.gguf_format import GGUFTensorInfo, tensor_bytes
@@ -48,8 +48,14 @@ def test_gguf_blocks_decode_exactly_as_gguf_py(qtype):
     scale_bytes = {"Q8_0": [0, 1], "Q4_0": [0, 1], "Q4_1": [0, 1, 2, 3], "Q4_K": [0, 1, 2, 3], "Q5_K": [0, 1, 2, 3],
                    "Q6_K": [208, 209]}[qtype]
     rnd[..., scale_bytes] = raw[..., scale_bytes]
-    assert np.array_equal(dequantize(decode(rnd, qtype)).numpy(),
-                          gguf_dequantize(rnd.reshape(7, -1).numpy(), GGMLQuantizationType[qtype]))
+    theirs_rnd = gguf_dequantize(rnd.reshape(7, -1).numpy(), GGMLQuantizationType[qtype])
+    assert np.array_equal(dequantize(decode(rnd, qtype)).numpy(), theirs_rnd)
+    # The loader's float32 dequantization (the types it does in torch; the others are gguf-py's own).
+    loaded = gguf_blocks.dequantize(rnd.reshape(7, -1), qtype)
+    assert (loaded is None) == (qtype not in ("Q8_0", "Q4_0", "Q4_1"))
+    if loaded is not None:
+        assert loaded.dtype == torch.float32 and np.array_equal(loaded.numpy(), theirs_rnd)
+        assert np.array_equal(gguf_blocks.dequantize(raw.reshape(7, -1), qtype).numpy(), theirs)
 
 
 class _Ops:

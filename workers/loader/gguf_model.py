@@ -1,7 +1,8 @@
 """GGUF (llama.cpp) models as HF models: config from metadata, HF-named weights.
 
-Weights are dequantized to float32 with `gguf.quants`, a block of rows at a
-time: GGML quant blocks run along the last (input) dim, so rows of a
+Weights are dequantized to float32 (Q8_0, Q4_0 and Q4_1 in torch with
+gguf-py's own float operations, ``parallel/formats/gguf_blocks.py``; other
+types with `gguf.quants`), a block of rows at a time: GGML quant blocks run along the last (input) dim, so rows of a
 quantized tensor are independent and a tensor-parallel rank can dequantize
 just its rows. Column blocks dequantize the selected rows, then slice.
 
@@ -28,6 +29,7 @@ import torch
 from gguf import GGML_QUANT_SIZES
 from gguf.quants import dequantize
 
+from fleetlm.parallel.formats import gguf_blocks
 from fleetlm.workers.loader.gguf_format import GGUFHeader, GGUFTensorInfo, map_file, tensor_bytes
 from fleetlm.workers.loader.lazy import LazyTensor
 
@@ -211,7 +213,12 @@ class _GGUFReader:
         if len(self.info.shape) == 1:  # one GGML row: dequantize it whole, then pick
             values = dequantize(raw, self.info.qtype).reshape(-1)[index]
         else:
-            values = dequantize(raw[index], self.info.qtype)
+            rows_raw = raw[index]
+            fast = gguf_blocks.dequantize(torch.from_numpy(np.array(rows_raw, copy=True)), self.info.qtype.name) \
+                if rows_raw.dtype == np.uint8 else None
+            if fast is not None:
+                return fast if cols is None else fast[:, cols].contiguous()
+            values = dequantize(rows_raw, self.info.qtype)
             if cols is not None:
                 values = values[:, cols]
         if not values.flags.writeable:  # an F32 tensor is a view of the read-only map
