@@ -121,6 +121,8 @@ def test_untargeted_modules_and_base_tokens_are_left_alone():
     qkv = model.layers[0].self_attn.qkv_proj
     qkv.lora_a[1].copy_(a)
     qkv.lora_b[1].copy_(b)
+    with torch.no_grad():  # the stage's weights are allocated, not initialized: NaNs would fail torch.equal
+        qkv.weight.copy_(torch.randn(qkv.weight.shape))
     x = torch.randn(3, HIDDEN)
     assert torch.equal(qkv.method.apply(qkv, x, None), x @ qkv.weight.t())  # no token has an adapter
 
