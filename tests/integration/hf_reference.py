@@ -45,3 +45,51 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_token_ids: 
     tokens = out.sequences[0, len(prompt_ids) :].tolist()
     lps = [torch.log_softmax(l[0].float(), -1)[t].item() for l, t in zip(out.logits, tokens)]
     return tokens, lps
+
+
+@torch.inference_mode()
+def hf_greedy_batch(model, prompts: list[list[int]], max_new_tokens: int, eos_token_ids: list[int] | None,
+                    group: int = 8) -> list[tuple[list[int], list[float]]]:
+    """``hf_greedy`` of every prompt, run as left-padded batches of up to ``group`` prompts of
+    similar lengths: decoding on CPU reads every weight once per step, so a batch of 8 costs
+    about what one prompt does. ``eos_token_ids`` empty or None: all ``max_new_tokens``.
+
+    The padded positions are masked out, so each row attends to its own tokens only; its
+    logits differ from the unbatched run's in the last bits (other matmul blockings). The
+    tests that use it compare greedy tokens, which such differences leave alone unless two
+    logits tie to ~1e-6; ``test_engine_hf`` checks both forms agree on its prompts.
+    """
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    batches, cur = [], []
+    for i in order:  # similar lengths together: padding costs prefill compute
+        if cur and (len(cur) == group or len(prompts[i]) > 2 * len(prompts[cur[0]]) + 16):
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    eos = list(eos_token_ids or [])
+    saved = model.generation_config.eos_token_id
+    if not eos:
+        model.generation_config.eos_token_id = None
+    try:
+        results: list = [None] * len(prompts)
+        for batch in batches:
+            width = max(len(prompts[i]) for i in batch)
+            ids = torch.zeros(len(batch), width, dtype=torch.long, device=model.device)
+            mask = torch.zeros_like(ids)
+            for row, i in enumerate(batch):
+                ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
+                mask[row, width - len(prompts[i]):] = 1
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, eos_token_id=eos or None,
+                                 do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+            for row, i in enumerate(batch):
+                tokens = out.sequences[row, width:].tolist()
+                # A finished row is padded while the others go on: cut after its first EOS.
+                end = next((j + 1 for j, t in enumerate(tokens) if t in eos), len(tokens))
+                tokens = tokens[:end]
+                lps = [torch.log_softmax(out.logits[j][row].float(), -1)[t].item() for j, t in enumerate(tokens)]
+                results[i] = (tokens, lps)
+        return results
+    finally:
+        model.generation_config.eos_token_id = saved

@@ -62,12 +62,13 @@ def make_peft_model(hf_model, recipes: list[AdapterRecipe], out_dir) -> tuple[ob
     return model, paths
 
 
-def peft_greedy(model, adapter: str | None, prompt_ids, max_new_tokens: int, eos_token_ids):
-    """Greedy tokens of the PeftModel with ``adapter`` active (None: the base model)."""
-    from hf_reference import hf_greedy
+def peft_greedy(model, adapter: str | None, prompts: list[list[int]], max_new_tokens: int, eos_token_ids):
+    """Greedy tokens of each prompt on the PeftModel with ``adapter`` active (None: the base model),
+    batched (``hf_reference.hf_greedy_batch``)."""
+    from hf_reference import hf_greedy_batch
 
     if adapter is None:
         with model.disable_adapter():
-            return hf_greedy(model, prompt_ids, max_new_tokens, eos_token_ids)[0]
+            return [t for t, _ in hf_greedy_batch(model, prompts, max_new_tokens, eos_token_ids)]
     model.set_adapter(adapter)
-    return hf_greedy(model, prompt_ids, max_new_tokens, eos_token_ids)[0]
+    return [t for t, _ in hf_greedy_batch(model, prompts, max_new_tokens, eos_token_ids)]

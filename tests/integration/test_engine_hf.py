@@ -1,6 +1,7 @@
 """The engine against Hugging Face transformers, float32 on CPU: identical greedy tokens.
 
-The reference runs each prompt alone through ``generate``; the engine runs
+The reference runs the prompts through ``generate`` in left-padded batches of
+similar lengths (one test checks it against one prompt at a time); the engine runs
 them all in one continuously batched run with mixed lengths, then again under
 prefix caching, a KV pool small enough to force preemption, tiny prefill
 chunks and n=3 — each must give the same tokens. The shared engine and the
@@ -13,7 +14,7 @@ from __future__ import annotations
 import pytest
 
 from fleetlm import LLM, SamplingParams
-from hf_reference import hf_greedy, hf_model_from_source
+from hf_reference import hf_greedy, hf_greedy_batch, hf_model_from_source
 
 MAX_TOKENS = 64
 
@@ -80,7 +81,17 @@ def hf_model(llm):
 @pytest.fixture(scope="module")
 def reference(llm, prompts, hf_model):
     eos = list(llm.engine.model_config.eos_token_ids)
-    return [hf_greedy(hf_model, p, MAX_TOKENS, eos) for p in prompts]
+    return hf_greedy_batch(hf_model, prompts, MAX_TOKENS, eos)
+
+
+def test_batched_reference_equals_one_prompt_at_a_time(llm, prompts, hf_model, reference):
+    """The batched reference (the other tests' and other modules') against ``generate`` on one prompt
+    alone, on the shortest and the longest prompt (a full check takes 50 s: ``hf_greedy_batch``)."""
+    eos = list(llm.engine.model_config.eos_token_ids)
+    for i in (min(range(len(prompts)), key=lambda i: len(prompts[i])), max(range(len(prompts)), key=lambda i: len(prompts[i]))):
+        tokens, lps = hf_greedy(hf_model, prompts[i], MAX_TOKENS, eos)
+        assert tokens == reference[i][0]
+        assert max(abs(a - b) for a, b in zip(lps, reference[i][1])) < 1e-4
 
 
 def _check(outputs, reference, prompts):

@@ -65,7 +65,14 @@ def cases(prompts, loras):
 def reference(peft_setup, prompts, cases, llm):
     model, _ = peft_setup
     eos = list(llm.engine.model_config.eos_token_ids)
-    return [peft_greedy(model, lora.lora_name if lora else None, prompts[i], MAX_TOKENS, eos) for i, lora in cases]
+    by_adapter = {}  # one batched run per adapter, over its prompts
+    for i, lora in cases:
+        by_adapter.setdefault(lora.lora_name if lora else None, []).append(i)
+    tokens = {}
+    for name, idx in by_adapter.items():
+        tokens.update({(i, name): t for i, t in zip(idx, peft_greedy(model, name, [prompts[i] for i in idx],
+                                                                     MAX_TOKENS, eos))})
+    return [tokens[i, lora.lora_name if lora else None] for i, lora in cases]
 
 
 def _generate(llm, prompts, cases):

@@ -51,9 +51,8 @@ def expected(peft_setup, embedded_model):
     eos = [tok.eos_token_id]
     out = {}
     for name in (None, RECIPES[0].name, RECIPES[1].name):
-        for p in PROMPTS:
-            ids = tok.encode(p, add_special_tokens=False)
-            out[name, p] = tok.decode(peft_greedy(model, name, ids, MAX_TOKENS, eos))
+        tokens = peft_greedy(model, name, [tok.encode(p, add_special_tokens=False) for p in PROMPTS], MAX_TOKENS, eos)
+        out.update({(name, p): tok.decode(t) for p, t in zip(PROMPTS, tokens)})
     return out
 
 

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import pytest
 import ray
-import torch
 
 from fleetlm import LLM, SamplingParams
-from hf_reference import hf_model_from_source
+from hf_reference import hf_greedy_batch, hf_model_from_source
 from int4_checkpoints import hf_model_from_weights, write_checkpoint, write_gguf
 from fleetlm.workers.loader import resolve_model
 
@@ -51,13 +50,11 @@ def _generate(model: str, **kw) -> list[list[int]]:
         llm.engine.shutdown()
 
 
-@torch.inference_mode()
-def _hf_tokens(model, prompt_ids: list[int]) -> list[int]:
-    ids = torch.tensor([prompt_ids])
-    model.generation_config.eos_token_id = None  # as ignore_eos: 32 tokens, EOS included when it wins
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=32, do_sample=False,
-                         pad_token_id=0)
-    return out[0, len(prompt_ids):].tolist()
+def _check_against_transformers(hf, ours) -> None:
+    # As ignore_eos: 32 tokens each, EOS included when it wins.
+    reference = hf_greedy_batch(hf, [prompt_ids for prompt_ids, _ in ours], 32, None)
+    for (_, tokens), (expected, _) in zip(ours, reference):
+        assert tokens == expected
 
 
 @pytest.fixture(scope="module")
@@ -80,9 +77,7 @@ def checkpoint(request, tmp_path_factory):
 def test_int_checkpoint_matches_transformers(checkpoint, ray_tp):
     path, reference, tp3 = checkpoint
     ours = _generate(path)
-    hf = hf_model_from_weights(resolve_model(path).hf_config, reference)
-    for prompt_ids, tokens in ours:
-        assert tokens == _hf_tokens(hf, prompt_ids)
+    _check_against_transformers(hf_model_from_weights(resolve_model(path).hf_config, reference), ours)
     if tp3:
         assert _generate(path, tensor_parallel_size=3) == ours
 
@@ -93,8 +88,6 @@ def test_gguf_kept_quantized_matches_transformers(name, tmp_path, ray_tp):
     path = tmp_path / f"{name}.gguf"
     write_gguf(path, types)
     ours = _generate(str(path), quantization="gguf")
-    hf = hf_model_from_source(resolve_model(str(path)))
-    for prompt_ids, tokens in ours:
-        assert tokens == _hf_tokens(hf, prompt_ids)
+    _check_against_transformers(hf_model_from_source(resolve_model(str(path))), ours)
     if tp3:
         assert _generate(str(path), quantization="gguf", tensor_parallel_size=3) == ours

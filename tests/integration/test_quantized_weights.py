@@ -24,7 +24,7 @@ from fleetlm.engine.args import EngineArgs
 from fleetlm.parallel.context import SINGLE
 from fleetlm.workers.loader import EMBEDDED_DEFAULT, iter_weights, load_tokenizer, resolve_model
 from fleetlm.workers.model_runner import ModelRunner
-from hf_reference import hf_greedy, hf_model_from_source
+from hf_reference import hf_greedy_batch, hf_model_from_source
 from perplexity import perplexity, text_token_ids
 from w8a8_checkpoints import calibrate, compressed_tensors_checkpoint, fp8_checkpoint
 
@@ -126,9 +126,9 @@ def test_fp8_weights_dequantized_give_the_reference_tokens(checkpoints, source):
     tok = llm.get_tokenizer()
     eos = list(llm.engine.config.model.eos_token_ids)
     outs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=32))
-    for prompt, out in zip(PROMPTS, outs):
-        expected, _ = hf_greedy(hf, tok.encode(prompt), 32, eos)
-        assert out.outputs[0].token_ids == expected, prompt
+    expected = hf_greedy_batch(hf, [tok.encode(prompt) for prompt in PROMPTS], 32, eos)
+    for prompt, out, (tokens, _) in zip(PROMPTS, outs, expected):
+        assert out.outputs[0].token_ids == tokens, prompt
 
 
 def test_a_flag_that_contradicts_the_checkpoint_is_refused(checkpoints):
