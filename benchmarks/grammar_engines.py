@@ -18,7 +18,8 @@ enums, anyOf, a pattern, a format):
   random path through allowed tokens (what a random-weight model produces:
   long strings, the costly case), plus one accept per token;
 - batch: one step's masks for ``--batch`` requests at once, with each
-  engine's own parallel fill;
+  engine's own parallel fill; and xgrammar's batch fill at 64, 256 and 1024
+  requests by thread count (``fill_threads``: why the engine fills with one);
 - bad input: does a malformed schema, regex and grammar raise at once.
 
 Bounded: every walk stops after 200 tokens. The JSON record goes to
@@ -150,8 +151,34 @@ def bench_xgrammar(tok, vocab, eos, batch) -> dict:
             bmatcher.batch_fill_next_token_bitmask(matchers, bm)
             times.append(time.perf_counter() - t0)
         r[f"batch{batch}_fill_ms_threads{threads}"] = 1e3 * statistics.median(times)
+    r["fill_threads"] = _xgrammar_fill_threads(xgr, compiled, vocab)
     r["bad_input"] = _bad_inputs_xgrammar(xgr)
     return r
+
+
+def _xgrammar_fill_threads(xgr, compiled, vocab, sizes=(64, 256, 1024), steps=10) -> dict:
+    """ms per batch fill, by batch size and ``BatchGrammarMatcher`` threads: matchers at random-walk
+    states (each a few allowed tokens into the schema per step), as in a running batch."""
+    rng = random.Random(1)
+    out = {}
+    for n in sizes:
+        matchers = [xgr.GrammarMatcher(compiled) for _ in range(n)]
+        bm = xgr.allocate_token_bitmask(n, vocab)
+        for threads in sorted({1, 2, os.cpu_count() or 1}):
+            batch = xgr.BatchGrammarMatcher(max_threads=threads)
+            times = []
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                batch.batch_fill_next_token_bitmask(matchers, bm)
+                times.append(time.perf_counter() - t0)
+                for i, m in enumerate(matchers):  # one allowed token each (a fresh matcher once one ends)
+                    ids = allowed_ids(bm[i].numpy(), vocab)
+                    if m.is_terminated() or not len(ids):
+                        matchers[i] = xgr.GrammarMatcher(compiled)
+                    else:
+                        m.accept_token(int(ids[rng.randrange(min(len(ids), 40))]))
+            out[f"batch{n}_threads{threads}_ms"] = round(1e3 * statistics.median(times), 3)
+    return out
 
 
 def _bad_inputs_xgrammar(xgr) -> dict:

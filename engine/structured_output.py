@@ -41,6 +41,7 @@ from fleetlm.engine.step import GrammarBitmask, SchedulerOutput
 logger = logging.getLogger(__name__)
 
 MAX_CACHED_GRAMMARS = 256
+FILL_THREADS_MIN_ROWS = 512  # fewer constrained rows fill their masks on one thread (see ``bitmask``)
 
 
 class StructuredOutput:
@@ -55,7 +56,7 @@ class StructuredOutput:
         self._lock = threading.Lock()
         self._compiler = None
         self._cache: OrderedDict[tuple, Future] = OrderedDict()
-        self._batch = None  # xgrammar BatchGrammarMatcher, made with the first mask
+        self._batch: dict = {}  # xgrammar BatchGrammarMatcher per thread count, made when first used
         self.num_compiles = 0
 
     @classmethod
@@ -171,12 +172,17 @@ class StructuredOutput:
                 self._fill_with_proposals(m, props, mask, i)
             i += 1 + len(props)
         if plain:
-            if self._batch is None:
-                self._batch = xgr.BatchGrammarMatcher(max_threads=self.max_threads)
-            self._batch.batch_fill_next_token_bitmask(plain, mask, plain_idx)
+            # One thread below FILL_THREADS_MIN_ROWS: xgrammar's threaded fill costs more than it saves
+            # there (benchmarks/grammar_engines.py, "fill_threads": 2 threads 0.61 vs 1 thread 0.34 ms
+            # at 64 rows and 1.9 vs 1.4 at 256 of a 128k vocabulary, 4.4 vs 4.7 at 1024; an H100
+            # host's 8 threads took 0.76 ms at 62 rows).
+            threads = 1 if len(plain) < FILL_THREADS_MIN_ROWS else self.max_threads
+            batch = self._batch.get(threads)
+            if batch is None:
+                batch = self._batch[threads] = xgr.BatchGrammarMatcher(max_threads=threads)
+            batch.batch_fill_next_token_bitmask(plain, mask, plain_idx)
         return GrammarBitmask([req.request_id for req, _ in rows], mask)
 
-    @staticmethod
     @staticmethod
     def _fill_with_proposals(matcher, proposals: list[int], mask, first: int) -> None:
         """Row j: the mask after proposals[:j]. Rows past a proposal the grammar refuses, or
