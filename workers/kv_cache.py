@@ -93,9 +93,8 @@ def allocate(layers, num_blocks: int, block_size: int, num_kv_heads: int, head_d
         if device.type == "cpu":
             # calloc'd (numpy's zeros): the OS hands out zero pages as they are first touched, where
             # torch.zeros writes every byte up front (2.7 s for the default 2 GiB pool).
-            size = torch.tensor([], dtype=dtype).element_size()
-            raw = torch.from_numpy(np.zeros(shape, dtype={1: np.uint8, 2: np.uint16, 4: np.uint32}[size]))
-            return raw.view(dtype)
+            raw = np.zeros(shape, dtype={1: np.uint8, 2: np.uint16, 4: np.uint32}[dtype.itemsize])
+            return torch.from_numpy(raw).view(dtype)
         if dtype == FP8_DTYPE:
             return torch.zeros(shape, dtype=torch.uint8, device=device).view(FP8_DTYPE)
         return torch.zeros(shape, dtype=dtype, device=device)

@@ -32,6 +32,7 @@ QK_K = 256
 BLOCKS = {"Q8_0": (32, 34), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q4_K": (256, 144), "Q5_K": (256, 176),
           "Q6_K": (256, 210)}
 SUPPORTED = tuple(BLOCKS)
+TORCH_DEQUANTIZED = ("Q8_0", "Q4_0", "Q4_1")  # the types ``dequantize`` turns into float32 here
 
 
 def _f16(raw: torch.Tensor) -> torch.Tensor:
@@ -97,7 +98,7 @@ def dequantize(raw: torch.Tensor, qtype: str) -> torch.Tensor | None:
     """float32 ``[N, K]`` of ``raw`` uint8 ``[N, K / B * T]`` rows of Q8_0, Q4_0 or Q4_1 blocks, with
     gguf-py's own float32 operations (so equal to ``gguf.quants.dequantize``, at about twice its
     speed on 2 CPU threads); None for the other types (the loader then uses gguf-py)."""
-    if qtype not in ("Q8_0", "Q4_0", "Q4_1"):
+    if qtype not in TORCH_DEQUANTIZED:
         return None
     b, t = BLOCKS[qtype]
     n = raw.shape[0]

@@ -28,23 +28,9 @@ def hf_model_from_source(source, dtype=torch.float32, device="cpu"):
     return model.eval()
 
 
-@torch.inference_mode()
 def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_token_ids: list[int]) -> tuple[list[int], list[float]]:
-    """Greedy continuation and the log-softmax of each chosen token (raw logits)."""
-    ids = torch.tensor([prompt_ids], device=model.device)
-    out = model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=max_new_tokens,
-        eos_token_id=eos_token_ids,
-        do_sample=False,
-        output_logits=True,
-        return_dict_in_generate=True,
-        pad_token_id=0,
-    )
-    tokens = out.sequences[0, len(prompt_ids) :].tolist()
-    lps = [torch.log_softmax(l[0].float(), -1)[t].item() for l, t in zip(out.logits, tokens)]
-    return tokens, lps
+    """Greedy continuation of one prompt alone (no padding) and the log-softmax of each chosen token (raw logits)."""
+    return hf_greedy_batch(model, [prompt_ids], max_new_tokens, eos_token_ids)[0]
 
 
 @torch.inference_mode()

@@ -8,6 +8,8 @@ that the text stays text.
 
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass, field
 
 import torch
@@ -67,8 +69,7 @@ def peft_greedy(model, adapter: str | None, prompts: list[list[int]], max_new_to
     batched (``hf_reference.hf_greedy_batch``)."""
     from hf_reference import hf_greedy_batch
 
-    if adapter is None:
-        with model.disable_adapter():
-            return [t for t, _ in hf_greedy_batch(model, prompts, max_new_tokens, eos_token_ids)]
-    model.set_adapter(adapter)
-    return [t for t, _ in hf_greedy_batch(model, prompts, max_new_tokens, eos_token_ids)]
+    if adapter is not None:
+        model.set_adapter(adapter)
+    with model.disable_adapter() if adapter is None else contextlib.nullcontext():
+        return [t for t, _ in hf_greedy_batch(model, prompts, max_new_tokens, eos_token_ids)]

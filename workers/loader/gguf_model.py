@@ -2,9 +2,9 @@
 
 Weights are dequantized to float32 (Q8_0, Q4_0 and Q4_1 in torch with
 gguf-py's own float operations, ``parallel/formats/gguf_blocks.py``; other
-types with `gguf.quants`), a block of rows at a time: GGML quant blocks run along the last (input) dim, so rows of a
-quantized tensor are independent and a tensor-parallel rank can dequantize
-just its rows. Column blocks dequantize the selected rows, then slice.
+types with `gguf.quants`), a block of rows at a time: GGML quant blocks run
+along the last (input) dim, so rows of a quantized tensor are independent
+and a tensor-parallel rank can dequantize just its rows. Column blocks dequantize the selected rows, then slice.
 
 llama.cpp's converter permutes the rows of q_proj/k_proj (within each head,
 from HF's "first half / second half" rotary layout to interleaved pairs):
@@ -214,10 +214,11 @@ class _GGUFReader:
             values = dequantize(raw, self.info.qtype).reshape(-1)[index]
         else:
             rows_raw = raw[index]
-            fast = gguf_blocks.dequantize(torch.from_numpy(np.array(rows_raw, copy=True)), self.info.qtype.name) \
-                if rows_raw.dtype == np.uint8 else None
-            if fast is not None:
-                return fast if cols is None else fast[:, cols].contiguous()
+            if self.info.qtype.name in gguf_blocks.TORCH_DEQUANTIZED:
+                if not rows_raw.flags.writeable:  # a slice is a view of the read-only map
+                    rows_raw = rows_raw.copy()
+                values = gguf_blocks.dequantize(torch.from_numpy(rows_raw), self.info.qtype.name)
+                return values if cols is None else values[:, cols].contiguous()
             values = dequantize(rows_raw, self.info.qtype)
             if cols is not None:
                 values = values[:, cols]
