@@ -139,13 +139,15 @@ def engine_loads(metrics: Mapping[str, Mapping[Any, float]], replicas: Any) -> d
     return out
 
 
-def serve_autoscaling_config(autoscaling: Any, look_back_period_s: float | None = None,
-                             **policy_kwargs: float) -> dict[str, Any]:
+def serve_autoscaling_config(autoscaling: Any, **policy_kwargs: float) -> dict[str, Any]:
     """The ``autoscaling_config`` deployment option for a ``serve_config.AutoscalingConfig``:
     Ray's own fields plus this module's policy."""
     cfg = dict(autoscaling.to_serve())
-    if look_back_period_s is not None:
-        cfg["look_back_period_s"] = look_back_period_s
+    # Ray checks look_back_period_s > metrics_interval_s (default 10 s), a field it no longer
+    # reads (replicas push on RAY_SERVE_*_AUTOSCALING_METRIC_PUSH_INTERVAL_S): a short look-back
+    # gets an interval under it rather than a FutureWarning about a field nobody set.
+    if cfg.get("look_back_period_s", 30.0) <= 10.0:
+        cfg["metrics_interval_s"] = cfg["look_back_period_s"] / 2
     cfg["policy"] = {"policy_function": POLICY_PATH, "policy_kwargs": dict(policy_kwargs)}
     return cfg
 

@@ -140,6 +140,10 @@ class AutoscalingConfig:
     target_ongoing_requests: float = 16.0
     upscale_delay_s: float = 30.0
     downscale_delay_s: float = 600.0
+    # How long the load is averaged over before a decision, and (None: as
+    # downscale_delay_s) how long a deployment must idle before its last replica goes.
+    look_back_period_s: float = 30.0
+    downscale_to_zero_delay_s: float | None = None
 
     def __post_init__(self) -> None:
         w = "autoscaling"
@@ -151,10 +155,15 @@ class AutoscalingConfig:
             low=0.0, low_inclusive=False))
         _set(self, "upscale_delay_s", _float(self.upscale_delay_s, f"{w}.upscale_delay_s", low=0.0))
         _set(self, "downscale_delay_s", _float(self.downscale_delay_s, f"{w}.downscale_delay_s", low=0.0))
+        _set(self, "look_back_period_s", _float(self.look_back_period_s, f"{w}.look_back_period_s",
+                                                low=0.0, low_inclusive=False))
+        if self.downscale_to_zero_delay_s is not None:
+            _set(self, "downscale_to_zero_delay_s", _float(
+                self.downscale_to_zero_delay_s, f"{w}.downscale_to_zero_delay_s", low=0.0))
 
     def to_serve(self) -> dict[str, Any]:
-        """The `autoscaling_config` dict for a Ray Serve deployment."""
-        return dataclasses.asdict(self)
+        """The `autoscaling_config` dict for a Ray Serve deployment (unset options left out)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
 @dataclass(frozen=True)

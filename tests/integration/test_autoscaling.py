@@ -49,6 +49,7 @@ ARGS = {
             "target_ongoing_requests": 16,
             "upscale_delay_s": 1,
             "downscale_delay_s": 3,
+            "look_back_period_s": 3,
         },
     }],
 }
@@ -165,7 +166,8 @@ def test_scale_to_zero_first_request_waits_for_a_replica(url):
 
     model = {**ARGS["models"][0], "max_model_len": 256,
              "autoscaling": {"min_replicas": 0, "max_replicas": 1, "target_ongoing_requests": 2,
-                             "upscale_delay_s": 1, "downscale_delay_s": 3}}
+                             "upscale_delay_s": 1, "downscale_delay_s": 3, "look_back_period_s": 3,
+                             "downscale_to_zero_delay_s": 2}}
     serve.run(build_app({"models": [model]}), name=APP, route_prefix="/", blocking=False)
     deadline = time.monotonic() + 60
     while serve.status().applications[APP].status != "RUNNING":

@@ -68,7 +68,7 @@ def test_scale_down_keeps_the_replica_with_the_hot_prefix():
     with local_serve(num_cpus=4) as url:
         deploy(url, {"models": [{"model": MODEL, "max_num_seqs": 8, "autoscaling": {
             "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
-            "upscale_delay_s": 1, "downscale_delay_s": 15}}]})
+            "upscale_delay_s": 1, "downscale_delay_s": 15, "look_back_period_s": 10}}]})
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
         _wait("replica A running", lambda: replica_counts() == {f"LLMReplica-{MODEL}": 1}, 120)
         (a,) = _per_replica(url, "fleetlm_num_requests_running")

@@ -201,7 +201,7 @@ def test_ray_autoscaler_adds_and_removes_gpu_nodes_for_serve_replicas(monkeypatc
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
         args = {"models": [{"model": MODEL, "max_num_seqs": 4, "autoscaling": {
             "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": TARGET_ONGOING,
-            "upscale_delay_s": 1, "downscale_delay_s": 5}}]}
+            "upscale_delay_s": 1, "downscale_delay_s": 5, "look_back_period_s": 5}}]}
         # 1. The first replica needs a GPU node: serve.run returns once it runs, on a launched node.
         serve.run(app_module.build_app(args), name=APP, route_prefix="/", blocking=False)
         url = f"http://127.0.0.1:{port}"

@@ -121,11 +121,11 @@ def test_autoscaling_stats_are_numbers_only():
 
 def test_serve_autoscaling_config_keeps_rays_fields_and_adds_the_policy():
     cfg = AutoscalingConfig(max_replicas=3, min_replicas=0, target_ongoing_requests=2,
-                            upscale_delay_s=1, downscale_delay_s=2)
-    out = serve_autoscaling_config(cfg, look_back_period_s=5.0, kv_high_watermark=0.8)
+                            upscale_delay_s=1, downscale_delay_s=2, look_back_period_s=5)
+    out = serve_autoscaling_config(cfg, kv_high_watermark=0.8)
     assert out == {
         "max_replicas": 3, "min_replicas": 0, "target_ongoing_requests": 2.0,
-        "upscale_delay_s": 1.0, "downscale_delay_s": 2.0, "look_back_period_s": 5.0,
+        "upscale_delay_s": 1.0, "downscale_delay_s": 2.0, "look_back_period_s": 5.0, "metrics_interval_s": 2.5,
         "policy": {"policy_function": POLICY_PATH, "policy_kwargs": {"kv_high_watermark": 0.8}},
     }
     assert POLICY_PATH == "fleetlm.cluster.autoscaling:EngineAwareAutoscalingPolicy"

@@ -421,7 +421,8 @@ def test_parse_full_entry():
             "max_num_seqs": 64, "max_num_batched_tokens": 2048, "gpu_memory_utilization": 1,
             "enable_prefix_caching": False, "load_format": "safetensors",
             "autoscaling": {"min_replicas": 0, "max_replicas": 3, "target_ongoing_requests": 4,
-                            "upscale_delay_s": 5, "downscale_delay_s": 60},
+                            "upscale_delay_s": 5, "downscale_delay_s": 60, "look_back_period_s": 10,
+                            "downscale_to_zero_delay_s": 120},
         }],
         "api_key": "sk-test", "max_request_body_bytes": 4096, "max_queued_requests": 8,
         "max_n": 2, "max_logprobs": 0, "max_stop_sequences": 0, "max_stop_length": 8,
@@ -433,7 +434,8 @@ def test_parse_full_entry():
     assert m.num_replicas is None
     assert m.autoscaling.to_serve() == {
         "min_replicas": 0, "max_replicas": 3, "target_ongoing_requests": 4.0,
-        "upscale_delay_s": 5.0, "downscale_delay_s": 60.0}
+        "upscale_delay_s": 5.0, "downscale_delay_s": 60.0, "look_back_period_s": 10.0,
+        "downscale_to_zero_delay_s": 120.0}
     assert (app.api_key, app.max_tokens_limit, app.router) == ("sk-test", 512, "default")
 
 
@@ -500,6 +502,10 @@ def test_unknown_keys_error_lists_all_sorted_and_where():
      r"target_ongoing_requests must be in \(0.0, inf\)"),
     ({"autoscaling": {"max_replicas": 2, "downscale_delay_s": -1}},
      r"downscale_delay_s must be in \[0.0, inf\)"),
+    ({"autoscaling": {"max_replicas": 2, "look_back_period_s": 0}},
+     r"look_back_period_s must be in \(0.0, inf\)"),
+    ({"autoscaling": {"max_replicas": 2, "downscale_to_zero_delay_s": -1}},
+     r"downscale_to_zero_delay_s must be in \[0.0, inf\)"),
     ({"autoscaling": [1, 2]}, "autoscaling must be a mapping"),
 ])
 def test_invalid_model_values(entry, message):
@@ -604,7 +610,7 @@ def test_every_engine_argument_is_a_model_key_and_a_serve_flag():
     assert "(default: 0.9)" in help_text and "(default: 16)" in help_text  # --help shows defaults
     assert sc.allowed_keys(AutoscalingConfig) == {
         "min_replicas", "max_replicas", "target_ongoing_requests", "upscale_delay_s",
-        "downscale_delay_s"}
+        "downscale_delay_s", "look_back_period_s", "downscale_to_zero_delay_s"}
 
 
 def _top_level_imports(path: Path) -> set[str]:
