@@ -159,13 +159,11 @@ class Requests:
 
     def one(self, max_tokens: int) -> None:
         try:
-            n = 0
             finish = None
             for chunk in self.client.completions.create(model=MODEL, prompt="Count: one, two, three,",
                                                         max_tokens=max_tokens, stream=True,
                                                         extra_body={"ignore_eos": True}):
                 for c in chunk.choices:
-                    n += 1 if c.text else 0
                     finish = c.finish_reason or finish
             assert finish == "length", finish
             with self.lock:
