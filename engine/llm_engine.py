@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import time
 from collections import deque
 
 from fleetlm.engine.config import EngineConfig
@@ -42,7 +41,7 @@ from fleetlm.engine.sampling_params import SamplingParams
 from fleetlm.engine.scheduler import Scheduler
 from fleetlm.engine.snapshot import EngineSnapshot, EngineStats
 from fleetlm.engine.spec_decode import SpecDecoder
-from fleetlm.engine.startup import start_up
+from fleetlm.engine.startup import start_up, tokenizer_and_workers
 from fleetlm.engine.step import ModelRunnerOutput, SchedulerOutput
 from fleetlm.engine.structured_output import StructuredOutput
 
@@ -66,15 +65,9 @@ def choose_step_mode(async_scheduling: bool, workers) -> StepMode:
 
 class LLMEngine:
     def __init__(self, config: EngineConfig, tokenizer=None, worker_group=None) -> None:
-        from fleetlm.workers.loader import model_tokenizer
-        from fleetlm.workers.worker_group import create_worker_group
-
         self.config = config
         self.model_config = config.model
-        t0 = time.perf_counter()
-        self.tokenizer = tokenizer if tokenizer is not None else model_tokenizer(config.model)
-        tokenizer_s = time.perf_counter() - t0
-        self.workers = worker_group or create_worker_group(config)
+        self.tokenizer, self.workers, tokenizer_s = tokenizer_and_workers(config, tokenizer, worker_group)
         self.scheduler = Scheduler(config.scheduler, config.cache, self.workers.num_blocks, config.lora)
         self.loras = (LoRARegistry(config.model, config.lora, self.scheduler.loras, self.workers)
                       if config.lora is not None else None)

@@ -13,7 +13,7 @@ import json
 
 import pytest
 
-from fleetlm import LLM
+from fleetlm import LLM, SamplingParams
 from fleetlm.workers import compile_cache
 
 SMALL = {"device": "cpu", "max_model_len": 256, "max_num_seqs": 4, "max_num_batched_tokens": 64}
@@ -84,3 +84,45 @@ def test_bench_startup_reports_cold_and_warm_starts(embedded_model, tmp_path):
         assert run["startup_seconds"]["warmup"] > 0 and run["build_s"] > 0
         assert run["first_ttft_s"] > 0 and run["steady_ttft_s"] > 0 and run["ttft_ratio"] == pytest.approx(
             run["first_ttft_s"] / run["steady_ttft_s"])
+
+
+def test_the_tokenizer_loads_while_the_workers_start_and_a_failed_load_stops_them(embedded_model, monkeypatch):
+    import threading
+    import time
+
+    from fleetlm.workers import loader, worker_group
+
+    spans: dict[str, tuple[float, float, int]] = {}
+    made = []
+    real_tokenizer, real_group = loader.model_tokenizer, worker_group.create_worker_group
+
+    def timed(name, fn):
+        def run(*args):
+            t0 = time.perf_counter()
+            out = fn(*args)
+            spans[name] = (t0, time.perf_counter(), threading.get_ident())
+            return out
+        return run
+
+    def group(config):
+        made.append(real_group(config))
+        return made[-1]
+
+    monkeypatch.setattr(loader, "model_tokenizer", timed("tokenizer", real_tokenizer))
+    monkeypatch.setattr(worker_group, "create_worker_group", timed("workers", group))
+    llm = LLM(model=embedded_model, **SMALL)
+    try:
+        (t_start, t_end, t_thread), (w_start, w_end, w_thread) = spans["tokenizer"], spans["workers"]
+        assert t_thread != w_thread and t_start < w_end and w_start < t_end, spans  # the two overlapped
+        assert llm.generate(["Hello"], SamplingParams(max_tokens=2))[0].outputs[0].token_ids
+    finally:
+        llm.engine.shutdown()
+
+    def broken(mc):
+        raise OSError("no tokenizer here")
+
+    monkeypatch.setattr(loader, "model_tokenizer", broken)
+    made.clear()
+    with pytest.raises(OSError, match="no tokenizer here"):
+        LLM(model=embedded_model, **SMALL)
+    assert len(made) == 1 and made[0].worker is None  # the workers that start made were shut down
