@@ -188,6 +188,7 @@ class ModelDeploymentConfig:
     # vLLM's name: None: the replica's own process for one device, Ray worker
     # actors for more; "ray" runs one device as a worker actor too.
     distributed_executor_backend: str | None = None
+    disable_custom_all_reduce: bool = False  # vLLM's name: TP collectives through the process group only
     max_model_len: int | None = None          # None: the model's own limit
     max_num_seqs: int | None = None           # None: the engine's default
     max_num_batched_tokens: int | None = None  # None: the engine's default
@@ -271,6 +272,7 @@ class ModelDeploymentConfig:
             low=0.0, high=1.0, low_inclusive=False))
         _bool(self.enable_prefix_caching, f"{w}: enable_prefix_caching")
         _bool(self.enforce_eager, f"{w}: enforce_eager")
+        _bool(self.disable_custom_all_reduce, f"{w}: disable_custom_all_reduce")
         if self.async_scheduling is not None:
             _bool(self.async_scheduling, f"{w}: async_scheduling")
         if self.warmup is not None:

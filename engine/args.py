@@ -54,6 +54,9 @@ class EngineArgs:
     # for more; "ray" also runs a single device as a Ray actor; "mp"/"uni":
     # the engine's process (one device only).
     distributed_executor_backend: str | None = None
+    # vLLM's name: TP collectives through the process group (gloo / NCCL) only. Off: CPU ranks
+    # of one host use shared memory (parallel/shm_collectives.py).
+    disable_custom_all_reduce: bool = False
     device: str = "auto"
     dtype: str = "auto"
     gpu_memory_utilization: float = 0.9
@@ -172,7 +175,8 @@ class EngineArgs:
         )
         parallel = ParallelConfig(self.tensor_parallel_size, self.pipeline_parallel_size, device,
                                   executor_backend(self.distributed_executor_backend,
-                                                   self.tensor_parallel_size * self.pipeline_parallel_size))
+                                                   self.tensor_parallel_size * self.pipeline_parallel_size),
+                                  bool(self.disable_custom_all_reduce))
         validate_parallel(model, parallel)
         if self.warmup not in (None, True, False):
             raise ValueError(f"warmup must be None, true or false, got {self.warmup!r}")

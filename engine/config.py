@@ -94,6 +94,7 @@ class ParallelConfig:
     device: str = "cpu"  # "cpu" | "cuda", resolved from "auto" at the edge
     # "uni": the one worker in the engine's process; "ray": one Ray actor per device.
     distributed_executor_backend: str = "uni"
+    disable_custom_all_reduce: bool = False  # True: TP collectives through the process group only
 
     @property
     def world_size(self) -> int:

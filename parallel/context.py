@@ -23,6 +23,9 @@ class ParallelContext:
     pp_group: Any = None  # ProcessGroup over everything, for stage-to-stage send/recv
     pp_prev_rank: int | None = None  # global rank of the previous stage's same TP rank
     pp_next_rank: int | None = None
+    # CPU ranks of one host: TP collectives through shared memory (parallel/shm_collectives.py),
+    # the process group for what does not fit. None: the process group for everything.
+    tp_shm: Any = None
 
     @property
     def is_first_stage(self) -> bool:
@@ -34,18 +37,24 @@ class ParallelContext:
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size > 1:
+            if self.tp_shm is not None and self.tp_shm.fits(x):
+                return self.tp_shm.all_reduce(x)
             dist.all_reduce(x, group=self.tp_group)
         return x
 
     def broadcast_from_first(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` of this stage's TP rank 0, on every TP rank of the stage (in place)."""
         if self.tp_size > 1:
+            if self.tp_shm is not None and self.tp_shm.fits(x):
+                return self.tp_shm.broadcast(x, src=0)
             dist.broadcast(x, src=self.pp_rank * self.tp_size, group=self.tp_group)
         return x
 
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
             return x
+        if self.tp_shm is not None and self.tp_shm.fits(x):
+            return self.tp_shm.all_gather_last_dim(x)
         parts = [torch.empty_like(x) for _ in range(self.tp_size)]
         dist.all_gather(parts, x.contiguous(), group=self.tp_group)
         return torch.cat(parts, dim=-1)

@@ -12,7 +12,8 @@ between "find a free port" and "bind it").
 
 Groups: the default (world) group carries pipeline send/recv between stages;
 one subgroup per stage carries that stage's TP all-reduce / all-gather. NCCL
-on CUDA, gloo on CPU (choose once, from the device). Every collective and
+on CUDA, gloo on CPU (choose once, from the device); on CPU a stage's TP
+collectives go through shared memory where they fit (``shm_collectives.py``). Every collective and
 p2p op has ``timeout``: a peer that died or hung makes the op raise instead
 of blocking forever (the engine side has its own, shorter-or-equal, bound).
 
@@ -27,6 +28,7 @@ import datetime
 import torch
 import torch.distributed as dist
 
+from fleetlm.parallel import shm_collectives as shm
 from fleetlm.parallel.context import ParallelContext
 
 
@@ -68,12 +70,15 @@ def init_distributed(
     device: torch.device | str,
     timeout_s: float,
     store: dist.Store | None = None,
+    shm_collectives: bool = True,
 ) -> ParallelContext:
     """Join the replica's process group and build this worker's ``ParallelContext``.
 
     Called by every rank at the same time (the joins block until all arrive).
     Rank 0 passes the store it created with :func:`create_store`; the others
-    connect to ``master_addr:master_port``.
+    connect to ``master_addr:master_port``. On CPU (gloo) a stage's TP ranks
+    also share a segment for their collectives (``shm_collectives``; see
+    ``parallel/shm_collectives.py``), where the host allows it.
     """
     world = tp_size * pp_size
     if not 0 <= rank < world:
@@ -100,6 +105,9 @@ def init_distributed(
         group = dist.new_group(ranks, timeout=timeout, backend=backend) if tp_size > 1 else None
         if stage == pp_rank:
             tp_group = group
+    tp_shm = None
+    if backend == "gloo" and tp_size > 1 and shm_collectives and shm.supported():
+        tp_shm = shm.ShmCommunicator.join(store, f"fleetlm/tp-shm/stage{pp_rank}", tp_rank, tp_size, timeout_s)
     return ParallelContext(
         tp_rank=tp_rank,
         tp_size=tp_size,
@@ -109,6 +117,7 @@ def init_distributed(
         pp_group=dist.group.WORLD if pp_size > 1 else None,
         pp_prev_rank=global_rank(tp_rank, pp_rank - 1, tp_size) if pp_rank > 0 else None,
         pp_next_rank=global_rank(tp_rank, pp_rank + 1, tp_size) if pp_rank < pp_size - 1 else None,
+        tp_shm=tp_shm,
     )
 
 

@@ -128,6 +128,7 @@ class RayWorkerGroup:
         self.transport = transport
         self.workers: list = []
         self.infos: list[WorkerInfo] = []
+        self.tp_collectives: list[str] = []
         self.pg: PlacementGroup | None = None
         self._owns_pg = False
         self._failure: str | None = None
@@ -172,11 +173,12 @@ class RayWorkerGroup:
         self.infos = self._gather([w.info.remote() for w in self.workers], self.init_timeout_s, "start")
         master = self.infos[0].node_ip
         port = self._gather([self.workers[0].create_store.remote(self.init_timeout_s)], self.init_timeout_s, "rendezvous")[0]
-        self._gather(
+        # What carries each stage's TP collectives: "nccl", "gloo", "shared memory" (CPU) or "none".
+        self.tp_collectives = sorted(set(self._gather(
             [w.init_distributed.remote(master, port, self.step_timeout_s) for w in self.workers],
             self.init_timeout_s,
             "process group setup",
-        )
+        )))
         t1 = time.perf_counter()
         loaded = self._gather([w.load.remote() for w in self.workers], self.init_timeout_s, "weight loading")
         self.num_blocks = min(n for _, n in loaded)
@@ -192,10 +194,11 @@ class RayWorkerGroup:
             self.startup_seconds["cuda_graphs"] = max(graphs)
         self._open_rings()
         logger.info(
-            "replica of %d workers (tp %d x pp %d) up in %.1f s on nodes %s, %d KV blocks; steps by %s",
+            "replica of %d workers (tp %d x pp %d) up in %.1f s on nodes %s, %d KV blocks; steps by %s; "
+            "TP collectives by %s",
             self.world_size, self.tp_size, self.pp_size, time.perf_counter() - t0,
             sorted({i.node_id[:8] for i in self.infos}), self.num_blocks,
-            "shared memory" if self.steps is not None else "Ray calls",
+            "shared memory" if self.steps is not None else "Ray calls", " and ".join(self.tp_collectives),
         )
 
     def _open_rings(self) -> None:

@@ -34,7 +34,7 @@ import torch
 
 from fleetlm.engine.config import EngineConfig
 from fleetlm.engine.step import ModelRunnerOutput
-from fleetlm.parallel.distributed import create_store, init_distributed, split_rank
+from fleetlm.parallel.distributed import backend_for, create_store, init_distributed, split_rank
 from fleetlm.workers.shm_ring import RingClosed, ShmRing
 from fleetlm.workers.step_codec import STOP, LateGrammar, StepDecoder
 from fleetlm.workers.worker import Worker
@@ -87,12 +87,16 @@ class WorkerActor:
         self.store = create_store(timeout_s)
         return self.store.port
 
-    def init_distributed(self, master_addr: str, master_port: int, timeout_s: float) -> None:
+    def init_distributed(self, master_addr: str, master_port: int, timeout_s: float) -> str:
+        """Join the replica's process groups; returns what carries this stage's TP collectives."""
         pc = self.config.parallel
         self.ctx = init_distributed(rank=self.rank, tp_size=pc.tensor_parallel_size,
                                     pp_size=pc.pipeline_parallel_size, master_addr=master_addr,
                                     master_port=master_port, device=self._device(), timeout_s=timeout_s,
-                                    store=self.store)
+                                    store=self.store, shm_collectives=not pc.disable_custom_all_reduce)
+        if pc.tensor_parallel_size == 1:
+            return "none"
+        return "shared memory" if self.ctx.tp_shm is not None else backend_for(self._device())
 
     def _device(self) -> str:
         # On CUDA, Ray gives the actor exactly one visible GPU.

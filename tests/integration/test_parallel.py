@@ -10,7 +10,6 @@ placement that cannot be satisfied. Budget: ~5 minutes on 2 idle cores.
 
 from __future__ import annotations
 
-
 import asyncio
 import time
 
@@ -83,11 +82,13 @@ def tiny_reference() -> list[list[int]]:
     return tokens
 
 
-def _assert_layout(group, tp: int, pp: int) -> None:
+def _assert_layout(group, tp: int, pp: int, collectives: str = "shared memory") -> None:
     assert [(i.rank, i.tp_rank, i.pp_rank) for i in group.infos] == [
         (p * tp + t, t, p) for p in range(pp) for t in range(tp)
     ]
     assert len({i.pid for i in group.infos}) == tp * pp  # one process per rank
+    # CPU ranks of one host: TP collectives through shared memory unless turned off.
+    assert group.tp_collectives == [collectives if tp > 1 else "none"]
 
 
 # -- same tokens as one device ------------------------------------------------------------
@@ -113,11 +114,13 @@ def test_steps_launched_ahead_over_the_ring_match_single_device(ray_local, smol_
         llm.engine.shutdown()
 
 
-@pytest.mark.parametrize("tp,pp", [(4, 1), (2, 2)], ids=["tp4", "tp2xpp2"])  # TP=2: two replicas below
-def test_dummy_model_matches_single_device(ray_local, tiny_reference, tp, pp):
+@pytest.mark.parametrize("tp,pp,gloo", [(4, 1, False), (2, 2, False), (2, 2, True)],
+                         ids=["tp4", "tp2xpp2", "tp2xpp2-gloo"])  # TP=2: two replicas below
+def test_dummy_model_matches_single_device(ray_local, tiny_reference, tp, pp, gloo):
     # 8 query heads, 4 KV heads: at TP=4 one KV head per rank, ...
-    tokens, group = _generate_and_close(TINY_PROMPTS, tensor_parallel_size=tp, pipeline_parallel_size=pp, **TINY)
-    _assert_layout(group, tp, pp)
+    tokens, group = _generate_and_close(TINY_PROMPTS, tensor_parallel_size=tp, pipeline_parallel_size=pp,
+                                        disable_custom_all_reduce=gloo, **TINY)
+    _assert_layout(group, tp, pp, "gloo" if gloo else "shared memory")
     assert tokens == tiny_reference
 
 

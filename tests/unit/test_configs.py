@@ -446,7 +446,8 @@ def test_engine_kwargs():
         "model": "m", "device": "auto", "dtype": "auto", "tensor_parallel_size": 1,
         "pipeline_parallel_size": 1, "max_num_seqs": 8, "gpu_memory_utilization": 0.9,
         "enable_prefix_caching": True, "load_format": "auto", "trust_remote_code": False, "seed": 0,
-        "long_prefill_token_threshold": 0, "block_size": 16, "enforce_eager": False}
+        "long_prefill_token_threshold": 0, "block_size": 16, "enforce_eager": False,
+        "disable_custom_all_reduce": False}
 
 
 def test_name_defaults_to_model_string():
@@ -581,7 +582,8 @@ def test_allow_list_is_the_dataclass_fields():
         "gpu_memory_utilization", "enable_prefix_caching", "async_scheduling", "load_format", "num_replicas",
         "autoscaling", "max_waiting_requests", "max_waiting_tokens", "stream_chunks_per_s", "stream_max_interval_s",
         "tokenizer", "chat_template", "trust_remote_code", "seed", "long_prefill_token_threshold", "block_size",
-        "enforce_eager", "warmup", "compile_cache_dir", "distributed_executor_backend", "quantization",
+        "enforce_eager", "warmup", "compile_cache_dir", "distributed_executor_backend", "disable_custom_all_reduce",
+        "quantization",
         "tool_call_parser", "enable_auto_tool_choice",
         "enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras", "lora_modules",
         "speculative_config"}
