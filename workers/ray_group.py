@@ -255,6 +255,9 @@ class RayWorkerGroup:
                     msg = f"rank {result.rank} failed a step: {result.message}"
                     self._fail(msg)
                     raise WorkerGroupError(msg)
+                if self.steps.named:  # a step went through every worker: each has mapped both rings
+                    self.steps.forget_name()
+                    self.results.forget_name()
             else:
                 results = self._gather(self._calls.popleft(), self.step_timeout_s, "step")
                 result = results[self.output_rank]

@@ -68,6 +68,7 @@ class ShmRing:
         if self.capacity <= 0:
             raise ValueError(f"slot_bytes ({slot_bytes}) leaves no room for a payload")
         self.owner, self.reader = owner, reader
+        self.named = True  # the segment's name is in /dev/shm (the owner removes it: forget_name)
         self.next_chunk = 0  # writer: the next chunk to write; reader: the next to read
         self.spin_s, self.max_nap_s = 2e-3, 1e-3
         self.check_every_s = 0.02  # how often a long wait asks ``cancelled()``
@@ -102,8 +103,18 @@ class ShmRing:
         _unregister(shm._name)  # noqa: SLF001 - the name as the tracker registered it
         return cls(shm, num_slots, slot_bytes, num_readers, owner=False, reader=reader)
 
+    def forget_name(self) -> None:
+        """The owner removes the segment's name once every other end has mapped it: the memory then
+        goes with the last process that maps it, however the processes end (a SIGKILL too)."""
+        if self.owner and self.named and self.shm is not None:
+            self.named = False
+            try:
+                self.shm.unlink()
+            except FileNotFoundError:
+                pass
+
     def close(self) -> None:
-        """Detach; the creator also removes the segment. Idempotent."""
+        """Detach; the creator also removes the segment (if its name is still there). Idempotent."""
         if self.shm is None:
             return
         self.buf = None
@@ -111,7 +122,7 @@ class ShmRing:
             self.shm.close()
         except BufferError:  # a memoryview still points into it; the OS frees it at exit
             pass
-        if self.owner:
+        if self.owner and self.named:
             try:
                 self.shm.unlink()
             except FileNotFoundError:

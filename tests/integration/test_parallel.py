@@ -11,6 +11,7 @@ placement that cannot be satisfied. Budget: ~5 minutes on 2 idle cores.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import pytest
@@ -110,6 +111,9 @@ def test_steps_launched_ahead_over_the_ring_match_single_device(ray_local, smol_
         assert group.steps is not None  # every worker on this node: steps by shared memory
         assert _tokens(llm, PROMPTS) == smol_reference
         assert llm.engine.num_steps_ahead > 0
+        # Every worker has mapped the rings: their names are gone from /dev/shm (a killed replica leaks none).
+        assert not group.steps.named and not group.results.named
+        assert not any(os.path.exists(f"/dev/shm/{r.shm.name}") for r in (group.steps, group.results))
     finally:
         llm.engine.shutdown()
 

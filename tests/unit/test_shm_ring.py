@@ -78,6 +78,22 @@ def _echo(handle_in, handle_out, n):
     outbox.close()
 
 
+def test_the_owner_forgets_the_name_once_the_readers_mapped_it(ring):
+    import os
+
+    readers = [ShmRing.attach(ring.handle, r) for r in range(2)]
+    path = os.path.join("/dev/shm", ring.shm.name)
+    assert os.path.exists(path)
+    ring.forget_name()  # nothing of it stays in /dev/shm should this process be killed now
+    assert not os.path.exists(path) and not ring.named
+    for i in range(4):  # the mapping works on: the slots wrap around
+        ring.write(b"m%d" % i, _soon())
+        assert [rd.read(_soon()) for rd in readers] == [b"m%d" % i] * 2
+    for rd in readers:
+        rd.close()
+    ring.close()  # no name left to remove: no error
+
+
 def test_between_processes():
     to_child = ShmRing.create(num_readers=1, num_slots=2, slot_bytes=4096)
     from_child = ShmRing.create(num_readers=1, num_slots=2, slot_bytes=4096, reader=0)
